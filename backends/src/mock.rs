@@ -1,0 +1,163 @@
+//! The mock backend: records every call with batch boundaries and every
+//! guest store, and fails chosen calls with chosen errnos. Plus
+//! [`NullBackend`], which accepts everything and does nothing (the floor for
+//! benchmarks).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pagepin_engine::backend::{Backend, Call, CallResult, MmuExtOp, MmuUpdate, StoreFault};
+use pagepin_engine::frame::Mfn;
+use parking_lot::Mutex;
+
+/// One recorded call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// `update_va_mapping(va, pte, flags)`.
+    UpdateVaMapping {
+        /// Virtual address.
+        va: u64,
+        /// New entry.
+        pte: u64,
+        /// UVMF flags.
+        flags: u64,
+    },
+    /// `mmu_update` with its requests.
+    MmuUpdate(Vec<MmuUpdate>),
+    /// `mmuext_op` with its operations.
+    MmuExtOp(Vec<MmuExtOp>),
+}
+
+/// One recorded batch: its calls and the results returned.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RecordedBatch {
+    /// The calls, in order.
+    pub calls: Vec<Recorded>,
+    /// The result given for each call.
+    pub results: Vec<CallResult>,
+}
+
+/// One recorded guest store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedStore {
+    /// Table frame.
+    pub mfn: Mfn,
+    /// Entry index.
+    pub index: usize,
+    /// Value stored.
+    pub value: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Injection {
+    batch: usize,
+    call: usize,
+    errno: i32,
+    /// How many requests of a multi-request call succeed before the failure.
+    done: usize,
+}
+
+#[derive(Default)]
+struct State {
+    batches: Vec<RecordedBatch>,
+    stores: Vec<RecordedStore>,
+    injections: Vec<Injection>,
+}
+
+/// A backend that records, and fails on request.
+#[derive(Default)]
+pub struct MockBackend {
+    state: Mutex<State>,
+}
+
+impl MockBackend {
+    /// A new, empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Make call `call` (0-based) of batch `batch` (0-based, counted over the
+    /// recorder's life) fail with `errno`; for a multi-request call, request
+    /// 0 fails.
+    pub fn fail_call(&self, batch: usize, call: usize, errno: i32) {
+        self.fail_request(batch, call, 0, errno);
+    }
+
+    /// Like [`Self::fail_call`], letting `done` requests of the call succeed first.
+    pub fn fail_request(&self, batch: usize, call: usize, done: usize, errno: i32) {
+        self.state.lock().injections.push(Injection { batch, call, errno, done });
+    }
+
+    /// Forget recorded batches, stores and pending injections (the batch
+    /// count restarts at 0).
+    pub fn clear(&self) {
+        *self.state.lock() = State::default();
+    }
+
+    /// Every recorded batch.
+    pub fn batches(&self) -> Vec<RecordedBatch> {
+        self.state.lock().batches.clone()
+    }
+
+    /// Every recorded call, batches flattened.
+    pub fn calls(&self) -> Vec<Recorded> {
+        self.state.lock().batches.iter().flat_map(|b| b.calls.iter().cloned()).collect()
+    }
+
+    /// Number of batches recorded.
+    pub fn batch_count(&self) -> usize {
+        self.state.lock().batches.len()
+    }
+
+    /// Every recorded guest store.
+    pub fn stores(&self) -> Vec<RecordedStore> {
+        self.state.lock().stores.clone()
+    }
+}
+
+impl Backend for MockBackend {
+    const NAME: &'static str = "mock";
+    const PINNING: bool = true;
+
+    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+        let mut st = self.state.lock();
+        let batch = st.batches.len();
+        let mut rec = RecordedBatch::default();
+        for (i, c) in calls.iter().enumerate() {
+            rec.calls.push(match *c {
+                Call::UpdateVaMapping { va, pte, flags } => Recorded::UpdateVaMapping { va, pte, flags },
+                Call::MmuUpdate(r) => Recorded::MmuUpdate(r.to_vec()),
+                Call::MmuExtOp(o) => Recorded::MmuExtOp(o.to_vec()),
+            });
+            let inj = st.injections.iter().find(|j| j.batch == batch && j.call == i).copied();
+            results[i] = match inj {
+                Some(j) => CallResult::err(j.errno, j.done.min(c.count().saturating_sub(1))),
+                None => CallResult::ok(c.count()),
+            };
+        }
+        rec.results = results.to_vec();
+        st.batches.push(rec);
+    }
+
+    fn store_entry(&self, slot: &AtomicU64, mfn: Mfn, index: usize, value: u64) -> Result<(), StoreFault> {
+        slot.store(value, Ordering::Release);
+        self.state.lock().stores.push(RecordedStore { mfn, index, value });
+        Ok(())
+    }
+}
+
+/// A backend that accepts every batch and does nothing: the no-op trap
+/// that benchmarks compare against the floor.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NullBackend;
+
+impl Backend for NullBackend {
+    const NAME: &'static str = "null";
+    const PINNING: bool = true;
+
+    #[inline]
+    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+        for (r, c) in results.iter_mut().zip(calls) {
+            *r = CallResult::ok(c.count());
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The multicall batch: queue calls, flush them together, run deferred
+//! callbacks after the flush.
+//!
+//! Rules (DESIGN §4): at most `N` calls, `N` callbacks and `16 * N` bytes of
+//! request space per batch; adding to a full batch flushes first; a flush
+//! of one call is a direct hypercall, of more a multicall; consecutive
+//! `mmu_update` / `mmuext_op` requests extend the previous call. Unlike
+//! Linux, every failed call is recorded for the caller.
+
+use alloc::vec::Vec;
+use arrayvec::ArrayVec;
+
+use crate::backend::{Call, CallKind, CallResult, MmuExtOp, MmuUpdate};
+use crate::frame::Pfn;
+use crate::lock::PreemptCount;
+
+/// A caller-chosen label for a queued request, reported back when the request
+/// did not take effect. The engine uses journal indices.
+pub type Tag = u32;
+/// No label: the request's outcome is only counted.
+pub const NO_TAG: Tag = u32::MAX;
+
+/// Bytes of request space one `mmu_update` takes.
+pub const MMU_UPDATE_BYTES: usize = 16;
+/// Bytes of request space one `mmuext_op` takes.
+pub const MMUEXT_OP_BYTES: usize = 24;
+/// Request space per batch entry (Linux: 512 bytes for 32 entries).
+pub const ARG_BYTES_PER_ENTRY: usize = 16;
+/// The default batch capacity (Linux's `MC_BATCH`).
+pub const DEFAULT_BATCH: usize = 32;
+
+/// What a flush needs from its surroundings: the backend to issue calls and
+/// the PTE locks to release.
+pub trait FlushTarget {
+    /// Issue the calls; one result per call.
+    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);
+    /// Release the PTE-page lock of `pfn`.
+    ///
+    /// # Safety
+    /// The lock must be held by the context that queued the callback.
+    unsafe fn unlock_pte(&self, pfn: Pfn);
+}
+
+/// A callback run after the batch it was registered with has been issued.
+#[derive(Clone, Copy, Debug)]
+pub enum Deferred {
+    /// Release `pfn`'s PTE lock, unless the request labelled `watch` did not
+    /// take effect: then the lock stays held (reported by
+    /// [`Batch::take_kept_locks`]) so the caller can restore the page before
+    /// any writer sees it half-done.
+    UnlockPte {
+        /// The PTE page.
+        pfn: Pfn,
+        /// The request whose failure keeps the lock.
+        watch: Tag,
+    },
+    /// Call `f(data)` (Linux's `xen_mc_callback`).
+    Call {
+        /// The function.
+        f: fn(usize),
+        /// Its argument.
+        data: usize,
+    },
+}
+
+/// A request that did not succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Sequence number of the flush (0-based, per batch object).
+    pub flush: u64,
+    /// Index of the call in that flush.
+    pub call: usize,
+    /// Index of the failing request within the call.
+    pub item: usize,
+    /// The call's kind.
+    pub kind: CallKind,
+    /// The positive errno.
+    pub errno: i32,
+    /// The failing request's tag.
+    pub tag: Tag,
+}
+
+/// Counters of what a batch issued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Flushes that issued at least one call (= hypercall traps).
+    pub flushes: u64,
+    /// Flushes issued as one `multicall` (2+ calls).
+    pub multicalls: u64,
+    /// Flushes issued as a direct hypercall (1 call).
+    pub direct_calls: u64,
+    /// Calls (multicall entries) issued.
+    pub calls: u64,
+    /// `update_va_mapping` calls.
+    pub update_va_mappings: u64,
+    /// `mmu_update` requests.
+    pub mmu_updates: u64,
+    /// `mmuext_op` requests.
+    pub mmuext_ops: u64,
+    /// Calls that returned an error.
+    pub failed_calls: u64,
+    /// Callbacks run.
+    pub callbacks: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    Uvm { va: u64, pte: u64, flags: u64, tag: Tag },
+    Mmu { start: u16, count: u16 },
+    Ext { start: u16, count: u16 },
+}
+
+/// A multicall batch of capacity `N` (a per-CPU object in a kernel).
+///
+/// It also carries the context's [`PreemptCount`], since PTE locks taken
+/// while queueing are released by its callbacks.
+pub struct Batch<const N: usize = DEFAULT_BATCH> {
+    slots: ArrayVec<Slot, N>,
+    updates: ArrayVec<MmuUpdate, N>,
+    update_tags: ArrayVec<Tag, N>,
+    ext: ArrayVec<MmuExtOp, N>,
+    ext_tags: ArrayVec<Tag, N>,
+    arg_bytes: usize,
+    deferred: ArrayVec<Deferred, N>,
+    results: ArrayVec<CallResult, N>,
+    lazy: bool,
+    seq: u64,
+    preempt: PreemptCount,
+    stats: BatchStats,
+    failures: Vec<Failure>,
+    not_applied: Vec<Tag>,
+    kept_locks: Vec<Pfn>,
+}
+
+impl<const N: usize> Default for Batch<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Batch<N> {
+    const ARG_SPACE: usize = N * ARG_BYTES_PER_ENTRY;
+    const CAPACITY_OK: () = assert!(N >= 1 && N <= u16::MAX as usize, "batch capacity must be 1..=65535");
+
+    /// An empty batch.
+    pub fn new() -> Self {
+        let () = Self::CAPACITY_OK;
+        Batch {
+            slots: ArrayVec::new(),
+            updates: ArrayVec::new(),
+            update_tags: ArrayVec::new(),
+            ext: ArrayVec::new(),
+            ext_tags: ArrayVec::new(),
+            arg_bytes: 0,
+            deferred: ArrayVec::new(),
+            results: ArrayVec::new(),
+            lazy: false,
+            seq: 0,
+            preempt: PreemptCount::default(),
+            stats: BatchStats::default(),
+            failures: Vec::new(),
+            not_applied: Vec::new(),
+            kept_locks: Vec::new(),
+        }
+    }
+
+    /// The capacity `N`.
+    pub const fn capacity(&self) -> usize {
+        N
+    }
+    /// Calls queued now.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+    /// Whether nothing is queued (calls or callbacks).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.deferred.is_empty()
+    }
+    /// Bytes of request space in use.
+    pub fn arg_bytes(&self) -> usize {
+        self.arg_bytes
+    }
+    /// Callbacks queued now.
+    pub fn deferred_len(&self) -> usize {
+        self.deferred.len()
+    }
+    /// Counters since creation.
+    pub fn stats(&self) -> BatchStats {
+        self.stats
+    }
+    /// The preempt-count model of this context.
+    pub fn preempt(&self) -> &PreemptCount {
+        &self.preempt
+    }
+    /// The preempt-count model, mutably (the engine counts locks here).
+    pub fn preempt_mut(&mut self) -> &mut PreemptCount {
+        &mut self.preempt
+    }
+    /// Results of the last flush, one per call.
+    pub fn last_results(&self) -> &[CallResult] {
+        &self.results
+    }
+    /// Every failure recorded since the last [`Self::take_failures`].
+    pub fn failures(&self) -> &[Failure] {
+        &self.failures
+    }
+    /// Whether any failure is recorded.
+    pub fn has_failures(&self) -> bool {
+        !self.failures.is_empty()
+    }
+    /// Take the recorded failures (and forget which tags did not apply).
+    pub fn take_failures(&mut self) -> Vec<Failure> {
+        self.not_applied.clear();
+        core::mem::take(&mut self.failures)
+    }
+    /// Tags of requests that did not take effect (failed, or skipped after a
+    /// failure in the same call), since the last [`Self::take_failures`].
+    pub fn not_applied(&self) -> &[Tag] {
+        &self.not_applied
+    }
+    /// PTE locks kept held because their watched request failed; the caller
+    /// now owns them.
+    pub fn take_kept_locks(&mut self) -> Vec<Pfn> {
+        core::mem::take(&mut self.kept_locks)
+    }
+    /// Whether lazy-MMU mode is on.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
+    }
+
+    /// Queue `update_va_mapping(va, pte, flags)`.
+    pub fn update_va_mapping<T: FlushTarget + ?Sized>(&mut self, target: &T, va: u64, pte: u64, flags: u64, tag: Tag) {
+        if self.slots.is_full() {
+            self.flush(target);
+        }
+        self.slots.push(Slot::Uvm { va, pte, flags, tag });
+    }
+
+    /// Queue one `mmu_update` request, extending the previous call when it is
+    /// an `mmu_update` too.
+    pub fn mmu_update<T: FlushTarget + ?Sized>(&mut self, target: &T, req: MmuUpdate, tag: Tag) {
+        let fits = !self.updates.is_full() && self.arg_bytes + MMU_UPDATE_BYTES <= Self::ARG_SPACE;
+        match self.slots.last_mut() {
+            Some(Slot::Mmu { count, .. }) if fits => *count += 1,
+            _ => {
+                if !fits || self.slots.is_full() {
+                    self.flush(target);
+                }
+                let start = self.updates.len() as u16;
+                self.slots.push(Slot::Mmu { start, count: 1 });
+            }
+        }
+        self.updates.push(req);
+        self.update_tags.push(tag);
+        self.arg_bytes += MMU_UPDATE_BYTES;
+    }
+
+    /// Queue one `mmuext_op`, extending the previous call when it is an
+    /// `mmuext_op` too.
+    pub fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
+        let fits = !self.ext.is_full() && self.arg_bytes + MMUEXT_OP_BYTES <= Self::ARG_SPACE;
+        match self.slots.last_mut() {
+            Some(Slot::Ext { count, .. }) if fits => *count += 1,
+            _ => {
+                if !fits || self.slots.is_full() {
+                    self.flush(target);
+                }
+                let start = self.ext.len() as u16;
+                self.slots.push(Slot::Ext { start, count: 1 });
+            }
+        }
+        self.ext.push(op);
+        self.ext_tags.push(tag);
+        self.arg_bytes += MMUEXT_OP_BYTES;
+    }
+
+    /// Register a callback to run after this batch is issued; flushes first
+    /// if the callback list is full.
+    pub fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
+        if self.deferred.is_full() {
+            self.flush(target);
+        }
+        self.deferred.push(d);
+    }
+
+    /// Enter lazy-MMU mode: [`Self::issue`] no longer flushes.
+    pub fn enter_lazy(&mut self) {
+        self.lazy = true;
+    }
+
+    /// Leave lazy-MMU mode and flush.
+    pub fn leave_lazy<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+        self.lazy = false;
+        self.flush(target);
+    }
+
+    /// Flush unless in lazy-MMU mode (Linux's `xen_mc_issue`).
+    pub fn issue<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+        if !self.lazy {
+            self.flush(target);
+        }
+    }
+
+    /// Issue everything queued, record per-request outcomes, then run the
+    /// callbacks in the order they were registered. Returns the number of
+    /// calls that failed.
+    pub fn flush<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
+        let mut failed = 0;
+        if !self.slots.is_empty() {
+            failed = self.issue_calls(target);
+        }
+        if !self.deferred.is_empty() {
+            self.run_callbacks(target);
+        }
+        self.slots.clear();
+        self.updates.clear();
+        self.update_tags.clear();
+        self.ext.clear();
+        self.ext_tags.clear();
+        self.arg_bytes = 0;
+        failed
+    }
+
+    fn issue_calls<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
+        let n = self.slots.len();
+        {
+            let mut calls: ArrayVec<Call<'_>, N> = ArrayVec::new();
+            for s in &self.slots {
+                calls.push(match *s {
+                    Slot::Uvm { va, pte, flags, .. } => Call::UpdateVaMapping { va, pte, flags },
+                    Slot::Mmu { start, count } => {
+                        Call::MmuUpdate(&self.updates[start as usize..(start + count) as usize])
+                    }
+                    Slot::Ext { start, count } => Call::MmuExtOp(&self.ext[start as usize..(start + count) as usize]),
+                });
+            }
+            self.results.clear();
+            for _ in 0..n {
+                self.results.push(CallResult::default());
+            }
+            target.issue(&calls, &mut self.results);
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        self.stats.flushes += 1;
+        if n == 1 {
+            self.stats.direct_calls += 1;
+        } else {
+            self.stats.multicalls += 1;
+        }
+        self.stats.calls += n as u64;
+        self.stats.mmu_updates += self.updates.len() as u64;
+        self.stats.mmuext_ops += self.ext.len() as u64;
+
+        let mut failed = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            let (kind, tags): (CallKind, &[Tag]) = match s {
+                Slot::Uvm { tag, .. } => {
+                    self.stats.update_va_mappings += 1;
+                    (CallKind::UpdateVaMapping, core::slice::from_ref(tag))
+                }
+                Slot::Mmu { start, count } => (
+                    CallKind::MmuUpdate,
+                    &self.update_tags[*start as usize..(*start + *count) as usize],
+                ),
+                Slot::Ext { start, count } => {
+                    (CallKind::MmuExtOp, &self.ext_tags[*start as usize..(*start + *count) as usize])
+                }
+            };
+            let r = self.results[i];
+            if r.rc == 0 {
+                continue;
+            }
+            failed += 1;
+            // A backend that reports nonsense (`done` past the end) is
+            // clamped: at least the last request is taken to have failed.
+            let done = (r.done as usize).min(tags.len() - 1);
+            self.failures.push(Failure {
+                flush: seq,
+                call: i,
+                item: done,
+                kind,
+                errno: r.rc.saturating_neg(),
+                tag: tags[done],
+            });
+            self.not_applied.extend(tags[done..].iter().copied().filter(|t| *t != NO_TAG));
+        }
+        self.stats.failed_calls += failed as u64;
+        failed
+    }
+
+    fn run_callbacks<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+        for d in core::mem::take(&mut self.deferred) {
+            self.stats.callbacks += 1;
+            match d {
+                Deferred::UnlockPte { pfn, watch } => {
+                    if watch != NO_TAG && self.not_applied.contains(&watch) {
+                        self.kept_locks.push(pfn);
+                    } else {
+                        // SAFETY: the engine queues this callback only for
+                        // a lock it took and still holds.
+                        unsafe { target.unlock_pte(pfn) };
+                        self.preempt.release();
+                    }
+                }
+                Deferred::Call { f, data } => f(data),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ExtCmd;
+    use core::cell::RefCell;
+
+    #[derive(Default)]
+    struct Rec {
+        issued: RefCell<Vec<Vec<(CallKind, usize)>>>,
+        unlocked: RefCell<Vec<u64>>,
+        fail: Option<(usize, usize, i32, usize)>, // (flush, call, errno, done)
+    }
+    impl FlushTarget for Rec {
+        fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+            let n = self.issued.borrow().len();
+            self.issued.borrow_mut().push(calls.iter().map(|c| (c.kind(), c.count())).collect());
+            for (i, c) in calls.iter().enumerate() {
+                results[i] = match self.fail {
+                    Some((f, k, e, d)) if f == n && k == i => CallResult::err(e, d),
+                    _ => CallResult::ok(c.count()),
+                };
+            }
+        }
+        unsafe fn unlock_pte(&self, pfn: Pfn) {
+            self.unlocked.borrow_mut().push(pfn.0);
+        }
+    }
+
+    fn ext(n: u64) -> MmuExtOp {
+        MmuExtOp { cmd: ExtCmd::PinL1Table, arg1: n, arg2: 0 }
+    }
+
+    #[test]
+    fn merges_consecutive_requests() {
+        let t = Rec::default();
+        let mut b: Batch<4> = Batch::new();
+        b.mmu_update(&t, MmuUpdate { ptr: 8, val: 1 }, 0);
+        b.mmu_update(&t, MmuUpdate { ptr: 16, val: 2 }, 1);
+        b.mmuext(&t, ext(1), 2);
+        b.mmuext(&t, ext(2), 3);
+        b.update_va_mapping(&t, 0x1000, 0, 0, 4);
+        b.mmuext(&t, ext(3), 5);
+        assert_eq!(b.len(), 4);
+        b.flush(&t);
+        assert_eq!(
+            t.issued.borrow()[0],
+            [
+                (CallKind::MmuUpdate, 2),
+                (CallKind::MmuExtOp, 2),
+                (CallKind::UpdateVaMapping, 1),
+                (CallKind::MmuExtOp, 1)
+            ]
+        );
+        assert_eq!(b.stats().mmu_updates, 2);
+        assert_eq!(b.stats().multicalls, 1);
+    }
+
+    #[test]
+    fn full_batch_flushes_first_and_single_call_is_direct() {
+        let t = Rec::default();
+        let mut b: Batch<2> = Batch::new();
+        for i in 0..5 {
+            b.update_va_mapping(&t, i, 0, 0, i as Tag);
+        }
+        assert_eq!(t.issued.borrow().len(), 2);
+        b.flush(&t);
+        let issued = t.issued.borrow();
+        assert_eq!(issued.iter().map(|c| c.len()).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(b.stats().multicalls, 2);
+        assert_eq!(b.stats().direct_calls, 1);
+        assert_eq!(b.stats().flushes, 3);
+    }
+
+    #[test]
+    fn arg_space_limits_merging() {
+        let t = Rec::default();
+        // N = 2: 32 bytes of request space, so one 24-byte mmuext_op fits and
+        // the second must flush first.
+        let mut b: Batch<2> = Batch::new();
+        b.mmuext(&t, ext(1), 0);
+        assert_eq!(b.arg_bytes(), 24);
+        b.mmuext(&t, ext(2), 1);
+        assert_eq!(t.issued.borrow().len(), 1);
+        assert_eq!(b.arg_bytes(), 24);
+        // Two 16-byte mmu_updates fill 32 bytes exactly.
+        let mut b: Batch<2> = Batch::new();
+        b.mmu_update(&t, MmuUpdate::default(), 0);
+        b.mmu_update(&t, MmuUpdate::default(), 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.arg_bytes(), 32);
+    }
+
+    static ORDER: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+    fn record(d: usize) {
+        // Shift in each callback's id so the order is visible.
+        let _ = ORDER.fetch_update(core::sync::atomic::Ordering::SeqCst, core::sync::atomic::Ordering::SeqCst, |v| {
+            Some(v * 10 + d)
+        });
+    }
+
+    #[test]
+    fn callbacks_run_after_issue_in_order_and_flush_when_full() {
+        let t = Rec::default();
+        let mut b: Batch<2> = Batch::new();
+        b.update_va_mapping(&t, 1, 0, 0, 0);
+        b.defer(&t, Deferred::Call { f: record, data: 1 });
+        b.defer(&t, Deferred::Call { f: record, data: 2 });
+        assert_eq!(t.issued.borrow().len(), 0, "callbacks alone do not flush");
+        // The third callback does not fit: flush first (issuing the call,
+        // then running callbacks 1 and 2 in order).
+        b.defer(&t, Deferred::Call { f: record, data: 3 });
+        assert_eq!(t.issued.borrow().len(), 1);
+        assert_eq!(ORDER.load(core::sync::atomic::Ordering::SeqCst), 12);
+        b.flush(&t);
+        assert_eq!(ORDER.load(core::sync::atomic::Ordering::SeqCst), 123);
+        assert_eq!(b.stats().callbacks, 3);
+    }
+
+    #[test]
+    fn lazy_mode_defers_issue() {
+        let t = Rec::default();
+        let mut b: Batch<8> = Batch::new();
+        b.enter_lazy();
+        b.update_va_mapping(&t, 1, 0, 0, 0);
+        b.issue(&t);
+        b.update_va_mapping(&t, 2, 0, 0, 1);
+        b.issue(&t);
+        assert!(t.issued.borrow().is_empty());
+        b.leave_lazy(&t);
+        assert_eq!(t.issued.borrow().len(), 1);
+        assert_eq!(t.issued.borrow()[0].len(), 2);
+        b.update_va_mapping(&t, 3, 0, 0, 2);
+        b.issue(&t);
+        assert_eq!(t.issued.borrow().len(), 2);
+    }
+
+    #[test]
+    fn failures_name_entry_and_keep_watched_locks() {
+        let t = Rec { fail: Some((0, 1, 22, 1)), ..Default::default() };
+        let mut b: Batch<8> = Batch::new();
+        b.preempt_mut().acquire().unwrap();
+        b.preempt_mut().acquire().unwrap();
+        b.update_va_mapping(&t, 1, 0, 0, 10);
+        b.mmuext(&t, ext(1), 11);
+        b.mmuext(&t, ext(2), 12);
+        b.mmuext(&t, ext(3), 13);
+        b.defer(&t, Deferred::UnlockPte { pfn: Pfn(7), watch: 10 });
+        b.defer(&t, Deferred::UnlockPte { pfn: Pfn(8), watch: 12 });
+        assert_eq!(b.flush(&t), 1);
+        let f = b.failures()[0];
+        assert_eq!((f.call, f.item, f.errno, f.tag, f.kind), (1, 1, 22, 12, CallKind::MmuExtOp));
+        assert_eq!(b.not_applied(), [12, 13]);
+        assert_eq!(*t.unlocked.borrow(), [7]);
+        assert_eq!(b.take_kept_locks(), [Pfn(8)]);
+        assert_eq!(b.preempt().held(), 1);
+    }
+}

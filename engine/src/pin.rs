@@ -1,0 +1,491 @@
+//! Pin and unpin (DESIGN §3), with a journal so a failure is undone.
+//!
+//! Every request the engine queues is a journal step, tagged with its index.
+//! After a failure the batch reports which tags did not take effect; the
+//! rest are undone in reverse order, holding each split PTE page's lock
+//! across the undo of its read-only remap and its pin so no writer ever
+//! sees a page read-only but not pinned.
+
+use alloc::vec::Vec;
+
+use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
+use crate::batch::{Batch, Failure, Tag, NO_TAG};
+use crate::error::{Error, HypercallFailure, StepKind};
+use crate::frame::Pfn;
+use crate::lock::{LockPolicy, RawLock};
+use crate::mode::{Level, PagingMode};
+use crate::space::{unlock_after, AddressSpace, PinStats, Target};
+use crate::sync::Ordering;
+use crate::walk::{self, Descend, Scope};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// The pinned flag was set (undo: clear).
+    FlagSet,
+    /// The pinned flag was cleared (undo: set).
+    FlagCleared,
+    RemapRo,
+    RemapRw,
+    Pin(Level),
+    Unpin(Level),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Step {
+    pfn: Pfn,
+    action: Action,
+    /// The page is an L1 under the split policy: its lock must be held while
+    /// its mapping and its own type change together.
+    locked_page: bool,
+}
+
+/// The journal of one pin or unpin.
+#[derive(Default)]
+struct Journal {
+    steps: Vec<Step>,
+}
+
+impl Journal {
+    #[inline]
+    fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool) -> Tag {
+        self.steps.push(Step { pfn, action, locked_page });
+        (self.steps.len() - 1) as Tag
+    }
+}
+
+/// Which protocol is running.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Pin,
+    Unpin,
+}
+
+impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
+    fn failure_of(j: &Journal, f: &Failure) -> HypercallFailure {
+        let step = j.steps.get(f.tag as usize);
+        HypercallFailure {
+            flush: f.flush,
+            call: f.call,
+            item: f.item,
+            kind: f.kind,
+            errno: f.errno,
+            pfn: step.map(|s| s.pfn),
+            step: step.map(|s| match s.action {
+                Action::RemapRo => StepKind::RemapReadOnly,
+                Action::RemapRw => StepKind::RemapWritable,
+                Action::Pin(l) => StepKind::Pin(l),
+                Action::Unpin(_) => StepKind::Unpin,
+                Action::FlagSet | Action::FlagCleared => StepKind::EntryUpdate,
+            }),
+        }
+    }
+
+    #[inline]
+    fn queue_remap<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, ro: bool, flush: bool, locked: bool) {
+        let tag = j.push(pfn, if ro { Action::RemapRo } else { Action::RemapRw }, locked);
+        let flags = if flush { uvmf::TLB_FLUSH | uvmf::LOCAL } else { uvmf::NONE };
+        b.update_va_mapping(&self.target(), Self::direct_map_va(pfn), self.direct_map_pte(pfn, !ro), flags, tag);
+    }
+
+    #[inline]
+    fn queue_ext<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, action: Action, locked: bool) -> Tag {
+        let cmd = match action {
+            Action::Pin(l) => ExtCmd::pin(l),
+            _ => ExtCmd::UnpinTable,
+        };
+        let tag = j.push(pfn, action, locked);
+        b.mmuext(&self.target(), MmuExtOp::on(cmd, self.backend.pfn_to_mfn(pfn)), tag);
+        tag
+    }
+
+    #[inline]
+    fn take_lock<const N: usize>(&self, b: &mut Batch<N>, pfn: Pfn) -> Result<(), Error> {
+        b.preempt_mut().acquire()?;
+        if let Some(m) = self.store.meta(pfn) {
+            m.lock().lock();
+        }
+        Ok(())
+    }
+
+    /// Pin one page: test-and-set its flag, (split L1) lock it, remap it
+    /// read-only, (split L1) pin it and release the lock after the batch.
+    fn pin_page<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, level: Level, flush: bool) -> Result<Descend, Error> {
+        let meta = match self.store.meta(pfn) {
+            Some(m) => m,
+            None => return Ok(Descend::No),
+        };
+        if meta.test_and_set_pinned() {
+            return Ok(Descend::No);
+        }
+        j.push(pfn, Action::FlagSet, false);
+        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
+        if split_l1 {
+            self.take_lock(b, pfn)?;
+        }
+        self.queue_remap(b, j, pfn, true, flush, split_l1);
+        if split_l1 {
+            if self.sabotage.unlock_before_pin {
+                // Broken on purpose: the page is read-only and unlocked
+                // before it is pinned.
+                b.flush(&self.target());
+                // SAFETY: locked above by this context.
+                unsafe { meta.lock().unlock() };
+                b.preempt_mut().release();
+                self.queue_ext(b, j, pfn, Action::Pin(Level::L1), false);
+            } else {
+                let tag = self.queue_ext(b, j, pfn, Action::Pin(Level::L1), true);
+                b.defer(&self.target(), unlock_after(pfn, tag));
+            }
+        }
+        Ok(Descend::Yes)
+    }
+
+    /// Unpin one page: test-and-clear its flag, (split L1) lock it and unpin
+    /// it, remap it writable, release the lock after the batch.
+    fn unpin_page<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, level: Level, flush: bool) -> Result<Descend, Error> {
+        let meta = match self.store.meta(pfn) {
+            Some(m) => m,
+            None => return Ok(Descend::No),
+        };
+        if !meta.test_and_clear_pinned() {
+            return Ok(Descend::No);
+        }
+        j.push(pfn, Action::FlagCleared, false);
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1;
+        if split_l1 {
+            self.take_lock(b, pfn)?;
+            self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true);
+        }
+        let tag = j.steps.len() as Tag;
+        self.queue_remap(b, j, pfn, false, flush, split_l1);
+        if split_l1 {
+            b.defer(&self.target(), unlock_after(pfn, tag));
+        }
+        Ok(Descend::Yes)
+    }
+
+    /// Pin the space with batch `b`: every table page read-only (PTE pages
+    /// pinned as L1 under split), the root last with the only TLB flush,
+    /// then the root pinned (and the user root). On any failure everything
+    /// is undone and the first failure is returned.
+    pub fn pin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
+        if !B::PINNING {
+            // Nothing to tell the hardware: pinning is bookkeeping only.
+            return match self.pinned.swap(true, Ordering::AcqRel) {
+                true => Err(Error::AlreadyPinned),
+                false => Ok(PinStats::default()),
+            };
+        }
+        b.preempt_mut().acquire()?;
+        let space = self.lock_space();
+        b.preempt_mut().reset_max();
+        let r = if self.pinned.load(Ordering::Acquire) {
+            Err(Error::AlreadyPinned)
+        } else {
+            self.run(b, Dir::Pin)
+        };
+        drop(space);
+        let max = b.preempt().max();
+        b.preempt_mut().release();
+        r.map(|mut s| {
+            s.max_locks_held = max;
+            self.pinned.store(true, Ordering::Release);
+            s
+        })
+    }
+
+    /// Unpin the space: the root unpinned first (while it is pinned the
+    /// hypervisor holds type references on every child), then the user
+    /// root, the PAE kernel PMD, and every page made writable, the root last.
+    pub fn unpin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
+        if !B::PINNING {
+            return match self.pinned.swap(false, Ordering::AcqRel) {
+                true => Ok(PinStats::default()),
+                false => Err(Error::NotPinned),
+            };
+        }
+        b.preempt_mut().acquire()?;
+        let space = self.lock_space();
+        b.preempt_mut().reset_max();
+        let r = if !self.pinned.load(Ordering::Acquire) {
+            Err(Error::NotPinned)
+        } else {
+            self.run(b, Dir::Unpin)
+        };
+        drop(space);
+        let max = b.preempt().max();
+        b.preempt_mut().release();
+        r.map(|mut s| {
+            s.max_locks_held = max;
+            self.pinned.store(false, Ordering::Release);
+            s
+        })
+    }
+
+    fn run<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
+        // Failures from before this operation are the caller's business.
+        let _ = b.take_failures();
+        let mut j = Journal::default();
+        let walked = match dir {
+            Dir::Pin => self.pin_steps(b, &mut j),
+            Dir::Unpin => self.unpin_steps(b, &mut j),
+        };
+        // Issue whatever is still queued so every step has an outcome.
+        b.flush(&self.target());
+        let first = b.failures().first().map(|f| Self::failure_of(&j, f));
+        match (walked, first) {
+            (Ok(()), None) => {
+                let _ = b.take_failures();
+                let mut stats = PinStats::default();
+                for s in &j.steps {
+                    match s.action {
+                        Action::RemapRo | Action::RemapRw => stats.tables += 1,
+                        Action::Pin(Level::L1) | Action::Unpin(Level::L1) => stats.l1_ops += 1,
+                        _ => {}
+                    }
+                }
+                Ok(stats)
+            }
+            (walked, first) => {
+                let err = match (walked, first) {
+                    (_, Some(h)) => Error::Hypercall(h),
+                    (Err(e), None) => e,
+                    (Ok(()), None) => unreachable!(),
+                };
+                self.rollback(b, &j)?;
+                match (err, first) {
+                    (e, _) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn pin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
+        let root = self.root;
+        if self.sabotage.root_first {
+            self.pin_page(b, j, root, M::ROOT_LEVEL, true)?;
+        }
+        walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, root, Scope::User, &mut |pfn, level, is_root| {
+            if b.has_failures() {
+                return Err(Error::NotPinned); // replaced by the recorded failure
+            }
+            if is_root {
+                // Extra roots first, so the root's remap (the one carrying
+                // the TLB flush) is the last remap of the pin.
+                if let Some(u) = self.user_root {
+                    self.pin_page(b, j, u, M::ROOT_LEVEL, false)?;
+                }
+                if let Some(k) = self.kernel_pmd {
+                    self.pin_page(b, j, k, Level::L2, false)?;
+                }
+            }
+            self.pin_page(b, j, pfn, level, is_root)
+        })?;
+        if b.has_failures() {
+            return Ok(());
+        }
+        self.queue_ext(b, j, root, Action::Pin(M::ROOT_LEVEL), false);
+        if let Some(u) = self.user_root {
+            self.queue_ext(b, j, u, Action::Pin(M::ROOT_LEVEL), false);
+        }
+        Ok(())
+    }
+
+    fn unpin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
+        let root = self.root;
+        self.queue_ext(b, j, root, Action::Unpin(M::ROOT_LEVEL), false);
+        if let Some(u) = self.user_root {
+            self.queue_ext(b, j, u, Action::Unpin(M::ROOT_LEVEL), false);
+            self.unpin_page(b, j, u, M::ROOT_LEVEL, false)?;
+        }
+        if let Some(k) = self.kernel_pmd {
+            if self.sabotage.pae_kpmd_pin_on_unpin {
+                // The pre-2008 bug: the pin routine called on unpin.
+                self.pin_page(b, j, k, Level::L2, false)?;
+            } else {
+                self.unpin_page(b, j, k, Level::L2, false)?;
+            }
+        }
+        walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, root, Scope::User, &mut |pfn, level, is_root| {
+            if b.has_failures() {
+                return Err(Error::NotPinned);
+            }
+            self.unpin_page(b, j, pfn, level, is_root)
+        })
+    }
+
+    /// Undo every step that took effect, newest first.
+    fn rollback<const N: usize>(&self, b: &mut Batch<N>, j: &Journal) -> Result<(), Error> {
+        let target = self.target();
+        b.flush(&target);
+        let first = b.failures().first().map(|f| Self::failure_of(j, f));
+        let mut failed: Vec<Tag> = b.not_applied().to_vec();
+        failed.sort_unstable();
+        let mut kept = b.take_kept_locks();
+        let _ = b.take_failures();
+        let applied = |i: usize| failed.binary_search(&(i as Tag)).is_err();
+
+        let mut held: Option<Pfn> = None;
+        let mut reprotected = false;
+        let steps = &j.steps;
+        for i in (0..steps.len()).rev() {
+            let s = steps[i];
+            let Some(meta) = self.store.meta(s.pfn) else { continue };
+            match s.action {
+                Action::FlagSet => {
+                    meta.test_and_clear_pinned();
+                    continue;
+                }
+                Action::FlagCleared => {
+                    meta.test_and_set_pinned();
+                    continue;
+                }
+                _ => {}
+            }
+            if !applied(i) {
+                continue;
+            }
+            if s.locked_page && held != Some(s.pfn) {
+                if let Some(k) = kept.iter().position(|p| *p == s.pfn) {
+                    kept.swap_remove(k);
+                } else {
+                    self.take_lock(b, s.pfn)?;
+                }
+                held = Some(s.pfn);
+            }
+            let mfn = self.backend.pfn_to_mfn(s.pfn);
+            match s.action {
+                Action::RemapRo => {
+                    let flush = s.pfn == self.root;
+                    let flags = if flush { uvmf::TLB_FLUSH } else { uvmf::NONE };
+                    b.update_va_mapping(&target, Self::direct_map_va(s.pfn), self.direct_map_pte(s.pfn, true), flags, NO_TAG);
+                }
+                Action::RemapRw => {
+                    reprotected = true;
+                    b.update_va_mapping(&target, Self::direct_map_va(s.pfn), self.direct_map_pte(s.pfn, false), uvmf::NONE, NO_TAG);
+                }
+                Action::Pin(_) => b.mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG),
+                Action::Unpin(l) => b.mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG),
+                Action::FlagSet | Action::FlagCleared => {}
+            }
+            if held == Some(s.pfn) {
+                // Keep holding while the next-older step is another applied
+                // request on the same page (its remap/pin pair).
+                let continues = i > 0 && {
+                    let p = steps[i - 1];
+                    p.pfn == s.pfn && !matches!(p.action, Action::FlagSet | Action::FlagCleared) && applied(i - 1)
+                };
+                if !continues {
+                    b.defer(&target, unlock_after(s.pfn, NO_TAG));
+                    held = None;
+                }
+            }
+        }
+        // Locks kept for pages where nothing took effect: release them now.
+        for pfn in kept {
+            if let Some(m) = self.store.meta(pfn) {
+                // SAFETY: the batch handed ownership of this held lock to us.
+                unsafe { m.lock().unlock() };
+                b.preempt_mut().release();
+            }
+        }
+        if reprotected {
+            b.mmuext(&target, MmuExtOp { cmd: ExtCmd::TlbFlushLocal, arg1: 0, arg2: 0 }, NO_TAG);
+        }
+        b.flush(&target);
+        if let Some(f) = b.failures().first() {
+            let rollback = Self::failure_of(j, f);
+            let _ = b.take_failures();
+            return Err(Error::RollbackFailed { first: first.unwrap_or(rollback), rollback });
+        }
+        Ok(())
+    }
+
+    /// Make a new table page ready to link into this pinned space:
+    /// read-only, and pinned as L1 under split.
+    pub(crate) fn prepare_new_table(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
+        let mut b: Batch<4> = Batch::new();
+        let mut j = Journal::default();
+        let r = self.pin_page(&mut b, &mut j, pfn, level, false).map(|_| ());
+        b.flush(&self.target());
+        let first = b.failures().first().map(|f| Self::failure_of(&j, f));
+        if r.is_err() || first.is_some() {
+            self.rollback(&mut b, &j)?;
+            return Err(first.map(Error::Hypercall).unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
+        }
+        Ok(())
+    }
+
+    /// An unlinked table page of a pinned space: (split) unpin it, make it
+    /// writable, then retire the frame.
+    pub(crate) fn retire_table_pinned(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
+        let mut b: Batch<4> = Batch::new();
+        let mut j = Journal::default();
+        let r = self.unpin_page(&mut b, &mut j, pfn, level, false).map(|_| ());
+        b.flush(&self.target());
+        let first = b.failures().first().map(|f| Self::failure_of(&j, f));
+        if r.is_err() || first.is_some() {
+            self.rollback(&mut b, &j)?;
+            return Err(first.map(Error::Hypercall).unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
+        }
+        self.store.retire(pfn);
+        Ok(())
+    }
+}
+
+/// What [`pin_all`] pinned, so [`unpin_all`] unpins exactly those.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[must_use = "unpin_all needs to know which spaces pin_all pinned"]
+pub struct PinnedSet {
+    /// Indices (into the slice given to `pin_all`) of the spaces it pinned.
+    pub indices: Vec<usize>,
+}
+
+/// Pin every unpinned space (suspend path). Each space's own lock is taken
+/// before any of its PTE locks. On a failure the spaces pinned so far are
+/// unpinned again and the failure is returned.
+pub fn pin_all<M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
+    spaces: &[&AddressSpace<M, P, B>],
+    b: &mut Batch<N>,
+) -> Result<PinnedSet, Error> {
+    let mut set = PinnedSet::default();
+    for (i, s) in spaces.iter().enumerate() {
+        if s.is_pinned() {
+            continue;
+        }
+        match s.pin(b) {
+            Ok(_) | Err(Error::AlreadyPinned) => set.indices.push(i),
+            Err(e) => {
+                for &k in set.indices.iter().rev() {
+                    let _ = spaces[k].unpin(b);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Unpin exactly the spaces `pin_all` pinned (resume path).
+pub fn unpin_all<M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
+    spaces: &[&AddressSpace<M, P, B>],
+    set: PinnedSet,
+    b: &mut Batch<N>,
+) -> Result<(), Error> {
+    let mut first = None;
+    for i in set.indices {
+        if let Some(s) = spaces.get(i) {
+            if let Err(e) = s.unpin(b) {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+// Keep the lock trait in scope for `lock()` on metadata locks.
+#[allow(unused_imports)]
+use RawLock as _;
+#[allow(dead_code)]
+fn _target_is_used<L: RawLock, B: Backend>(_: Target<'_, L, B>) {}

@@ -1,0 +1,666 @@
+//! An address space: its tables, its lock, and the operations writers use.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+
+use crate::backend::{Backend, Call, CallResult, MmuUpdate};
+use crate::batch::{Batch, Deferred, FlushTarget, NO_TAG};
+use crate::entry::{EntryFlags, PageTableEntry};
+use crate::error::{Error, HypercallFailure, StepKind};
+use crate::frame::{read_guard, FrameStore, Mfn, Pfn};
+use crate::lock::{LockPolicy, RawLock};
+use crate::mode::{Level, PageSize, PagingMode};
+use crate::sync::{AtomicBool, Ordering};
+use crate::walk::{self, Descend, Scope};
+
+/// How a PTE write reaches a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WritePath {
+    /// A plain store into the entry. On Xen, a store into a pinned
+    /// (read-only) L1 traps and is emulated; into an unpinned one it is a
+    /// normal write. This is Linux's `set_pte` path.
+    #[default]
+    Store,
+    /// An `mmu_update` hypercall: always checked by the hypervisor, works
+    /// whether or not the table is pinned (Linux's lazy-MMU/`set_pte_at`
+    /// hypercall path).
+    Hypercall,
+}
+
+/// What a virtual address translates to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Guest-physical address (page base plus offset).
+    pub phys: u64,
+    /// The page size of the leaf.
+    pub size: PageSize,
+    /// The leaf entry's flags.
+    pub flags: EntryFlags,
+}
+
+/// Options for a new space.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpaceOptions {
+    /// Give the space a separate user root (64-bit PV keeps one; ignored on
+    /// modes without one).
+    pub user_root: bool,
+}
+
+/// Test-only breakages of the protocol, used by negative controls to show
+/// that the tests guarding each rule can fail. Never set in production.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sabotage {
+    /// Release a PTE page's lock between its read-only remap and its L1 pin.
+    pub unlock_before_pin: bool,
+    /// Skip the separate L1 pin (and its lock) under the split policy.
+    pub skip_l1_pin: bool,
+    /// Visit the root first instead of last.
+    pub root_first: bool,
+    /// Call the pin routine on the PAE kernel PMD during unpin (the pre-2008 bug).
+    pub pae_kpmd_pin_on_unpin: bool,
+}
+
+/// Counters of one pin or unpin.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinStats {
+    /// Table pages processed (remapped).
+    pub tables: usize,
+    /// Separate L1 pins (or unpins) issued.
+    pub l1_ops: usize,
+    /// Most locks held at once during the operation (space lock included).
+    pub max_locks_held: u32,
+}
+
+/// An address space: a root table (and, on x86-64 PV, maybe a user root; on
+/// PAE, the kernel PMD), pinned or not.
+pub struct AddressSpace<M: PagingMode, P: LockPolicy, B: Backend> {
+    pub(crate) store: Arc<FrameStore<P::Lock>>,
+    pub(crate) backend: Arc<B>,
+    pub(crate) root: Pfn,
+    pub(crate) user_root: Option<Pfn>,
+    pub(crate) kernel_pmd: Option<Pfn>,
+    pub(crate) lock: P::Lock,
+    pub(crate) pinned: AtomicBool,
+    pub(crate) torn_down: bool,
+    pub(crate) sabotage: Sabotage,
+    _mode: PhantomData<M>,
+}
+
+/// The pieces a batch flush needs: issue through the backend, unlock
+/// through the store.
+pub(crate) struct Target<'a, L: RawLock, B: Backend> {
+    pub(crate) store: &'a FrameStore<L>,
+    pub(crate) backend: &'a B,
+}
+
+impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
+    #[inline]
+    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+        self.backend.issue(calls, results)
+    }
+    #[inline]
+    unsafe fn unlock_pte(&self, pfn: Pfn) {
+        if let Some(m) = self.store.meta(pfn) {
+            // SAFETY: forwarded: the caller holds this lock.
+            unsafe { m.lock().unlock() }
+        }
+    }
+}
+
+/// Holds the space lock; releases it (and its preempt count) on drop.
+pub(crate) struct SpaceLockGuard<'a, L: RawLock> {
+    lock: &'a L,
+}
+
+impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
+    fn drop(&mut self) {
+        // SAFETY: the guard exists only while this context holds the lock.
+        unsafe { self.lock.unlock() }
+    }
+}
+
+/// Holds a PTE-page lock for a writer.
+struct PteLockGuard<'a, L: RawLock> {
+    lock: &'a L,
+}
+
+impl<L: RawLock> Drop for PteLockGuard<'_, L> {
+    fn drop(&mut self) {
+        // SAFETY: as for the space lock guard.
+        unsafe { self.lock.unlock() }
+    }
+}
+
+impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
+    /// A new, empty, unpinned space with tables from `store`.
+    pub fn new(store: Arc<FrameStore<P::Lock>>, backend: Arc<B>, options: SpaceOptions) -> Result<Self, Error> {
+        let root = store.alloc_table(M::ROOT_LEVEL).ok_or(Error::OutOfFrames)?;
+        let mut space = AddressSpace {
+            store,
+            backend,
+            root,
+            user_root: None,
+            kernel_pmd: None,
+            lock: P::Lock::new(),
+            pinned: AtomicBool::new(false),
+            torn_down: false,
+            sabotage: Sabotage::default(),
+            _mode: PhantomData,
+        };
+        if M::HAS_USER_ROOT && options.user_root {
+            match space.store.alloc_table(M::ROOT_LEVEL) {
+                Some(u) => space.user_root = Some(u),
+                None => {
+                    space.store.free_now(root);
+                    space.torn_down = true;
+                    return Err(Error::OutOfFrames);
+                }
+            }
+        }
+        if let Some(slot) = M::KERNEL_PMD_SLOT {
+            let Some(kpmd) = space.store.alloc_table(Level::L2) else {
+                space.release_frames();
+                space.torn_down = true;
+                return Err(Error::OutOfFrames);
+            };
+            space.kernel_pmd = Some(kpmd);
+            let mfn = space.backend.pfn_to_mfn(kpmd);
+            let e = PageTableEntry::new(mfn.0, walk::table_entry_flags::<M>(M::ROOT_LEVEL));
+            space.entry_slot(root, slot).store(e.bits(), Ordering::Release);
+        }
+        Ok(space)
+    }
+
+    /// The root table.
+    pub fn root(&self) -> Pfn {
+        self.root
+    }
+    /// The separate user root, if any.
+    pub fn user_root(&self) -> Option<Pfn> {
+        self.user_root
+    }
+    /// The PAE kernel PMD, if any.
+    pub fn kernel_pmd(&self) -> Option<Pfn> {
+        self.kernel_pmd
+    }
+    /// The frame store.
+    pub fn store(&self) -> &Arc<FrameStore<P::Lock>> {
+        &self.store
+    }
+    /// The backend.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+    /// Whether the space is pinned.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.load(Ordering::Acquire)
+    }
+    /// The space lock (Linux's `page_table_lock`), for embedders that
+    /// coordinate with it. Lock order: space lock, then PTE locks.
+    pub fn space_lock(&self) -> &P::Lock {
+        &self.lock
+    }
+    /// Break the protocol on purpose (negative-control tests only).
+    #[doc(hidden)]
+    pub fn set_sabotage(&mut self, s: Sabotage) {
+        self.sabotage = s;
+    }
+
+    /// The kernel virtual address of a table frame in the direct map.
+    #[inline]
+    pub fn direct_map_va(pfn: Pfn) -> u64 {
+        M::DIRECT_MAP_BASE.wrapping_add(pfn.0 << 12)
+    }
+
+    /// The direct-map entry for a table frame, read-only or writable.
+    #[inline]
+    pub(crate) fn direct_map_pte(&self, pfn: Pfn, writable: bool) -> u64 {
+        let mfn = self.backend.pfn_to_mfn(pfn);
+        let mut flags = EntryFlags::PRESENT | EntryFlags::ACCESSED | EntryFlags::DIRTY | EntryFlags::NO_EXECUTE;
+        if writable {
+            flags |= EntryFlags::WRITABLE;
+        }
+        PageTableEntry::new(mfn.0, flags).bits()
+    }
+
+    #[inline]
+    pub(crate) fn target(&self) -> Target<'_, P::Lock, B> {
+        Target { store: &self.store, backend: &self.backend }
+    }
+
+    #[inline]
+    fn entry_slot(&self, pfn: Pfn, index: usize) -> &crate::sync::AtomicU64 {
+        // Table frames of this space are always in the store: they were
+        // allocated from it and validated on every walk.
+        self.store.entry(pfn, index).expect("table frame outside the store")
+    }
+
+    pub(crate) fn lock_space(&self) -> SpaceLockGuard<'_, P::Lock> {
+        self.lock.lock();
+        SpaceLockGuard { lock: &self.lock }
+    }
+
+    fn check_va(va: u64, size: PageSize) -> Result<(), Error> {
+        if !M::is_canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        if va & (size.bytes() - 1) != 0 {
+            return Err(Error::Misaligned { addr: va });
+        }
+        Ok(())
+    }
+
+    /// Write one entry of one of this space's tables, by the path its state
+    /// requires: a pinned (read-only) table of level 2+ only through
+    /// `mmu_update`; an L1 by `path`. Mirrors user-half root writes into the
+    /// user root.
+    fn write_entry(&self, pfn: Pfn, level: Level, index: usize, value: u64, path: WritePath) -> Result<(), Error> {
+        let pinned_table = B::PINNING && self.store.meta(pfn).is_some_and(|m| m.is_pinned());
+        let hyper = pinned_table && (level != Level::L1 || path == WritePath::Hypercall)
+            || (B::PINNING && path == WritePath::Hypercall);
+        let mfn = self.backend.pfn_to_mfn(pfn);
+        if hyper {
+            let mut b: Batch<1> = Batch::new();
+            let t = self.target();
+            b.mmu_update(&t, MmuUpdate { ptr: (mfn.0 << 12) + (index as u64) * 8, val: value }, NO_TAG);
+            b.flush(&t);
+            if let Some(f) = b.failures().first() {
+                return Err(Error::Hypercall(HypercallFailure {
+                    flush: f.flush,
+                    call: f.call,
+                    item: f.item,
+                    kind: f.kind,
+                    errno: f.errno,
+                    pfn: Some(pfn),
+                    step: Some(StepKind::EntryUpdate),
+                }));
+            }
+        } else {
+            self.backend
+                .store_entry(self.entry_slot(pfn, index), mfn, index, value)
+                .map_err(Error::Fault)?;
+        }
+        if level == M::ROOT_LEVEL && pfn == self.root && index < M::USER_ROOT_SLOTS {
+            if let Some(u) = self.user_root {
+                self.write_entry(u, level, index, value, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lock-free descent to the table at `level` covering `va`.
+    fn find_table(&self, va: u64, level: Level) -> Result<Pfn, Error> {
+        let mut pfn = self.root;
+        let mut cur = M::ROOT_LEVEL;
+        while cur > level {
+            let index = M::index(va, cur);
+            let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+            if !e.is_present() {
+                return Err(Error::NoTable { va, level });
+            }
+            match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, cur, index, e)? {
+                Some(child) => pfn = child,
+                None => return Err(Error::AlreadyMapped { va }),
+            }
+            cur = cur.child().ok_or(Error::NoTable { va, level })?;
+        }
+        Ok(pfn)
+    }
+
+    /// Translate `va` without taking any lock.
+    pub fn translate(&self, va: u64) -> Option<Translation> {
+        if !M::is_canonical(va) {
+            return None;
+        }
+        let _guard = read_guard();
+        let mut pfn = self.root;
+        let mut level = M::ROOT_LEVEL;
+        loop {
+            let index = M::index(va, level);
+            let e = PageTableEntry::from_bits(self.store.entry(pfn, index)?.load(Ordering::Acquire));
+            if !e.is_present() {
+                return None;
+            }
+            let child = walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e).ok()?;
+            match child {
+                Some(c) => {
+                    pfn = c;
+                    level = level.child()?;
+                }
+                None => {
+                    let size = match level {
+                        Level::L1 => PageSize::Size4K,
+                        Level::L2 => PageSize::Size2M,
+                        _ => PageSize::Size1G,
+                    };
+                    let base_mfn = Mfn(e.addr() >> 12);
+                    let flags = e.flags();
+                    let pat_mask = if size == PageSize::Size4K { 0 } else { EntryFlags::PAT_LARGE.bits() };
+                    let base_pfn = self.backend.mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12)).unwrap_or(Pfn(base_mfn.0));
+                    let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
+                    return Some(Translation { phys, size, flags });
+                }
+            }
+        }
+    }
+
+    fn leaf_flags_ok(flags: EntryFlags, size: PageSize) -> Result<(), Error> {
+        let mut bad = flags.bits() & PageTableEntry::ADDR_MASK;
+        if size != PageSize::Size4K {
+            bad &= !EntryFlags::PAT_LARGE.bits();
+        }
+        if bad != 0 || !flags.contains(EntryFlags::PRESENT) {
+            return Err(Error::BadFlags { bits: flags.bits() });
+        }
+        Ok(())
+    }
+
+    /// Allocate and link a table at `level` under `parent[index]`, made
+    /// read-only (and pinned, split) first when the space is pinned.
+    fn link_new_table(&self, parent: Pfn, parent_level: Level, index: usize, level: Level) -> Result<Pfn, Error> {
+        let child = self.store.alloc_table(level).ok_or(Error::OutOfFrames)?;
+        if B::PINNING && self.is_pinned() {
+            if let Err(e) = self.prepare_new_table(child, level) {
+                self.store.free_now(child);
+                return Err(e);
+            }
+        }
+        let mfn = self.backend.pfn_to_mfn(child);
+        let e = PageTableEntry::new(mfn.0, walk::table_entry_flags::<M>(parent_level));
+        if let Err(err) = self.write_entry(parent, parent_level, index, e.bits(), WritePath::Store) {
+            if B::PINNING && self.is_pinned() {
+                let _ = self.retire_table_pinned(child, level);
+            } else {
+                self.store.free_now(child);
+            }
+            return Err(err);
+        }
+        Ok(child)
+    }
+
+    /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
+    /// (PRESENT required), allocating intermediate tables.
+    pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
+        Self::check_va(va, size)?;
+        if pa & (size.bytes() - 1) != 0 {
+            return Err(Error::Misaligned { addr: pa });
+        }
+        if size == PageSize::Size1G && !M::HAS_1G_PAGES {
+            return Err(Error::UnsupportedPageSize);
+        }
+        if M::KERNEL_PMD_SLOT == Some(M::index(va, M::ROOT_LEVEL)) {
+            // The PAE kernel PMD belongs to pin/unpin, not to user mappings.
+            return Err(Error::NonCanonical { va });
+        }
+        Self::leaf_flags_ok(flags, size)?;
+        let mut flags = flags;
+        if size != PageSize::Size4K {
+            flags |= EntryFlags::HUGE;
+        }
+        let target_level = size.level();
+        let _space = self.lock_space();
+        let mut pfn = self.root;
+        let mut level = M::ROOT_LEVEL;
+        while level > target_level {
+            let index = M::index(va, level);
+            let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+            let child_level = level.child().ok_or(Error::UnsupportedPageSize)?;
+            pfn = if !e.is_present() {
+                self.link_new_table(pfn, level, index, child_level)?
+            } else {
+                match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)? {
+                    Some(c) => c,
+                    None => return Err(Error::AlreadyMapped { va }),
+                }
+            };
+            level = child_level;
+        }
+        let index = M::index(va, level);
+        let mfn = self.backend.pfn_to_mfn(Pfn(pa >> 12));
+        let leaf = PageTableEntry::new(mfn.0, flags);
+        let _pte = self.lock_pte(pfn, level);
+        let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+        if cur.is_present() {
+            return Err(Error::AlreadyMapped { va });
+        }
+        self.write_entry(pfn, level, index, leaf.bits(), WritePath::Store)
+    }
+
+    /// Under split, the PTE lock of an L1 (taken inside the space lock);
+    /// under global the space lock already covers it.
+    fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_, P::Lock>> {
+        if P::SPLIT_PTE_LOCKS && level == Level::L1 {
+            let l = self.store.meta(pfn)?.lock();
+            l.lock();
+            Some(PteLockGuard { lock: l })
+        } else {
+            None
+        }
+    }
+
+    /// Replace the leaf covering `va` (at whatever level) through `f`, which
+    /// gets the current leaf and returns the new one. Takes the space lock
+    /// (and the PTE lock under split). Returns the old entry.
+    fn update_leaf(
+        &self,
+        va: u64,
+        f: impl FnOnce(PageTableEntry, PageSize) -> Result<PageTableEntry, Error>,
+    ) -> Result<PageTableEntry, Error> {
+        if !M::is_canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        let _space = self.lock_space();
+        let mut pfn = self.root;
+        let mut level = M::ROOT_LEVEL;
+        loop {
+            let index = M::index(va, level);
+            let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+            if !e.is_present() {
+                return Err(Error::NotMapped { va });
+            }
+            match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)? {
+                Some(c) => {
+                    pfn = c;
+                    level = level.child().ok_or(Error::NotMapped { va })?;
+                }
+                None => {
+                    let size = match level {
+                        Level::L1 => PageSize::Size4K,
+                        Level::L2 => PageSize::Size2M,
+                        _ => PageSize::Size1G,
+                    };
+                    if va & (size.bytes() - 1) != 0 {
+                        return Err(Error::Misaligned { addr: va });
+                    }
+                    let _pte = self.lock_pte(pfn, level);
+                    let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+                    let new = f(cur, size)?;
+                    self.write_entry(pfn, level, index, new.bits(), WritePath::Store)?;
+                    return Ok(cur);
+                }
+            }
+        }
+    }
+
+    /// Remove the mapping at `va` (a page base); returns what it mapped.
+    pub fn unmap(&self, va: u64) -> Result<Translation, Error> {
+        let mut size = PageSize::Size4K;
+        let old = self.update_leaf(va, |_, s| {
+            size = s;
+            Ok(PageTableEntry::EMPTY)
+        })?;
+        let pfn = self.backend.mfn_to_pfn(Mfn(old.frame())).map_or(old.frame(), |p| p.0);
+        Ok(Translation { phys: pfn << 12, size, flags: old.flags() })
+    }
+
+    /// Change the flags of the mapping at `va` (a page base), keeping its frame.
+    pub fn protect(&self, va: u64, flags: EntryFlags) -> Result<(), Error> {
+        self.update_leaf(va, |cur, size| {
+            Self::leaf_flags_ok(flags, size)?;
+            let mut f = flags;
+            if size != PageSize::Size4K {
+                f |= EntryFlags::HUGE;
+            }
+            let addr_mask = if size == PageSize::Size4K {
+                PageTableEntry::ADDR_MASK
+            } else {
+                PageTableEntry::ADDR_MASK & !EntryFlags::PAT_LARGE.bits()
+            };
+            Ok(PageTableEntry::from_bits((cur.bits() & addr_mask) | f.bits()))
+        })
+        .map(|_| ())
+    }
+
+    /// Set the L1 entry for `va` to `value` (any bits, present or not),
+    /// by `path`: the writer's fast path. The L1 must exist.
+    ///
+    /// Under split only the PTE page's lock is taken (found lock-free, then
+    /// re-checked under the lock); under global the space lock. Returns the
+    /// previous entry.
+    pub fn set_pte(&self, va: u64, value: PageTableEntry, path: WritePath) -> Result<PageTableEntry, Error> {
+        if !M::is_canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        if M::KERNEL_PMD_SLOT == Some(M::index(va, M::ROOT_LEVEL)) {
+            return Err(Error::NonCanonical { va });
+        }
+        let index = M::index(va, Level::L1);
+        if P::SPLIT_PTE_LOCKS {
+            let _guard = read_guard();
+            loop {
+                let l1 = self.find_table(va, Level::L1)?;
+                let meta = self.store.meta(l1).ok_or(Error::NoTable { va, level: Level::L1 })?;
+                meta.lock().lock();
+                let _pte = PteLockGuard { lock: meta.lock() };
+                // Re-check under the lock: a release unlinks the table while
+                // holding this lock, so if it is still linked it stays linked.
+                if self.find_table(va, Level::L1) != Ok(l1) {
+                    continue;
+                }
+                let old = PageTableEntry::from_bits(self.entry_slot(l1, index).load(Ordering::Acquire));
+                self.write_entry(l1, Level::L1, index, value.bits(), path)?;
+                return Ok(old);
+            }
+        } else {
+            let _space = self.lock_space();
+            let l1 = self.find_table(va, Level::L1)?;
+            let old = PageTableEntry::from_bits(self.entry_slot(l1, index).load(Ordering::Acquire));
+            self.write_entry(l1, Level::L1, index, value.bits(), path)?;
+            Ok(old)
+        }
+    }
+
+    /// Read the L1 entry for `va` without locks.
+    pub fn read_pte(&self, va: u64) -> Result<PageTableEntry, Error> {
+        let _guard = read_guard();
+        let l1 = self.find_table(va, Level::L1)?;
+        Ok(PageTableEntry::from_bits(
+            self.entry_slot(l1, M::index(va, Level::L1)).load(Ordering::Acquire),
+        ))
+    }
+
+    /// Release the (empty) table at `level` that covers `va`: unlink it
+    /// first, then (pinned, split) unpin it, then make it writable; the
+    /// frame is reused only after lock-free readers are done with it.
+    pub fn release_table(&self, va: u64, level: Level) -> Result<(), Error> {
+        if !M::is_canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        if level >= M::ROOT_LEVEL {
+            return Err(Error::NoTable { va, level });
+        }
+        let _space = self.lock_space();
+        let table = self.find_table(va, level)?;
+        let parent_level = match level {
+            Level::L1 => Level::L2,
+            Level::L2 => Level::L3,
+            Level::L3 => Level::L4,
+            Level::L4 => return Err(Error::NoTable { va, level }),
+        };
+        let parent = self.find_table(va, parent_level)?;
+        if Some(table) == self.kernel_pmd {
+            return Err(Error::NoTable { va, level });
+        }
+        let _pte = self.lock_pte(table, level);
+        let frame = self.store.frame(table).ok_or(Error::NoTable { va, level })?;
+        if frame.entries().iter().any(|e| e.load(Ordering::Acquire) & EntryFlags::PRESENT.bits() != 0) {
+            return Err(Error::TableNotEmpty { pfn: table });
+        }
+        self.write_entry(parent, parent_level, M::index(va, parent_level), 0, WritePath::Store)?;
+        drop(_pte);
+        if B::PINNING && self.store.meta(table).is_some_and(|m| m.is_pinned()) {
+            self.retire_table_pinned(table, level)
+        } else {
+            self.store.retire(table);
+            Ok(())
+        }
+    }
+
+    /// Every table frame of the space, in walk order (root last).
+    pub fn table_frames(&self) -> Result<Vec<(Pfn, Level)>, Error> {
+        let mut out = Vec::new();
+        let _guard = read_guard();
+        walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, self.root, Scope::User, &mut |pfn, level, _| {
+            out.push((pfn, level));
+            Ok(Descend::Yes)
+        })?;
+        Ok(out)
+    }
+
+    /// Free every frame of the space without any hypercall (the space must
+    /// not be pinned).
+    pub(crate) fn release_frames(&mut self) {
+        let mut frames: Vec<Pfn> = Vec::new();
+        let _ = walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, self.root, Scope::User, &mut |pfn, _, _| {
+            if !frames.contains(&pfn) {
+                frames.push(pfn);
+            }
+            Ok(Descend::Yes)
+        });
+        if !frames.contains(&self.root) {
+            frames.push(self.root);
+        }
+        frames.extend(self.user_root);
+        frames.extend(self.kernel_pmd);
+        for f in frames {
+            self.store.free_now(f);
+        }
+    }
+
+    /// Tear the space down: unpin it if pinned (a never-pinned space sends
+    /// no hypercall), then free its frames.
+    pub fn teardown(mut self) -> Result<(), Error> {
+        if self.is_pinned() {
+            let mut b: Batch = Batch::new();
+            self.unpin(&mut b)?;
+        }
+        self.release_frames();
+        self.torn_down = true;
+        Ok(())
+    }
+}
+
+impl<M: PagingMode, P: LockPolicy, B: Backend> Drop for AddressSpace<M, P, B> {
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        if self.is_pinned() {
+            let mut b: Batch = Batch::new();
+            if self.unpin(&mut b).is_err() {
+                // Frames the hypervisor still types must not be reused as
+                // ordinary memory: leak them rather than hand them out.
+                return;
+            }
+        }
+        self.release_frames();
+    }
+}
+
+/// Deferred unlock of a PTE lock, with its watched tag.
+#[inline]
+pub(crate) fn unlock_after(pfn: Pfn, watch: u32) -> Deferred {
+    Deferred::UnlockPte { pfn, watch }
+}

@@ -1,0 +1,164 @@
+//! The page-table walk in protocol order (DESIGN §2).
+//!
+//! Depth-first over root slots in increasing order, each table before its
+//! children, the root itself last. Entries are read atomically; validation
+//! turns malformed tables (cycles, frames at two levels, frames outside the
+//! store, reserved bits) into typed errors, so a walk always terminates.
+
+use crate::backend::Backend;
+use crate::entry::{EntryFlags, PageTableEntry};
+use crate::error::Error;
+use crate::frame::{FrameStore, Pfn};
+use crate::lock::RawLock;
+use crate::mode::{Level, PagingMode};
+use crate::sync::Ordering;
+
+/// Which root slots a walk covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Slots below the user limit (what pin and unpin walk).
+    User,
+    /// Every slot except the hypervisor's hole (256..=271 on x86-64) and the
+    /// PAE kernel-PMD slot, which pin and unpin handle explicitly.
+    Full,
+}
+
+/// Whether the walk should descend into a visited table's children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Descend {
+    /// Visit the children.
+    Yes,
+    /// Skip them (e.g. the frame was already processed).
+    No,
+}
+
+/// Check an entry that is present and not a leaf, and return the table it
+/// points to.
+#[inline]
+pub fn child_table<L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    level: Level,
+    index: usize,
+    entry: PageTableEntry,
+) -> Result<Pfn, Error> {
+    let child = match level.child() {
+        Some(c) => c,
+        None => unreachable_l1(),
+    };
+    if entry.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 {
+        return Err(Error::ReservedBits { level, index, entry: entry.bits() });
+    }
+    let mfn = crate::frame::Mfn(entry.frame());
+    let Some(pfn) = backend.mfn_to_pfn(mfn) else {
+        return Err(Error::FrameOutOfRange { level, index, mfn });
+    };
+    let Some(meta) = store.meta(pfn) else {
+        return Err(Error::FrameOutOfRange { level, index, mfn });
+    };
+    let found = meta.level();
+    if found != Some(child) {
+        return Err(Error::LevelMismatch { level, index, pfn, found });
+    }
+    Ok(pfn)
+}
+
+#[cold]
+fn unreachable_l1() -> ! {
+    // Callers never ask for the child of an L1 entry; reaching this is a bug
+    // in the engine, not bad input.
+    panic!("walk asked for the child table of an L1 entry")
+}
+
+/// Classify a present entry at `level`: a leaf (`Ok(None)`), a table
+/// (`Ok(Some(pfn))`), or malformed.
+#[inline]
+pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    level: Level,
+    index: usize,
+    entry: PageTableEntry,
+) -> Result<Option<Pfn>, Error> {
+    if level == Level::L1 {
+        return Ok(None);
+    }
+    if entry.is_huge() {
+        let allowed = match level {
+            Level::L2 => true,
+            Level::L3 => M::HAS_1G_PAGES && level != M::ROOT_LEVEL,
+            _ => false,
+        };
+        if !allowed {
+            return Err(Error::ReservedBits { level, index, entry: entry.bits() });
+        }
+        return Ok(None);
+    }
+    child_table(store, backend, level, index, entry).map(Some)
+}
+
+/// Walk the tables under `root` in protocol order, calling `visit(pfn, level,
+/// is_root)` for each table frame. The root is visited last. An error from
+/// `visit` or from validation stops the walk and is returned.
+pub fn walk<M, L, B, F>(store: &FrameStore<L>, backend: &B, root: Pfn, scope: Scope, visit: &mut F) -> Result<(), Error>
+where
+    M: PagingMode,
+    L: RawLock,
+    B: Backend,
+    F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
+{
+    let Some(frame) = store.frame(root) else {
+        return Err(Error::FrameOutOfRange { level: M::ROOT_LEVEL, index: 0, mfn: backend.pfn_to_mfn(root) });
+    };
+    let slots = match scope {
+        Scope::User => M::USER_ROOT_SLOTS,
+        Scope::Full => M::ROOT_ENTRIES,
+    };
+    for slot in 0..slots {
+        if scope == Scope::Full && (M::HYPERVISOR_HOLE.contains(&slot) || M::KERNEL_PMD_SLOT == Some(slot)) {
+            continue;
+        }
+        let e = PageTableEntry::from_bits(frame.entry(slot).load(Ordering::Acquire));
+        if !e.is_present() {
+            continue;
+        }
+        if let Some(child) = classify::<M, L, B>(store, backend, M::ROOT_LEVEL, slot, e)? {
+            walk_table::<M, L, B, F>(store, backend, child, M::ROOT_LEVEL.child().unwrap_or(Level::L1), visit)?;
+        }
+    }
+    visit(root, M::ROOT_LEVEL, true)?;
+    Ok(())
+}
+
+fn walk_table<M, L, B, F>(store: &FrameStore<L>, backend: &B, pfn: Pfn, level: Level, visit: &mut F) -> Result<(), Error>
+where
+    M: PagingMode,
+    L: RawLock,
+    B: Backend,
+    F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
+{
+    if visit(pfn, level, false)? == Descend::No || level == Level::L1 {
+        return Ok(());
+    }
+    let Some(frame) = store.frame(pfn) else { return Ok(()) };
+    for (index, slot) in frame.entries().iter().enumerate() {
+        let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
+        if !e.is_present() {
+            continue;
+        }
+        if let Some(child) = classify::<M, L, B>(store, backend, level, index, e)? {
+            walk_table::<M, L, B, F>(store, backend, child, level.child().unwrap_or(Level::L1), visit)?;
+        }
+    }
+    Ok(())
+}
+
+/// Flags a table (non-leaf) entry gets: present, writable, user, accessed,
+/// dirty (Linux's `_PAGE_TABLE`). PAE root entries may carry only present.
+pub fn table_entry_flags<M: PagingMode>(parent: Level) -> EntryFlags {
+    if M::ROOT_LEVEL == Level::L3 && parent == Level::L3 {
+        EntryFlags::PRESENT
+    } else {
+        EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER | EntryFlags::ACCESSED | EntryFlags::DIRTY
+    }
+}

@@ -1,0 +1,10 @@
+//! # pagepin
+//!
+//! The facade: re-exports the engine and the backends enabled by features.
+#![warn(missing_docs)]
+
+pub use pagepin_engine as engine;
+pub use pagepin_engine::*;
+
+/// The backends (mock, Xen, native), each behind its feature.
+pub use pagepin_backends as backends;
