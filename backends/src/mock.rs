@@ -4,9 +4,10 @@
 //! benchmarks).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use pagepin_engine::backend::{Backend, Call, CallResult, MmuExtOp, MmuUpdate, StoreFault};
-use pagepin_engine::frame::Mfn;
+use pagepin_engine::frame::{Mfn, Pfn, TableMemory};
 use parking_lot::Mutex;
 
 /// One recorded call.
@@ -64,15 +65,35 @@ struct State {
 }
 
 /// A backend that records, and fails on request.
+///
+/// With [`MockBackend::with_memory`] it also applies the `mmu_update`
+/// requests it accepts to the table memory (identity p2m), so a space whose
+/// upper tables are pinned stays usable; without memory it only records.
 #[derive(Default)]
 pub struct MockBackend {
     state: Mutex<State>,
+    memory: Option<Arc<dyn TableMemory>>,
 }
 
 impl MockBackend {
-    /// A new, empty recorder.
+    /// A new, empty recorder that applies nothing.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A recorder that applies accepted `mmu_update` requests to `memory`.
+    pub fn with_memory(memory: Arc<dyn TableMemory>) -> Self {
+        MockBackend { state: Mutex::default(), memory: Some(memory) }
+    }
+
+    fn apply(&self, reqs: &[MmuUpdate]) {
+        let Some(mem) = &self.memory else { return };
+        for r in reqs {
+            let (pfn, index) = (Pfn(r.ptr >> 12), ((r.ptr & 0xfff) >> 3) as usize);
+            if let Some(slot) = mem.frame(pfn).and_then(|f| f.entries().get(index)) {
+                slot.store(r.val, Ordering::Release);
+            }
+        }
     }
 
     /// Make call `call` (0-based) of batch `batch` (0-based, counted over the
@@ -133,6 +154,9 @@ impl Backend for MockBackend {
                 Some(j) => CallResult::err(j.errno, j.done.min(c.count().saturating_sub(1))),
                 None => CallResult::ok(c.count()),
             };
+            if let Call::MmuUpdate(reqs) = c {
+                self.apply(&reqs[..results[i].done as usize]);
+            }
         }
         rec.results = results.to_vec();
         st.batches.push(rec);

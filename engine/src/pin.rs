@@ -43,6 +43,9 @@ struct Step {
 #[derive(Default)]
 struct Journal {
     steps: Vec<Step>,
+    /// The batch's flush count when the operation started, so failures are
+    /// reported relative to the operation.
+    flush_base: u64,
 }
 
 impl Journal {
@@ -64,7 +67,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn failure_of(j: &Journal, f: &Failure) -> HypercallFailure {
         let step = j.steps.get(f.tag as usize);
         HypercallFailure {
-            flush: f.flush,
+            flush: f.flush.saturating_sub(j.flush_base),
             call: f.call,
             item: f.item,
             kind: f.kind,
@@ -226,7 +229,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn run<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
         // Failures from before this operation are the caller's business.
         let _ = b.take_failures();
-        let mut j = Journal::default();
+        let mut j = Journal { flush_base: b.stats().flushes, ..Default::default() };
         let walked = match dir {
             Dir::Pin => self.pin_steps(b, &mut j),
             Dir::Unpin => self.unpin_steps(b, &mut j),

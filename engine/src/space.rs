@@ -336,8 +336,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                         _ => PageSize::Size1G,
                     };
                     let base_mfn = Mfn(e.addr() >> 12);
-                    let flags = e.flags();
                     let pat_mask = if size == PageSize::Size4K { 0 } else { EntryFlags::PAT_LARGE.bits() };
+                    // Bit 12 is PAT in a large leaf, not an address bit.
+                    let mut flags = e.flags();
+                    if e.bits() & pat_mask != 0 {
+                        flags |= EntryFlags::PAT_LARGE;
+                    }
                     let base_pfn = self.backend.mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12)).unwrap_or(Pfn(base_mfn.0));
                     let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
                     return Some(Translation { phys, size, flags });

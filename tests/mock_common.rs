@@ -1,0 +1,113 @@
+//! Shared helpers for the mock-backend tests (included with `#[path]`).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use pagepin::backend::uvmf;
+use pagepin::backends::mock::{MockBackend, Recorded, RecordedBatch};
+use pagepin::{AddressSpace, ExtCmd, FrameStore, LockPolicy, PagingMode, Pfn, RawLock};
+
+/// The net effect of the calls a mock recorded, replayed on a tiny model:
+/// which direct-map addresses are read-only, how many pins each frame has,
+/// how many full TLB flushes were requested.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replay {
+    pub read_only: BTreeSet<u64>,
+    pub pins: BTreeMap<u64, i64>,
+    pub flushes: usize,
+}
+
+pub fn replay(batches: &[RecordedBatch]) -> Replay {
+    let mut r = Replay::default();
+    for b in batches {
+        for (call, res) in b.calls.iter().zip(&b.results) {
+            let done = if res.rc == 0 { usize::MAX } else { res.done as usize };
+            match call {
+                Recorded::UpdateVaMapping { va, pte, flags } => {
+                    if done == 0 {
+                        continue;
+                    }
+                    if pte & 2 == 0 {
+                        r.read_only.insert(*va);
+                    } else {
+                        r.read_only.remove(va);
+                    }
+                    if flags & uvmf::FLUSHTYPE_MASK == uvmf::TLB_FLUSH {
+                        r.flushes += 1;
+                    }
+                }
+                Recorded::MmuExtOp(ops) => {
+                    for op in ops.iter().take(done) {
+                        match op.cmd {
+                            ExtCmd::UnpinTable => *r.pins.entry(op.arg1).or_default() -= 1,
+                            c if c.pin_level().is_some() => *r.pins.entry(op.arg1).or_default() += 1,
+                            _ => {}
+                        }
+                    }
+                }
+                Recorded::MmuUpdate(_) => {}
+            }
+        }
+    }
+    r.pins.retain(|_, v| *v != 0);
+    r
+}
+
+/// Everything about the store that an operation could change: entries,
+/// pinned flags, allocation, lock state.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub entries: Vec<u64>,
+    pub flags: Vec<(bool, bool, bool)>,
+}
+
+pub fn snapshot<L: RawLock>(store: &FrameStore<L>) -> Snapshot {
+    let mut entries = Vec::new();
+    let mut flags = Vec::new();
+    for i in 0..store.len() {
+        let pfn = Pfn(store.base().0 + i as u64);
+        let f = store.frame(pfn).unwrap();
+        entries.extend(f.entries().iter().map(|e| e.load(std::sync::atomic::Ordering::Relaxed)));
+        let m = store.meta(pfn).unwrap();
+        flags.push((m.is_pinned(), m.is_allocated(), m.lock().is_locked()));
+    }
+    Snapshot { entries, flags }
+}
+
+/// No frame flagged pinned, no lock held, nothing read-only or pinned at
+/// the (mock) hypervisor.
+pub fn assert_clean<M: PagingMode, P: LockPolicy>(space: &AddressSpace<M, P, MockBackend>) {
+    let problems = clean_problems(space);
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+pub fn clean_problems<M: PagingMode, P: LockPolicy>(space: &AddressSpace<M, P, MockBackend>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let store = space.store();
+    for i in 0..store.len() {
+        let pfn = Pfn(store.base().0 + i as u64);
+        let m = store.meta(pfn).unwrap();
+        if m.is_pinned() {
+            problems.push(format!("{pfn:?} still flagged pinned"));
+        }
+        if m.lock().is_locked() {
+            problems.push(format!("{pfn:?} lock still held"));
+        }
+    }
+    if space.space_lock().is_locked() {
+        problems.push("space lock held".into());
+    }
+    let r = replay(&space.backend().batches());
+    if !r.read_only.is_empty() {
+        problems.push(format!("still read-only: {:x?}", r.read_only));
+    }
+    if !r.pins.is_empty() {
+        problems.push(format!("still pinned: {:x?}", r.pins));
+    }
+    problems
+}
+
+pub fn new_store<L: RawLock>(frames: usize) -> Arc<FrameStore<L>> {
+    Arc::new(FrameStore::new(frames, 0x100))
+}
