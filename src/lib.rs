@@ -1,6 +1,4 @@
-//! # pagepin
-//!
-//! The facade: re-exports the engine and the backends enabled by features.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub use pagepin_engine as engine;

@@ -22,7 +22,11 @@ pub fn replay(batches: &[RecordedBatch]) -> Replay {
     let mut r = Replay::default();
     for b in batches {
         for (call, res) in b.calls.iter().zip(&b.results) {
-            let done = if res.rc == 0 { usize::MAX } else { res.done as usize };
+            let done = if res.rc == 0 {
+                usize::MAX
+            } else {
+                res.done as usize
+            };
             match call {
                 Recorded::UpdateVaMapping { va, pte, flags } => {
                     if done == 0 {
@@ -41,7 +45,9 @@ pub fn replay(batches: &[RecordedBatch]) -> Replay {
                     for op in ops.iter().take(done) {
                         match op.cmd {
                             ExtCmd::UnpinTable => *r.pins.entry(op.arg1).or_default() -= 1,
-                            c if c.pin_level().is_some() => *r.pins.entry(op.arg1).or_default() += 1,
+                            c if c.pin_level().is_some() => {
+                                *r.pins.entry(op.arg1).or_default() += 1
+                            }
                             _ => {}
                         }
                     }
@@ -68,7 +74,11 @@ pub fn snapshot<L: RawLock>(store: &FrameStore<L>) -> Snapshot {
     for i in 0..store.len() {
         let pfn = Pfn(store.base().0 + i as u64);
         let f = store.frame(pfn).unwrap();
-        entries.extend(f.entries().iter().map(|e| e.load(std::sync::atomic::Ordering::Relaxed)));
+        entries.extend(
+            f.entries()
+                .iter()
+                .map(|e| e.load(std::sync::atomic::Ordering::Relaxed)),
+        );
         let m = store.meta(pfn).unwrap();
         flags.push((m.is_pinned(), m.is_allocated(), m.lock().is_locked()));
     }
@@ -82,7 +92,9 @@ pub fn assert_clean<M: PagingMode, P: LockPolicy>(space: &AddressSpace<M, P, Moc
     assert!(problems.is_empty(), "{problems:?}");
 }
 
-pub fn clean_problems<M: PagingMode, P: LockPolicy>(space: &AddressSpace<M, P, MockBackend>) -> Vec<String> {
+pub fn clean_problems<M: PagingMode, P: LockPolicy>(
+    space: &AddressSpace<M, P, MockBackend>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let store = space.store();
     for i in 0..store.len() {

@@ -9,11 +9,13 @@ use std::sync::Arc;
 use common::*;
 use pagepin::backends::mock::MockBackend;
 use pagepin::{
-    AddressSpace, Batch, EntryFlags, Error, Global, Level, LockPolicy, PageSize, PageTableEntry, PagingMode, Pae,
-    SpaceOptions, Split, X86_64,
+    AddressSpace, Batch, EntryFlags, Error, Global, Level, LockPolicy, Pae, PageSize,
+    PageTableEntry, PagingMode, SpaceOptions, Split, X86_64,
 };
 
-const RW: EntryFlags = EntryFlags::PRESENT.union(EntryFlags::WRITABLE).union(EntryFlags::USER);
+const RW: EntryFlags = EntryFlags::PRESENT
+    .union(EntryFlags::WRITABLE)
+    .union(EntryFlags::USER);
 
 fn space<M: PagingMode, P: LockPolicy>(frames: usize) -> AddressSpace<M, P, MockBackend> {
     let store = new_store(frames);
@@ -24,7 +26,8 @@ fn space<M: PagingMode, P: LockPolicy>(frames: usize) -> AddressSpace<M, P, Mock
 /// One 4 KiB page in each of `n` 2 MiB regions: `n` PTE pages.
 fn spread<M: PagingMode, P: LockPolicy>(s: &AddressSpace<M, P, MockBackend>, n: u64) {
     for i in 0..n {
-        s.map(i << 21, (0x10_0000 + i) << 12, PageSize::Size4K, RW).unwrap();
+        s.map(i << 21, (0x10_0000 + i) << 12, PageSize::Size4K, RW)
+            .unwrap();
     }
 }
 
@@ -37,7 +40,10 @@ fn max_locks<const N: usize>(s: &AddressSpace<X86_64, Split, MockBackend>) -> u3
     assert_eq!(pin.l1_ops, 2048);
     assert_eq!(unpin.l1_ops, 2048);
     assert_clean(s);
-    eprintln!("batch {N}: max locks held pin {} unpin {}", pin.max_locks_held, unpin.max_locks_held);
+    eprintln!(
+        "batch {N}: max locks held pin {} unpin {}",
+        pin.max_locks_held, unpin.max_locks_held
+    );
     pin.max_locks_held.max(unpin.max_locks_held)
 }
 
@@ -109,28 +115,61 @@ fn bad_addresses_are_typed_errors_that_change_nothing() {
     let s = space::<X86_64, Split>(32);
     spread(&s, 2);
     let before = snapshot(s.store());
-    assert_eq!(s.map(0x1001, 0, PageSize::Size4K, RW), Err(Error::Misaligned { addr: 0x1001 }));
-    assert_eq!(s.map(0x1000, 0x123, PageSize::Size4K, RW), Err(Error::Misaligned { addr: 0x123 }));
-    assert_eq!(s.map(0x20_1000, 0, PageSize::Size2M, RW), Err(Error::Misaligned { addr: 0x20_1000 }));
+    assert_eq!(
+        s.map(0x1001, 0, PageSize::Size4K, RW),
+        Err(Error::Misaligned { addr: 0x1001 })
+    );
+    assert_eq!(
+        s.map(0x1000, 0x123, PageSize::Size4K, RW),
+        Err(Error::Misaligned { addr: 0x123 })
+    );
+    assert_eq!(
+        s.map(0x20_1000, 0, PageSize::Size2M, RW),
+        Err(Error::Misaligned { addr: 0x20_1000 })
+    );
     let nc = 0x0000_8000_0000_0000;
-    assert_eq!(s.map(nc, 0, PageSize::Size4K, RW), Err(Error::NonCanonical { va: nc }));
+    assert_eq!(
+        s.map(nc, 0, PageSize::Size4K, RW),
+        Err(Error::NonCanonical { va: nc })
+    );
     assert_eq!(s.translate(nc), None);
-    assert_eq!(s.set_pte(nc, PageTableEntry::EMPTY, Default::default()), Err(Error::NonCanonical { va: nc }));
-    assert!(matches!(s.map(0x5000, 0, PageSize::Size4K, EntryFlags::WRITABLE), Err(Error::BadFlags { .. })));
-    assert_eq!(s.map(0, 0, PageSize::Size4K, RW), Err(Error::AlreadyMapped { va: 0 }));
-    assert_eq!(s.unmap(0x7000_0000), Err(Error::NotMapped { va: 0x7000_0000 }));
+    assert_eq!(
+        s.set_pte(nc, PageTableEntry::EMPTY, Default::default()),
+        Err(Error::NonCanonical { va: nc })
+    );
+    assert!(matches!(
+        s.map(0x5000, 0, PageSize::Size4K, EntryFlags::WRITABLE),
+        Err(Error::BadFlags { .. })
+    ));
+    assert_eq!(
+        s.map(0, 0, PageSize::Size4K, RW),
+        Err(Error::AlreadyMapped { va: 0 })
+    );
+    assert_eq!(
+        s.unmap(0x7000_0000),
+        Err(Error::NotMapped { va: 0x7000_0000 })
+    );
     assert_eq!(snapshot(s.store()), before);
     assert_eq!(s.backend().batch_count(), 0);
     let p = space::<Pae, Split>(32);
-    assert_eq!(p.map(1 << 32, 0, PageSize::Size4K, RW), Err(Error::NonCanonical { va: 1 << 32 }));
-    assert_eq!(p.map(0, 0, PageSize::Size1G, RW), Err(Error::UnsupportedPageSize));
+    assert_eq!(
+        p.map(1 << 32, 0, PageSize::Size4K, RW),
+        Err(Error::NonCanonical { va: 1 << 32 })
+    );
+    assert_eq!(
+        p.map(0, 0, PageSize::Size1G, RW),
+        Err(Error::UnsupportedPageSize)
+    );
 }
 
 #[test]
 fn store_exhaustion_is_an_error() {
     let s = space::<X86_64, Split>(3);
     // Root + L3 + L2 fit; the L1 does not.
-    assert_eq!(s.map(0x1000, 0, PageSize::Size4K, RW), Err(Error::OutOfFrames));
+    assert_eq!(
+        s.map(0x1000, 0, PageSize::Size4K, RW),
+        Err(Error::OutOfFrames)
+    );
 }
 
 /// A table entry pointing outside the store (bad input written behind the
@@ -145,12 +184,28 @@ fn frame_out_of_range_during_pin_is_rolled_back() {
             // Corrupt the last L2 entry that points to a PTE page.
             let (l2, _) = *tables.iter().find(|t| t.1 == Level::L2).unwrap();
             let f = s.store().frame(l2).unwrap();
-            f.entry(39).store(PageTableEntry::new(0xdead_beef, RW).bits(), std::sync::atomic::Ordering::Relaxed);
+            f.entry(39).store(
+                PageTableEntry::new(0xdead_beef, RW).bits(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let before = snapshot(s.store());
             let mut b: Batch<8> = Batch::new();
             let err = s.pin(&mut b).unwrap_err();
-            assert!(matches!(err, Error::FrameOutOfRange { level: Level::L2, index: 39, .. }), "{err:?}");
-            assert!(s.backend().batch_count() > 1, "some work was issued before the bad entry");
+            assert!(
+                matches!(
+                    err,
+                    Error::FrameOutOfRange {
+                        level: Level::L2,
+                        index: 39,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(
+                s.backend().batch_count() > 1,
+                "some work was issued before the bad entry"
+            );
             assert_eq!(snapshot(s.store()), before);
             assert_clean(&s);
             assert!(!s.is_pinned());
@@ -170,7 +225,12 @@ fn fail_every_call<M: PagingMode, P: LockPolicy>() {
     let s = space::<M, P>(64);
     spread(&s, 5);
     let mock = s.backend().clone();
-    let shape = |from: usize| -> Vec<usize> { mock.batches()[from..].iter().map(|b| b.calls.len()).collect() };
+    let shape = |from: usize| -> Vec<usize> {
+        mock.batches()[from..]
+            .iter()
+            .map(|b| b.calls.len())
+            .collect()
+    };
     // The reference runs, to count batches and calls.
     let mut b: Batch<4> = Batch::new();
     s.pin(&mut b).unwrap();
@@ -190,16 +250,28 @@ fn fail_every_call<M: PagingMode, P: LockPolicy>() {
                 let state = |r: Replay| (r.read_only, r.pins);
                 let replay_before = state(replay(&mock.batches()));
                 mock.fail_call(mock.batch_count() + m, k, 22);
-                let r = if phase == "pin" { s.pin(&mut b) } else { s.unpin(&mut b) };
+                let r = if phase == "pin" {
+                    s.pin(&mut b)
+                } else {
+                    s.unpin(&mut b)
+                };
                 match r {
                     Err(Error::Hypercall(h)) => {
-                        assert_eq!((h.flush as usize, h.call, h.errno), (m, k, 22), "{phase} {m}/{k}");
+                        assert_eq!(
+                            (h.flush as usize, h.call, h.errno),
+                            (m, k, 22),
+                            "{phase} {m}/{k}"
+                        );
                         assert!(h.pfn.is_some() && h.step.is_some());
                     }
                     other => panic!("{phase} batch {m} call {k}: {other:?}"),
                 }
                 assert_eq!(snapshot(s.store()), before, "{phase} {m}/{k}");
-                assert_eq!(state(replay(&mock.batches())), replay_before, "{phase} {m}/{k}: net hypervisor state");
+                assert_eq!(
+                    state(replay(&mock.batches())),
+                    replay_before,
+                    "{phase} {m}/{k}: net hypervisor state"
+                );
                 assert_eq!(s.is_pinned(), phase == "unpin");
                 assert_eq!(b.preempt().held(), 0);
                 if phase == "unpin" {
@@ -253,7 +325,8 @@ fn allocating_into_a_pinned_space_pins_before_linking() {
     s.pin(&mut b).unwrap();
     let mark = s.backend().calls().len();
     // A fresh 2 MiB region needs a new PTE page.
-    s.map(0x4000_0000, 0x9000_0000, PageSize::Size4K, RW).unwrap();
+    s.map(0x4000_0000, 0x9000_0000, PageSize::Size4K, RW)
+        .unwrap();
     let calls = s.backend().calls()[mark..].to_vec();
     // New L2 and L1: each remapped RO (L1 pinned) before its parent entry is
     // written through mmu_update.
@@ -269,7 +342,10 @@ fn allocating_into_a_pinned_space_pins_before_linking() {
     assert_eq!(kinds, ["ro", "link", "ro", "pin", "link"]);
     // The leaf itself is a plain store into the (pinned) L1: emulated on Xen.
     let stores = s.backend().stores();
-    assert_eq!(stores.last().map(|st| st.value >> 12), Some(0x9000_0000 >> 12));
+    assert_eq!(
+        stores.last().map(|st| st.value >> 12),
+        Some(0x9000_0000 >> 12)
+    );
     // Release it again: unlink, unpin, writable.
     s.unmap(0x4000_0000).unwrap();
     let mark = s.backend().calls().len();
@@ -340,8 +416,20 @@ fn pin_all_unpins_only_what_it_pinned() {
 fn translate_and_protect() {
     let s = space::<X86_64, Split>(64);
     s.map(0x7000, 0x1234_5000, PageSize::Size4K, RW).unwrap();
-    s.map(0x4000_0000, 0x8000_0000, PageSize::Size2M, RW | EntryFlags::PAT_LARGE).unwrap();
-    s.map(0x80_0000_0000, 0x1_4000_0000, PageSize::Size1G, RW | EntryFlags::NO_EXECUTE).unwrap();
+    s.map(
+        0x4000_0000,
+        0x8000_0000,
+        PageSize::Size2M,
+        RW | EntryFlags::PAT_LARGE,
+    )
+    .unwrap();
+    s.map(
+        0x80_0000_0000,
+        0x1_4000_0000,
+        PageSize::Size1G,
+        RW | EntryFlags::NO_EXECUTE,
+    )
+    .unwrap();
     let t = s.translate(0x7abc).unwrap();
     assert_eq!((t.phys, t.size), (0x1234_5abc, PageSize::Size4K));
     let t = s.translate(0x4012_3456).unwrap();
@@ -350,7 +438,8 @@ fn translate_and_protect() {
     let t = s.translate(0x80_1234_5678).unwrap();
     assert_eq!((t.phys, t.size), (0x1_5234_5678, PageSize::Size1G));
     assert!(t.flags.contains(EntryFlags::NO_EXECUTE));
-    s.protect(0x7000, EntryFlags::PRESENT | EntryFlags::USER).unwrap();
+    s.protect(0x7000, EntryFlags::PRESENT | EntryFlags::USER)
+        .unwrap();
     let t = s.translate(0x7000).unwrap();
     assert!(!t.flags.contains(EntryFlags::WRITABLE));
     assert_eq!(t.phys, 0x1234_5000);

@@ -64,15 +64,28 @@ struct State {
     injections: Vec<Injection>,
 }
 
+impl Default for MockBackend {
+    fn default() -> Self {
+        MockBackend {
+            state: Mutex::default(),
+            memory: None,
+            log_stores: std::sync::atomic::AtomicBool::new(true),
+            stores_seen: AtomicU64::new(0),
+        }
+    }
+}
+
 /// A backend that records, and fails on request.
 ///
 /// With [`MockBackend::with_memory`] it also applies the `mmu_update`
 /// requests it accepts to the table memory (identity p2m), so a space whose
 /// upper tables are pinned stays usable; without memory it only records.
-#[derive(Default)]
 pub struct MockBackend {
     state: Mutex<State>,
     memory: Option<Arc<dyn TableMemory>>,
+    /// When false, guest stores are counted but not logged (long runs).
+    log_stores: std::sync::atomic::AtomicBool,
+    stores_seen: AtomicU64,
 }
 
 impl MockBackend {
@@ -83,7 +96,20 @@ impl MockBackend {
 
     /// A recorder that applies accepted `mmu_update` requests to `memory`.
     pub fn with_memory(memory: Arc<dyn TableMemory>) -> Self {
-        MockBackend { state: Mutex::default(), memory: Some(memory) }
+        MockBackend {
+            memory: Some(memory),
+            ..Self::default()
+        }
+    }
+
+    /// Log every guest store (the default) or only count them.
+    pub fn set_store_log(&self, on: bool) {
+        self.log_stores.store(on, Ordering::Relaxed);
+    }
+
+    /// Guest stores seen, logged or not.
+    pub fn store_count(&self) -> u64 {
+        self.stores_seen.load(Ordering::Relaxed)
     }
 
     fn apply(&self, reqs: &[MmuUpdate]) {
@@ -105,7 +131,12 @@ impl MockBackend {
 
     /// Like [`Self::fail_call`], letting `done` requests of the call succeed first.
     pub fn fail_request(&self, batch: usize, call: usize, done: usize, errno: i32) {
-        self.state.lock().injections.push(Injection { batch, call, errno, done });
+        self.state.lock().injections.push(Injection {
+            batch,
+            call,
+            errno,
+            done,
+        });
     }
 
     /// Forget recorded batches, stores and pending injections (the batch
@@ -121,7 +152,12 @@ impl MockBackend {
 
     /// Every recorded call, batches flattened.
     pub fn calls(&self) -> Vec<Recorded> {
-        self.state.lock().batches.iter().flat_map(|b| b.calls.iter().cloned()).collect()
+        self.state
+            .lock()
+            .batches
+            .iter()
+            .flat_map(|b| b.calls.iter().cloned())
+            .collect()
     }
 
     /// Number of batches recorded.
@@ -145,11 +181,17 @@ impl Backend for MockBackend {
         let mut rec = RecordedBatch::default();
         for (i, c) in calls.iter().enumerate() {
             rec.calls.push(match *c {
-                Call::UpdateVaMapping { va, pte, flags } => Recorded::UpdateVaMapping { va, pte, flags },
+                Call::UpdateVaMapping { va, pte, flags } => {
+                    Recorded::UpdateVaMapping { va, pte, flags }
+                }
                 Call::MmuUpdate(r) => Recorded::MmuUpdate(r.to_vec()),
                 Call::MmuExtOp(o) => Recorded::MmuExtOp(o.to_vec()),
             });
-            let inj = st.injections.iter().find(|j| j.batch == batch && j.call == i).copied();
+            let inj = st
+                .injections
+                .iter()
+                .find(|j| j.batch == batch && j.call == i)
+                .copied();
             results[i] = match inj {
                 Some(j) => CallResult::err(j.errno, j.done.min(c.count().saturating_sub(1))),
                 None => CallResult::ok(c.count()),
@@ -162,9 +204,21 @@ impl Backend for MockBackend {
         st.batches.push(rec);
     }
 
-    fn store_entry(&self, slot: &AtomicU64, mfn: Mfn, index: usize, value: u64) -> Result<(), StoreFault> {
+    fn store_entry(
+        &self,
+        slot: &AtomicU64,
+        mfn: Mfn,
+        index: usize,
+        value: u64,
+    ) -> Result<(), StoreFault> {
         slot.store(value, Ordering::Release);
-        self.state.lock().stores.push(RecordedStore { mfn, index, value });
+        self.stores_seen.fetch_add(1, Ordering::Relaxed);
+        if self.log_stores.load(Ordering::Relaxed) {
+            self.state
+                .lock()
+                .stores
+                .push(RecordedStore { mfn, index, value });
+        }
         Ok(())
     }
 }

@@ -132,7 +132,11 @@ pub struct MmuExtOp {
 impl MmuExtOp {
     /// A command on an mfn.
     pub fn on(cmd: ExtCmd, mfn: Mfn) -> Self {
-        MmuExtOp { cmd, arg1: mfn.0, arg2: 0 }
+        MmuExtOp {
+            cmd,
+            arg1: mfn.0,
+            arg2: 0,
+        }
     }
 }
 
@@ -198,11 +202,17 @@ pub struct CallResult {
 impl CallResult {
     /// Success for a call of `count` requests.
     pub fn ok(count: usize) -> Self {
-        CallResult { rc: 0, done: count as u32 }
+        CallResult {
+            rc: 0,
+            done: count as u32,
+        }
     }
     /// Failure with `errno` after `done` requests.
     pub fn err(errno: i32, done: usize) -> Self {
-        CallResult { rc: -errno.abs(), done: done as u32 }
+        CallResult {
+            rc: -errno.abs(),
+            done: done as u32,
+        }
     }
 }
 
@@ -256,7 +266,13 @@ pub trait Backend: Send + Sync {
     /// whose memory is `slot`. On Xen a store to a pinned L1 traps and is
     /// emulated; a store to any other read-only table is a page fault.
     #[inline]
-    fn store_entry(&self, slot: &AtomicU64, mfn: Mfn, index: usize, value: u64) -> Result<(), StoreFault> {
+    fn store_entry(
+        &self,
+        slot: &AtomicU64,
+        mfn: Mfn,
+        index: usize,
+        value: u64,
+    ) -> Result<(), StoreFault> {
         let _ = (mfn, index);
         slot.store(value, Ordering::Release);
         Ok(())

@@ -105,9 +105,20 @@ pub struct BatchStats {
 
 #[derive(Clone, Copy, Debug)]
 enum Slot {
-    Uvm { va: u64, pte: u64, flags: u64, tag: Tag },
-    Mmu { start: u16, count: u16 },
-    Ext { start: u16, count: u16 },
+    Uvm {
+        va: u64,
+        pte: u64,
+        flags: u64,
+        tag: Tag,
+    },
+    Mmu {
+        start: u16,
+        count: u16,
+    },
+    Ext {
+        start: u16,
+        count: u16,
+    },
 }
 
 /// A multicall batch of capacity `N` (a per-CPU object in a kernel).
@@ -123,6 +134,8 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     arg_bytes: usize,
     deferred: ArrayVec<Deferred, N>,
     results: ArrayVec<CallResult, N>,
+    /// Calls (and callbacks) per flush: `N` unless lowered at run time.
+    limit: usize,
     lazy: bool,
     seq: u64,
     preempt: PreemptCount,
@@ -139,8 +152,10 @@ impl<const N: usize> Default for Batch<N> {
 }
 
 impl<const N: usize> Batch<N> {
-    const ARG_SPACE: usize = N * ARG_BYTES_PER_ENTRY;
-    const CAPACITY_OK: () = assert!(N >= 1 && N <= u16::MAX as usize, "batch capacity must be 1..=65535");
+    const CAPACITY_OK: () = assert!(
+        N >= 1 && N <= u16::MAX as usize,
+        "batch capacity must be 1..=65535"
+    );
 
     /// An empty batch.
     pub fn new() -> Self {
@@ -154,6 +169,7 @@ impl<const N: usize> Batch<N> {
             arg_bytes: 0,
             deferred: ArrayVec::new(),
             results: ArrayVec::new(),
+            limit: N,
             lazy: false,
             seq: 0,
             preempt: PreemptCount::default(),
@@ -164,9 +180,36 @@ impl<const N: usize> Batch<N> {
         }
     }
 
-    /// The capacity `N`.
+    /// A batch that behaves as if its capacity were `limit` (1..=N): it
+    /// flushes at `limit` calls or callbacks and `16 * limit` bytes of
+    /// requests. Lets one compiled engine sweep batch sizes at run time.
+    ///
+    /// # Panics
+    /// If `limit` is 0 or greater than `N`.
+    pub fn with_limit(limit: usize) -> Self {
+        assert!(
+            (1..=N).contains(&limit),
+            "batch limit {limit} outside 1..={N}"
+        );
+        Batch {
+            limit,
+            ..Self::new()
+        }
+    }
+
+    /// The effective capacity (`N`, or the limit given to [`Self::with_limit`]).
     pub const fn capacity(&self) -> usize {
-        N
+        self.limit
+    }
+
+    #[inline]
+    fn arg_space(&self) -> usize {
+        self.limit * ARG_BYTES_PER_ENTRY
+    }
+
+    #[inline]
+    fn calls_full(&self) -> bool {
+        self.slots.len() >= self.limit
     }
     /// Calls queued now.
     pub fn len(&self) -> usize {
@@ -229,21 +272,34 @@ impl<const N: usize> Batch<N> {
     }
 
     /// Queue `update_va_mapping(va, pte, flags)`.
-    pub fn update_va_mapping<T: FlushTarget + ?Sized>(&mut self, target: &T, va: u64, pte: u64, flags: u64, tag: Tag) {
-        if self.slots.is_full() {
+    pub fn update_va_mapping<T: FlushTarget + ?Sized>(
+        &mut self,
+        target: &T,
+        va: u64,
+        pte: u64,
+        flags: u64,
+        tag: Tag,
+    ) {
+        if self.calls_full() {
             self.flush(target);
         }
-        self.slots.push(Slot::Uvm { va, pte, flags, tag });
+        self.slots.push(Slot::Uvm {
+            va,
+            pte,
+            flags,
+            tag,
+        });
     }
 
     /// Queue one `mmu_update` request, extending the previous call when it is
     /// an `mmu_update` too.
     pub fn mmu_update<T: FlushTarget + ?Sized>(&mut self, target: &T, req: MmuUpdate, tag: Tag) {
-        let fits = !self.updates.is_full() && self.arg_bytes + MMU_UPDATE_BYTES <= Self::ARG_SPACE;
+        let fits = self.updates.len() < self.limit
+            && self.arg_bytes + MMU_UPDATE_BYTES <= self.arg_space();
         match self.slots.last_mut() {
             Some(Slot::Mmu { count, .. }) if fits => *count += 1,
             _ => {
-                if !fits || self.slots.is_full() {
+                if !fits || self.calls_full() {
                     self.flush(target);
                 }
                 let start = self.updates.len() as u16;
@@ -258,11 +314,12 @@ impl<const N: usize> Batch<N> {
     /// Queue one `mmuext_op`, extending the previous call when it is an
     /// `mmuext_op` too.
     pub fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
-        let fits = !self.ext.is_full() && self.arg_bytes + MMUEXT_OP_BYTES <= Self::ARG_SPACE;
+        let fits =
+            self.ext.len() < self.limit && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space();
         match self.slots.last_mut() {
             Some(Slot::Ext { count, .. }) if fits => *count += 1,
             _ => {
-                if !fits || self.slots.is_full() {
+                if !fits || self.calls_full() {
                     self.flush(target);
                 }
                 let start = self.ext.len() as u16;
@@ -277,7 +334,7 @@ impl<const N: usize> Batch<N> {
     /// Register a callback to run after this batch is issued; flushes first
     /// if the callback list is full.
     pub fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
-        if self.deferred.is_full() {
+        if self.deferred.len() >= self.limit {
             self.flush(target);
         }
         self.deferred.push(d);
@@ -331,7 +388,9 @@ impl<const N: usize> Batch<N> {
                     Slot::Mmu { start, count } => {
                         Call::MmuUpdate(&self.updates[start as usize..(start + count) as usize])
                     }
-                    Slot::Ext { start, count } => Call::MmuExtOp(&self.ext[start as usize..(start + count) as usize]),
+                    Slot::Ext { start, count } => {
+                        Call::MmuExtOp(&self.ext[start as usize..(start + count) as usize])
+                    }
                 });
             }
             self.results.clear();
@@ -363,9 +422,10 @@ impl<const N: usize> Batch<N> {
                     CallKind::MmuUpdate,
                     &self.update_tags[*start as usize..(*start + *count) as usize],
                 ),
-                Slot::Ext { start, count } => {
-                    (CallKind::MmuExtOp, &self.ext_tags[*start as usize..(*start + *count) as usize])
-                }
+                Slot::Ext { start, count } => (
+                    CallKind::MmuExtOp,
+                    &self.ext_tags[*start as usize..(*start + *count) as usize],
+                ),
             };
             let r = self.results[i];
             if r.rc == 0 {
@@ -383,7 +443,8 @@ impl<const N: usize> Batch<N> {
                 errno: r.rc.saturating_neg(),
                 tag: tags[done],
             });
-            self.not_applied.extend(tags[done..].iter().copied().filter(|t| *t != NO_TAG));
+            self.not_applied
+                .extend(tags[done..].iter().copied().filter(|t| *t != NO_TAG));
         }
         self.stats.failed_calls += failed as u64;
         failed
@@ -424,7 +485,9 @@ mod tests {
     impl FlushTarget for Rec {
         fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
             let n = self.issued.borrow().len();
-            self.issued.borrow_mut().push(calls.iter().map(|c| (c.kind(), c.count())).collect());
+            self.issued
+                .borrow_mut()
+                .push(calls.iter().map(|c| (c.kind(), c.count())).collect());
             for (i, c) in calls.iter().enumerate() {
                 results[i] = match self.fail {
                     Some((f, k, e, d)) if f == n && k == i => CallResult::err(e, d),
@@ -438,13 +501,17 @@ mod tests {
     }
 
     fn ext(n: u64) -> MmuExtOp {
-        MmuExtOp { cmd: ExtCmd::PinL1Table, arg1: n, arg2: 0 }
+        MmuExtOp {
+            cmd: ExtCmd::PinL1Table,
+            arg1: n,
+            arg2: 0,
+        }
     }
 
     #[test]
     fn merges_consecutive_requests() {
         let t = Rec::default();
-        let mut b: Batch<4> = Batch::new();
+        let mut b: Batch<8> = Batch::new();
         b.mmu_update(&t, MmuUpdate { ptr: 8, val: 1 }, 0);
         b.mmu_update(&t, MmuUpdate { ptr: 16, val: 2 }, 1);
         b.mmuext(&t, ext(1), 2);
@@ -476,10 +543,26 @@ mod tests {
         assert_eq!(t.issued.borrow().len(), 2);
         b.flush(&t);
         let issued = t.issued.borrow();
-        assert_eq!(issued.iter().map(|c| c.len()).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(
+            issued.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
         assert_eq!(b.stats().multicalls, 2);
         assert_eq!(b.stats().direct_calls, 1);
         assert_eq!(b.stats().flushes, 3);
+    }
+
+    #[test]
+    fn runtime_limit_behaves_like_a_smaller_capacity() {
+        let t = Rec::default();
+        let mut b: Batch<256> = Batch::with_limit(3);
+        for i in 0..7 {
+            b.update_va_mapping(&t, i, 0, 0, i as Tag);
+        }
+        b.flush(&t);
+        let sizes: Vec<usize> = t.issued.borrow().iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [3, 3, 1]);
+        assert_eq!(b.capacity(), 3);
     }
 
     #[test]
@@ -504,9 +587,11 @@ mod tests {
     static ORDER: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
     fn record(d: usize) {
         // Shift in each callback's id so the order is visible.
-        let _ = ORDER.fetch_update(core::sync::atomic::Ordering::SeqCst, core::sync::atomic::Ordering::SeqCst, |v| {
-            Some(v * 10 + d)
-        });
+        let _ = ORDER.fetch_update(
+            core::sync::atomic::Ordering::SeqCst,
+            core::sync::atomic::Ordering::SeqCst,
+            |v| Some(v * 10 + d),
+        );
     }
 
     #[test]
@@ -547,7 +632,10 @@ mod tests {
 
     #[test]
     fn failures_name_entry_and_keep_watched_locks() {
-        let t = Rec { fail: Some((0, 1, 22, 1)), ..Default::default() };
+        let t = Rec {
+            fail: Some((0, 1, 22, 1)),
+            ..Default::default()
+        };
         let mut b: Batch<8> = Batch::new();
         b.preempt_mut().acquire().unwrap();
         b.preempt_mut().acquire().unwrap();
@@ -555,11 +643,26 @@ mod tests {
         b.mmuext(&t, ext(1), 11);
         b.mmuext(&t, ext(2), 12);
         b.mmuext(&t, ext(3), 13);
-        b.defer(&t, Deferred::UnlockPte { pfn: Pfn(7), watch: 10 });
-        b.defer(&t, Deferred::UnlockPte { pfn: Pfn(8), watch: 12 });
+        b.defer(
+            &t,
+            Deferred::UnlockPte {
+                pfn: Pfn(7),
+                watch: 10,
+            },
+        );
+        b.defer(
+            &t,
+            Deferred::UnlockPte {
+                pfn: Pfn(8),
+                watch: 12,
+            },
+        );
         assert_eq!(b.flush(&t), 1);
         let f = b.failures()[0];
-        assert_eq!((f.call, f.item, f.errno, f.tag, f.kind), (1, 1, 22, 12, CallKind::MmuExtOp));
+        assert_eq!(
+            (f.call, f.item, f.errno, f.tag, f.kind),
+            (1, 1, 22, 12, CallKind::MmuExtOp)
+        );
         assert_eq!(b.not_applied(), [12, 13]);
         assert_eq!(*t.unlocked.borrow(), [7]);
         assert_eq!(b.take_kept_locks(), [Pfn(8)]);

@@ -190,13 +190,16 @@ mod tests {
     fn layout_and_bits() {
         assert_eq!(core::mem::size_of::<PageTableEntry>(), 8);
         let e = PageTableEntry::new(0x1234, EntryFlags::PRESENT | EntryFlags::WRITABLE);
-        assert_eq!(e.bits(), 0x1234_003);
+        assert_eq!(e.bits(), 0x0123_4003);
         assert_eq!(e.frame(), 0x1234);
         assert!(e.is_present() && e.is_writable() && !e.is_huge());
         let ro = e.without(EntryFlags::WRITABLE);
         assert!(!ro.is_writable());
         assert_eq!(ro.frame(), 0x1234);
         assert_eq!(PageTableEntry::RESERVED_ADDR_BITS, 0x000f_c000_0000_0000);
-        assert_eq!(EntryFlags::from_bits_truncate(u64::MAX).bits() & PageTableEntry::ADDR_MASK, 0);
+        assert_eq!(
+            EntryFlags::from_bits_truncate(u64::MAX).bits() & PageTableEntry::ADDR_MASK,
+            0
+        );
     }
 }

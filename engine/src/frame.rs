@@ -181,7 +181,10 @@ impl<L: RawLock> FrameStore<L> {
     /// # Panics
     /// If `frames` is 0 or more than `u32::MAX`, or the allocation fails.
     pub fn new(frames: usize, base_pfn: u64) -> Self {
-        assert!(frames > 0 && frames <= u32::MAX as usize, "frame count out of range");
+        assert!(
+            frames > 0 && frames <= u32::MAX as usize,
+            "frame count out of range"
+        );
         let layout = core::alloc::Layout::array::<Frame>(frames).expect("frame store too large");
         // SAFETY: the layout is non-zero-sized; all-zero bytes are a valid
         // `[AtomicU64; 512]`, so the zeroed allocation is a valid `[Frame]`
@@ -321,7 +324,9 @@ impl<L: RawLock> FrameStore<L> {
     ///
     /// Returns false (and changes nothing) if `pfn` is not allocated.
     pub fn free_now(&self, pfn: Pfn) -> bool {
-        let Some(idx) = self.index_of(pfn) else { return false };
+        let Some(idx) = self.index_of(pfn) else {
+            return false;
+        };
         let m = &self.meta[idx];
         if m.state.swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
@@ -339,7 +344,9 @@ impl<L: RawLock> FrameStore<L> {
     /// current crossbeam-epoch guard defers it; without, it waits in a list
     /// until the embedder calls [`Self::quiesce`] from its RCU callback.
     pub fn retire(self: &alloc::sync::Arc<Self>, pfn: Pfn) {
-        let Some(idx) = self.index_of(pfn) else { return };
+        let Some(idx) = self.index_of(pfn) else {
+            return;
+        };
         self.meta[idx].level.store(0, Ordering::Release);
         #[cfg(all(feature = "std", not(loom)))]
         {

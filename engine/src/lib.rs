@@ -39,7 +39,9 @@ pub use batch::{Batch, BatchStats, Deferred, FlushTarget, DEFAULT_BATCH};
 pub use entry::{EntryFlags, PageTableEntry};
 pub use error::{Error, HypercallFailure, StepKind};
 pub use frame::{Frame, FrameStore, Mfn, Pfn, TableMemory};
-pub use lock::{DefaultRawLock, Global, LockPolicy, PreemptCount, RawLock, SpinLock, Split, PREEMPT_LIMIT};
-pub use mode::{Level, PageSize, PagingMode, Pae, X86_64};
+pub use lock::{
+    DefaultRawLock, Global, LockPolicy, PreemptCount, RawLock, SpinLock, Split, PREEMPT_LIMIT,
+};
+pub use mode::{Level, Pae, PageSize, PagingMode, X86_64};
 pub use pin::{pin_all, unpin_all, PinnedSet};
 pub use space::{AddressSpace, PinStats, SpaceOptions, Translation, WritePath};

@@ -73,7 +73,9 @@ pub struct ParkingLock(parking_lot::RawMutex);
 #[cfg(all(feature = "std", not(loom)))]
 impl core::fmt::Debug for ParkingLock {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_tuple("ParkingLock").field(&self.is_locked()).finish()
+        f.debug_tuple("ParkingLock")
+            .field(&self.is_locked())
+            .finish()
     }
 }
 

@@ -14,7 +14,7 @@ use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::Pfn;
 use crate::lock::{LockPolicy, RawLock};
 use crate::mode::{Level, PagingMode};
-use crate::space::{unlock_after, AddressSpace, PinStats, Target};
+use crate::space::{unlock_after, AddressSpace, PinStats};
 use crate::sync::Ordering;
 use crate::walk::{self, Descend, Scope};
 
@@ -51,7 +51,11 @@ struct Journal {
 impl Journal {
     #[inline]
     fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool) -> Tag {
-        self.steps.push(Step { pfn, action, locked_page });
+        self.steps.push(Step {
+            pfn,
+            action,
+            locked_page,
+        });
         (self.steps.len() - 1) as Tag
     }
 }
@@ -84,20 +88,53 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     }
 
     #[inline]
-    fn queue_remap<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, ro: bool, flush: bool, locked: bool) {
-        let tag = j.push(pfn, if ro { Action::RemapRo } else { Action::RemapRw }, locked);
-        let flags = if flush { uvmf::TLB_FLUSH | uvmf::LOCAL } else { uvmf::NONE };
-        b.update_va_mapping(&self.target(), Self::direct_map_va(pfn), self.direct_map_pte(pfn, !ro), flags, tag);
+    fn queue_remap<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        pfn: Pfn,
+        ro: bool,
+        flush: bool,
+        locked: bool,
+    ) {
+        let tag = j.push(
+            pfn,
+            if ro { Action::RemapRo } else { Action::RemapRw },
+            locked,
+        );
+        let flags = if flush {
+            uvmf::TLB_FLUSH | uvmf::LOCAL
+        } else {
+            uvmf::NONE
+        };
+        b.update_va_mapping(
+            &self.target(),
+            Self::direct_map_va(pfn),
+            self.direct_map_pte(pfn, !ro),
+            flags,
+            tag,
+        );
     }
 
     #[inline]
-    fn queue_ext<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, action: Action, locked: bool) -> Tag {
+    fn queue_ext<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        pfn: Pfn,
+        action: Action,
+        locked: bool,
+    ) -> Tag {
         let cmd = match action {
             Action::Pin(l) => ExtCmd::pin(l),
             _ => ExtCmd::UnpinTable,
         };
         let tag = j.push(pfn, action, locked);
-        b.mmuext(&self.target(), MmuExtOp::on(cmd, self.backend.pfn_to_mfn(pfn)), tag);
+        b.mmuext(
+            &self.target(),
+            MmuExtOp::on(cmd, self.backend.pfn_to_mfn(pfn)),
+            tag,
+        );
         tag
     }
 
@@ -112,7 +149,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Pin one page: test-and-set its flag, (split L1) lock it, remap it
     /// read-only, (split L1) pin it and release the lock after the batch.
-    fn pin_page<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, level: Level, flush: bool) -> Result<Descend, Error> {
+    fn pin_page<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        pfn: Pfn,
+        level: Level,
+        flush: bool,
+    ) -> Result<Descend, Error> {
         let meta = match self.store.meta(pfn) {
             Some(m) => m,
             None => return Ok(Descend::No),
@@ -146,7 +190,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Unpin one page: test-and-clear its flag, (split L1) lock it and unpin
     /// it, remap it writable, release the lock after the batch.
-    fn unpin_page<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal, pfn: Pfn, level: Level, flush: bool) -> Result<Descend, Error> {
+    fn unpin_page<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        pfn: Pfn,
+        level: Level,
+        flush: bool,
+    ) -> Result<Descend, Error> {
         let meta = match self.store.meta(pfn) {
             Some(m) => m,
             None => return Ok(Descend::No),
@@ -229,7 +280,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn run<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
         // Failures from before this operation are the caller's business.
         let _ = b.take_failures();
-        let mut j = Journal { flush_base: b.stats().flushes, ..Default::default() };
+        let mut j = Journal {
+            flush_base: b.stats().flushes,
+            ..Default::default()
+        };
         let walked = match dir {
             Dir::Pin => self.pin_steps(b, &mut j),
             Dir::Unpin => self.unpin_steps(b, &mut j),
@@ -237,31 +291,27 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         // Issue whatever is still queued so every step has an outcome.
         b.flush(&self.target());
         let first = b.failures().first().map(|f| Self::failure_of(&j, f));
-        match (walked, first) {
-            (Ok(()), None) => {
-                let _ = b.take_failures();
-                let mut stats = PinStats::default();
-                for s in &j.steps {
-                    match s.action {
-                        Action::RemapRo | Action::RemapRw => stats.tables += 1,
-                        Action::Pin(Level::L1) | Action::Unpin(Level::L1) => stats.l1_ops += 1,
-                        _ => {}
-                    }
-                }
-                Ok(stats)
-            }
-            (walked, first) => {
-                let err = match (walked, first) {
-                    (_, Some(h)) => Error::Hypercall(h),
-                    (Err(e), None) => e,
-                    (Ok(()), None) => unreachable!(),
-                };
-                self.rollback(b, &j)?;
-                match (err, first) {
-                    (e, _) => Err(e),
+        if let (Ok(()), None) = (&walked, first) {
+            let _ = b.take_failures();
+            let mut stats = PinStats::default();
+            for s in &j.steps {
+                match s.action {
+                    Action::RemapRo | Action::RemapRw => stats.tables += 1,
+                    Action::Pin(Level::L1) | Action::Unpin(Level::L1) => stats.l1_ops += 1,
+                    _ => {}
                 }
             }
+            return Ok(stats);
         }
+        // A recorded hypercall failure is the cause even when the walk
+        // stopped because of it.
+        let err = match (walked, first) {
+            (_, Some(h)) => Error::Hypercall(h),
+            (Err(e), None) => e,
+            (Ok(()), None) => return Err(Error::NotPinned),
+        };
+        self.rollback(b, &j)?;
+        Err(err)
     }
 
     fn pin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
@@ -269,22 +319,28 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if self.sabotage.root_first {
             self.pin_page(b, j, root, M::ROOT_LEVEL, true)?;
         }
-        walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, root, Scope::User, &mut |pfn, level, is_root| {
-            if b.has_failures() {
-                return Err(Error::NotPinned); // replaced by the recorded failure
-            }
-            if is_root {
-                // Extra roots first, so the root's remap (the one carrying
-                // the TLB flush) is the last remap of the pin.
-                if let Some(u) = self.user_root {
-                    self.pin_page(b, j, u, M::ROOT_LEVEL, false)?;
+        walk::walk::<M, P::Lock, B, _>(
+            &self.store,
+            &self.backend,
+            root,
+            Scope::User,
+            &mut |pfn, level, is_root| {
+                if b.has_failures() {
+                    return Err(Error::NotPinned); // replaced by the recorded failure
                 }
-                if let Some(k) = self.kernel_pmd {
-                    self.pin_page(b, j, k, Level::L2, false)?;
+                if is_root {
+                    // Extra roots first, so the root's remap (the one carrying
+                    // the TLB flush) is the last remap of the pin.
+                    if let Some(u) = self.user_root {
+                        self.pin_page(b, j, u, M::ROOT_LEVEL, false)?;
+                    }
+                    if let Some(k) = self.kernel_pmd {
+                        self.pin_page(b, j, k, Level::L2, false)?;
+                    }
                 }
-            }
-            self.pin_page(b, j, pfn, level, is_root)
-        })?;
+                self.pin_page(b, j, pfn, level, is_root)
+            },
+        )?;
         if b.has_failures() {
             return Ok(());
         }
@@ -310,12 +366,18 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 self.unpin_page(b, j, k, Level::L2, false)?;
             }
         }
-        walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, root, Scope::User, &mut |pfn, level, is_root| {
-            if b.has_failures() {
-                return Err(Error::NotPinned);
-            }
-            self.unpin_page(b, j, pfn, level, is_root)
-        })
+        walk::walk::<M, P::Lock, B, _>(
+            &self.store,
+            &self.backend,
+            root,
+            Scope::User,
+            &mut |pfn, level, is_root| {
+                if b.has_failures() {
+                    return Err(Error::NotPinned);
+                }
+                self.unpin_page(b, j, pfn, level, is_root)
+            },
+        )
     }
 
     /// Undo every step that took effect, newest first.
@@ -334,7 +396,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let steps = &j.steps;
         for i in (0..steps.len()).rev() {
             let s = steps[i];
-            let Some(meta) = self.store.meta(s.pfn) else { continue };
+            let Some(meta) = self.store.meta(s.pfn) else {
+                continue;
+            };
             match s.action {
                 Action::FlagSet => {
                     meta.test_and_clear_pinned();
@@ -362,11 +426,23 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 Action::RemapRo => {
                     let flush = s.pfn == self.root;
                     let flags = if flush { uvmf::TLB_FLUSH } else { uvmf::NONE };
-                    b.update_va_mapping(&target, Self::direct_map_va(s.pfn), self.direct_map_pte(s.pfn, true), flags, NO_TAG);
+                    b.update_va_mapping(
+                        &target,
+                        Self::direct_map_va(s.pfn),
+                        self.direct_map_pte(s.pfn, true),
+                        flags,
+                        NO_TAG,
+                    );
                 }
                 Action::RemapRw => {
                     reprotected = true;
-                    b.update_va_mapping(&target, Self::direct_map_va(s.pfn), self.direct_map_pte(s.pfn, false), uvmf::NONE, NO_TAG);
+                    b.update_va_mapping(
+                        &target,
+                        Self::direct_map_va(s.pfn),
+                        self.direct_map_pte(s.pfn, false),
+                        uvmf::NONE,
+                        NO_TAG,
+                    );
                 }
                 Action::Pin(_) => b.mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG),
                 Action::Unpin(l) => b.mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG),
@@ -377,7 +453,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 // request on the same page (its remap/pin pair).
                 let continues = i > 0 && {
                     let p = steps[i - 1];
-                    p.pfn == s.pfn && !matches!(p.action, Action::FlagSet | Action::FlagCleared) && applied(i - 1)
+                    p.pfn == s.pfn
+                        && !matches!(p.action, Action::FlagSet | Action::FlagCleared)
+                        && applied(i - 1)
                 };
                 if !continues {
                     b.defer(&target, unlock_after(s.pfn, NO_TAG));
@@ -394,13 +472,24 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             }
         }
         if reprotected {
-            b.mmuext(&target, MmuExtOp { cmd: ExtCmd::TlbFlushLocal, arg1: 0, arg2: 0 }, NO_TAG);
+            b.mmuext(
+                &target,
+                MmuExtOp {
+                    cmd: ExtCmd::TlbFlushLocal,
+                    arg1: 0,
+                    arg2: 0,
+                },
+                NO_TAG,
+            );
         }
         b.flush(&target);
         if let Some(f) = b.failures().first() {
             let rollback = Self::failure_of(j, f);
             let _ = b.take_failures();
-            return Err(Error::RollbackFailed { first: first.unwrap_or(rollback), rollback });
+            return Err(Error::RollbackFailed {
+                first: first.unwrap_or(rollback),
+                rollback,
+            });
         }
         Ok(())
     }
@@ -415,7 +504,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let first = b.failures().first().map(|f| Self::failure_of(&j, f));
         if r.is_err() || first.is_some() {
             self.rollback(&mut b, &j)?;
-            return Err(first.map(Error::Hypercall).unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
+            return Err(first
+                .map(Error::Hypercall)
+                .unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
         }
         Ok(())
     }
@@ -425,12 +516,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub(crate) fn retire_table_pinned(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
         let mut b: Batch<4> = Batch::new();
         let mut j = Journal::default();
-        let r = self.unpin_page(&mut b, &mut j, pfn, level, false).map(|_| ());
+        let r = self
+            .unpin_page(&mut b, &mut j, pfn, level, false)
+            .map(|_| ());
         b.flush(&self.target());
         let first = b.failures().first().map(|f| Self::failure_of(&j, f));
         if r.is_err() || first.is_some() {
             self.rollback(&mut b, &j)?;
-            return Err(first.map(Error::Hypercall).unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
+            return Err(first
+                .map(Error::Hypercall)
+                .unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
         }
         self.store.retire(pfn);
         Ok(())
@@ -486,9 +581,3 @@ pub fn unpin_all<M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
     }
     first.map_or(Ok(()), Err)
 }
-
-// Keep the lock trait in scope for `lock()` on metadata locks.
-#[allow(unused_imports)]
-use RawLock as _;
-#[allow(dead_code)]
-fn _target_is_used<L: RawLock, B: Backend>(_: Target<'_, L, B>) {}

@@ -135,7 +135,11 @@ impl<L: RawLock> Drop for PteLockGuard<'_, L> {
 
 impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// A new, empty, unpinned space with tables from `store`.
-    pub fn new(store: Arc<FrameStore<P::Lock>>, backend: Arc<B>, options: SpaceOptions) -> Result<Self, Error> {
+    pub fn new(
+        store: Arc<FrameStore<P::Lock>>,
+        backend: Arc<B>,
+        options: SpaceOptions,
+    ) -> Result<Self, Error> {
         let root = store.alloc_table(M::ROOT_LEVEL).ok_or(Error::OutOfFrames)?;
         let mut space = AddressSpace {
             store,
@@ -168,7 +172,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             space.kernel_pmd = Some(kpmd);
             let mfn = space.backend.pfn_to_mfn(kpmd);
             let e = PageTableEntry::new(mfn.0, walk::table_entry_flags::<M>(M::ROOT_LEVEL));
-            space.entry_slot(root, slot).store(e.bits(), Ordering::Release);
+            space
+                .entry_slot(root, slot)
+                .store(e.bits(), Ordering::Release);
         }
         Ok(space)
     }
@@ -218,7 +224,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     #[inline]
     pub(crate) fn direct_map_pte(&self, pfn: Pfn, writable: bool) -> u64 {
         let mfn = self.backend.pfn_to_mfn(pfn);
-        let mut flags = EntryFlags::PRESENT | EntryFlags::ACCESSED | EntryFlags::DIRTY | EntryFlags::NO_EXECUTE;
+        let mut flags =
+            EntryFlags::PRESENT | EntryFlags::ACCESSED | EntryFlags::DIRTY | EntryFlags::NO_EXECUTE;
         if writable {
             flags |= EntryFlags::WRITABLE;
         }
@@ -227,14 +234,19 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     #[inline]
     pub(crate) fn target(&self) -> Target<'_, P::Lock, B> {
-        Target { store: &self.store, backend: &self.backend }
+        Target {
+            store: &self.store,
+            backend: &self.backend,
+        }
     }
 
     #[inline]
     fn entry_slot(&self, pfn: Pfn, index: usize) -> &crate::sync::AtomicU64 {
         // Table frames of this space are always in the store: they were
         // allocated from it and validated on every walk.
-        self.store.entry(pfn, index).expect("table frame outside the store")
+        self.store
+            .entry(pfn, index)
+            .expect("table frame outside the store")
     }
 
     pub(crate) fn lock_space(&self) -> SpaceLockGuard<'_, P::Lock> {
@@ -256,7 +268,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// requires: a pinned (read-only) table of level 2+ only through
     /// `mmu_update`; an L1 by `path`. Mirrors user-half root writes into the
     /// user root.
-    fn write_entry(&self, pfn: Pfn, level: Level, index: usize, value: u64, path: WritePath) -> Result<(), Error> {
+    fn write_entry(
+        &self,
+        pfn: Pfn,
+        level: Level,
+        index: usize,
+        value: u64,
+        path: WritePath,
+    ) -> Result<(), Error> {
         let pinned_table = B::PINNING && self.store.meta(pfn).is_some_and(|m| m.is_pinned());
         let hyper = pinned_table && (level != Level::L1 || path == WritePath::Hypercall)
             || (B::PINNING && path == WritePath::Hypercall);
@@ -264,7 +283,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if hyper {
             let mut b: Batch<1> = Batch::new();
             let t = self.target();
-            b.mmu_update(&t, MmuUpdate { ptr: (mfn.0 << 12) + (index as u64) * 8, val: value }, NO_TAG);
+            b.mmu_update(
+                &t,
+                MmuUpdate {
+                    ptr: (mfn.0 << 12) + (index as u64) * 8,
+                    val: value,
+                },
+                NO_TAG,
+            );
             b.flush(&t);
             if let Some(f) = b.failures().first() {
                 return Err(Error::Hypercall(HypercallFailure {
@@ -319,11 +345,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let mut level = M::ROOT_LEVEL;
         loop {
             let index = M::index(va, level);
-            let e = PageTableEntry::from_bits(self.store.entry(pfn, index)?.load(Ordering::Acquire));
+            let e =
+                PageTableEntry::from_bits(self.store.entry(pfn, index)?.load(Ordering::Acquire));
             if !e.is_present() {
                 return None;
             }
-            let child = walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e).ok()?;
+            let child =
+                walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)
+                    .ok()?;
             match child {
                 Some(c) => {
                     pfn = c;
@@ -336,13 +365,20 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                         _ => PageSize::Size1G,
                     };
                     let base_mfn = Mfn(e.addr() >> 12);
-                    let pat_mask = if size == PageSize::Size4K { 0 } else { EntryFlags::PAT_LARGE.bits() };
+                    let pat_mask = if size == PageSize::Size4K {
+                        0
+                    } else {
+                        EntryFlags::PAT_LARGE.bits()
+                    };
                     // Bit 12 is PAT in a large leaf, not an address bit.
                     let mut flags = e.flags();
                     if e.bits() & pat_mask != 0 {
                         flags |= EntryFlags::PAT_LARGE;
                     }
-                    let base_pfn = self.backend.mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12)).unwrap_or(Pfn(base_mfn.0));
+                    let base_pfn = self
+                        .backend
+                        .mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12))
+                        .unwrap_or(Pfn(base_mfn.0));
                     let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
                     return Some(Translation { phys, size, flags });
                 }
@@ -363,7 +399,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Allocate and link a table at `level` under `parent[index]`, made
     /// read-only (and pinned, split) first when the space is pinned.
-    fn link_new_table(&self, parent: Pfn, parent_level: Level, index: usize, level: Level) -> Result<Pfn, Error> {
+    fn link_new_table(
+        &self,
+        parent: Pfn,
+        parent_level: Level,
+        index: usize,
+        level: Level,
+    ) -> Result<Pfn, Error> {
         let child = self.store.alloc_table(level).ok_or(Error::OutOfFrames)?;
         if B::PINNING && self.is_pinned() {
             if let Err(e) = self.prepare_new_table(child, level) {
@@ -373,7 +415,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         }
         let mfn = self.backend.pfn_to_mfn(child);
         let e = PageTableEntry::new(mfn.0, walk::table_entry_flags::<M>(parent_level));
-        if let Err(err) = self.write_entry(parent, parent_level, index, e.bits(), WritePath::Store) {
+        if let Err(err) = self.write_entry(parent, parent_level, index, e.bits(), WritePath::Store)
+        {
             if B::PINNING && self.is_pinned() {
                 let _ = self.retire_table_pinned(child, level);
             } else {
@@ -414,7 +457,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             pfn = if !e.is_present() {
                 self.link_new_table(pfn, level, index, child_level)?
             } else {
-                match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)? {
+                match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)?
+                {
                     Some(c) => c,
                     None => return Err(Error::AlreadyMapped { va }),
                 }
@@ -479,7 +523,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                         return Err(Error::Misaligned { addr: va });
                     }
                     let _pte = self.lock_pte(pfn, level);
-                    let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+                    let cur = PageTableEntry::from_bits(
+                        self.entry_slot(pfn, index).load(Ordering::Acquire),
+                    );
                     let new = f(cur, size)?;
                     self.write_entry(pfn, level, index, new.bits(), WritePath::Store)?;
                     return Ok(cur);
@@ -495,8 +541,15 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             size = s;
             Ok(PageTableEntry::EMPTY)
         })?;
-        let pfn = self.backend.mfn_to_pfn(Mfn(old.frame())).map_or(old.frame(), |p| p.0);
-        Ok(Translation { phys: pfn << 12, size, flags: old.flags() })
+        let pfn = self
+            .backend
+            .mfn_to_pfn(Mfn(old.frame()))
+            .map_or(old.frame(), |p| p.0);
+        Ok(Translation {
+            phys: pfn << 12,
+            size,
+            flags: old.flags(),
+        })
     }
 
     /// Change the flags of the mapping at `va` (a page base), keeping its frame.
@@ -512,7 +565,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             } else {
                 PageTableEntry::ADDR_MASK & !EntryFlags::PAT_LARGE.bits()
             };
-            Ok(PageTableEntry::from_bits((cur.bits() & addr_mask) | f.bits()))
+            Ok(PageTableEntry::from_bits(
+                (cur.bits() & addr_mask) | f.bits(),
+            ))
         })
         .map(|_| ())
     }
@@ -523,7 +578,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// Under split only the PTE page's lock is taken (found lock-free, then
     /// re-checked under the lock); under global the space lock. Returns the
     /// previous entry.
-    pub fn set_pte(&self, va: u64, value: PageTableEntry, path: WritePath) -> Result<PageTableEntry, Error> {
+    pub fn set_pte(
+        &self,
+        va: u64,
+        value: PageTableEntry,
+        path: WritePath,
+    ) -> Result<PageTableEntry, Error> {
         if !M::is_canonical(va) {
             return Err(Error::NonCanonical { va });
         }
@@ -535,7 +595,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             let _guard = read_guard();
             loop {
                 let l1 = self.find_table(va, Level::L1)?;
-                let meta = self.store.meta(l1).ok_or(Error::NoTable { va, level: Level::L1 })?;
+                let meta = self.store.meta(l1).ok_or(Error::NoTable {
+                    va,
+                    level: Level::L1,
+                })?;
                 meta.lock().lock();
                 let _pte = PteLockGuard { lock: meta.lock() };
                 // Re-check under the lock: a release unlinks the table while
@@ -543,7 +606,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 if self.find_table(va, Level::L1) != Ok(l1) {
                     continue;
                 }
-                let old = PageTableEntry::from_bits(self.entry_slot(l1, index).load(Ordering::Acquire));
+                let old =
+                    PageTableEntry::from_bits(self.entry_slot(l1, index).load(Ordering::Acquire));
                 self.write_entry(l1, Level::L1, index, value.bits(), path)?;
                 return Ok(old);
             }
@@ -561,7 +625,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let _guard = read_guard();
         let l1 = self.find_table(va, Level::L1)?;
         Ok(PageTableEntry::from_bits(
-            self.entry_slot(l1, M::index(va, Level::L1)).load(Ordering::Acquire),
+            self.entry_slot(l1, M::index(va, Level::L1))
+                .load(Ordering::Acquire),
         ))
     }
 
@@ -588,11 +653,24 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             return Err(Error::NoTable { va, level });
         }
         let _pte = self.lock_pte(table, level);
-        let frame = self.store.frame(table).ok_or(Error::NoTable { va, level })?;
-        if frame.entries().iter().any(|e| e.load(Ordering::Acquire) & EntryFlags::PRESENT.bits() != 0) {
+        let frame = self
+            .store
+            .frame(table)
+            .ok_or(Error::NoTable { va, level })?;
+        if frame
+            .entries()
+            .iter()
+            .any(|e| e.load(Ordering::Acquire) & EntryFlags::PRESENT.bits() != 0)
+        {
             return Err(Error::TableNotEmpty { pfn: table });
         }
-        self.write_entry(parent, parent_level, M::index(va, parent_level), 0, WritePath::Store)?;
+        self.write_entry(
+            parent,
+            parent_level,
+            M::index(va, parent_level),
+            0,
+            WritePath::Store,
+        )?;
         drop(_pte);
         if B::PINNING && self.store.meta(table).is_some_and(|m| m.is_pinned()) {
             self.retire_table_pinned(table, level)
@@ -606,10 +684,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub fn table_frames(&self) -> Result<Vec<(Pfn, Level)>, Error> {
         let mut out = Vec::new();
         let _guard = read_guard();
-        walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, self.root, Scope::User, &mut |pfn, level, _| {
-            out.push((pfn, level));
-            Ok(Descend::Yes)
-        })?;
+        walk::walk::<M, P::Lock, B, _>(
+            &self.store,
+            &self.backend,
+            self.root,
+            Scope::User,
+            &mut |pfn, level, _| {
+                out.push((pfn, level));
+                Ok(Descend::Yes)
+            },
+        )?;
         Ok(out)
     }
 
@@ -617,12 +701,18 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// not be pinned).
     pub(crate) fn release_frames(&mut self) {
         let mut frames: Vec<Pfn> = Vec::new();
-        let _ = walk::walk::<M, P::Lock, B, _>(&self.store, &self.backend, self.root, Scope::User, &mut |pfn, _, _| {
-            if !frames.contains(&pfn) {
-                frames.push(pfn);
-            }
-            Ok(Descend::Yes)
-        });
+        let _ = walk::walk::<M, P::Lock, B, _>(
+            &self.store,
+            &self.backend,
+            self.root,
+            Scope::User,
+            &mut |pfn, _, _| {
+                if !frames.contains(&pfn) {
+                    frames.push(pfn);
+                }
+                Ok(Descend::Yes)
+            },
+        );
         if !frames.contains(&self.root) {
             frames.push(self.root);
         }

@@ -47,7 +47,11 @@ pub fn child_table<L: RawLock, B: Backend>(
         None => unreachable_l1(),
     };
     if entry.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 {
-        return Err(Error::ReservedBits { level, index, entry: entry.bits() });
+        return Err(Error::ReservedBits {
+            level,
+            index,
+            entry: entry.bits(),
+        });
     }
     let mfn = crate::frame::Mfn(entry.frame());
     let Some(pfn) = backend.mfn_to_pfn(mfn) else {
@@ -58,7 +62,12 @@ pub fn child_table<L: RawLock, B: Backend>(
     };
     let found = meta.level();
     if found != Some(child) {
-        return Err(Error::LevelMismatch { level, index, pfn, found });
+        return Err(Error::LevelMismatch {
+            level,
+            index,
+            pfn,
+            found,
+        });
     }
     Ok(pfn)
 }
@@ -90,7 +99,11 @@ pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
             _ => false,
         };
         if !allowed {
-            return Err(Error::ReservedBits { level, index, entry: entry.bits() });
+            return Err(Error::ReservedBits {
+                level,
+                index,
+                entry: entry.bits(),
+            });
         }
         return Ok(None);
     }
@@ -100,7 +113,13 @@ pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
 /// Walk the tables under `root` in protocol order, calling `visit(pfn, level,
 /// is_root)` for each table frame. The root is visited last. An error from
 /// `visit` or from validation stops the walk and is returned.
-pub fn walk<M, L, B, F>(store: &FrameStore<L>, backend: &B, root: Pfn, scope: Scope, visit: &mut F) -> Result<(), Error>
+pub fn walk<M, L, B, F>(
+    store: &FrameStore<L>,
+    backend: &B,
+    root: Pfn,
+    scope: Scope,
+    visit: &mut F,
+) -> Result<(), Error>
 where
     M: PagingMode,
     L: RawLock,
@@ -108,14 +127,20 @@ where
     F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
 {
     let Some(frame) = store.frame(root) else {
-        return Err(Error::FrameOutOfRange { level: M::ROOT_LEVEL, index: 0, mfn: backend.pfn_to_mfn(root) });
+        return Err(Error::FrameOutOfRange {
+            level: M::ROOT_LEVEL,
+            index: 0,
+            mfn: backend.pfn_to_mfn(root),
+        });
     };
     let slots = match scope {
         Scope::User => M::USER_ROOT_SLOTS,
         Scope::Full => M::ROOT_ENTRIES,
     };
     for slot in 0..slots {
-        if scope == Scope::Full && (M::HYPERVISOR_HOLE.contains(&slot) || M::KERNEL_PMD_SLOT == Some(slot)) {
+        if scope == Scope::Full
+            && (M::HYPERVISOR_HOLE.contains(&slot) || M::KERNEL_PMD_SLOT == Some(slot))
+        {
             continue;
         }
         let e = PageTableEntry::from_bits(frame.entry(slot).load(Ordering::Acquire));
@@ -123,14 +148,26 @@ where
             continue;
         }
         if let Some(child) = classify::<M, L, B>(store, backend, M::ROOT_LEVEL, slot, e)? {
-            walk_table::<M, L, B, F>(store, backend, child, M::ROOT_LEVEL.child().unwrap_or(Level::L1), visit)?;
+            walk_table::<M, L, B, F>(
+                store,
+                backend,
+                child,
+                M::ROOT_LEVEL.child().unwrap_or(Level::L1),
+                visit,
+            )?;
         }
     }
     visit(root, M::ROOT_LEVEL, true)?;
     Ok(())
 }
 
-fn walk_table<M, L, B, F>(store: &FrameStore<L>, backend: &B, pfn: Pfn, level: Level, visit: &mut F) -> Result<(), Error>
+fn walk_table<M, L, B, F>(
+    store: &FrameStore<L>,
+    backend: &B,
+    pfn: Pfn,
+    level: Level,
+    visit: &mut F,
+) -> Result<(), Error>
 where
     M: PagingMode,
     L: RawLock,
@@ -140,14 +177,22 @@ where
     if visit(pfn, level, false)? == Descend::No || level == Level::L1 {
         return Ok(());
     }
-    let Some(frame) = store.frame(pfn) else { return Ok(()) };
+    let Some(frame) = store.frame(pfn) else {
+        return Ok(());
+    };
     for (index, slot) in frame.entries().iter().enumerate() {
         let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
         if !e.is_present() {
             continue;
         }
         if let Some(child) = classify::<M, L, B>(store, backend, level, index, e)? {
-            walk_table::<M, L, B, F>(store, backend, child, level.child().unwrap_or(Level::L1), visit)?;
+            walk_table::<M, L, B, F>(
+                store,
+                backend,
+                child,
+                level.child().unwrap_or(Level::L1),
+                visit,
+            )?;
         }
     }
     Ok(())
@@ -159,6 +204,10 @@ pub fn table_entry_flags<M: PagingMode>(parent: Level) -> EntryFlags {
     if M::ROOT_LEVEL == Level::L3 && parent == Level::L3 {
         EntryFlags::PRESENT
     } else {
-        EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER | EntryFlags::ACCESSED | EntryFlags::DIRTY
+        EntryFlags::PRESENT
+            | EntryFlags::WRITABLE
+            | EntryFlags::USER
+            | EntryFlags::ACCESSED
+            | EntryFlags::DIRTY
     }
 }
