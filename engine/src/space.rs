@@ -370,6 +370,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     } else {
                         EntryFlags::PAT_LARGE.bits()
                     };
+                    // Reserved bits in the leaf (address bits above
+                    // MAXPHYADDR; in a large leaf, the address bits below
+                    // its size other than PAT): the CPU faults, so there
+                    // is no translation.
+                    let low = e.addr() & !pat_mask & (size.bytes() - 1);
+                    if e.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 || low != 0 {
+                        return None;
+                    }
                     // Bit 12 is PAT in a large leaf, not an address bit.
                     let mut flags = e.flags();
                     if e.bits() & pat_mask != 0 {
