@@ -1,0 +1,1526 @@
+//! A simulated Xen hypervisor for the PV MMU interface.
+//!
+//! [`XenSim`] implements [`XenHypercalls`] by decoding the ABI structs and
+//! enforcing the rules of DESIGN §6 on per-frame state kept the way Xen keeps
+//! `page->u.inuse.type_info`: one atomic word per machine frame with a type,
+//! a type count, a validated bit and a pinned bit, changed by
+//! compare-and-swap. There is no global lock, so threads pinning different
+//! address spaces run in parallel.
+//!
+//! # Model
+//!
+//! - **Frames.** The domain owns `nr_pages` guest frames; the p2m is a seeded
+//!   single-cycle permutation (no pfn is its own mfn), so a pfn passed where
+//!   an mfn belongs is caught. Table contents are read through the engine's
+//!   [`TableMemory`] (pfn-indexed); frames outside it are data pages with
+//!   metadata only, and cannot become page tables.
+//! - **Direct map.** Each guest frame has one kernel mapping at
+//!   `direct_map_base + pfn * 4096`, initially writable (so every frame
+//!   starts with one writable type reference). `update_va_mapping` on it
+//!   changes it, with Xen's checks; the direct map is linear, so slot `pfn`
+//!   may only map `p2m[pfn]`. Other virtual addresses are not modelled
+//!   (`-EINVAL`).
+//! - **Types.** Rules 1–9 of DESIGN §6: type changes only at count 0;
+//!   writable mappings hold writable references (`-EBUSY` for a page-table
+//!   frame, `-EINVAL` for typing a writable frame as a table); recursive
+//!   validation with rollback; pin/unpin/base pointers; checked
+//!   `mmu_update`; the XSA-182 fast path only for A/D/NX/U/G/available bits.
+//!   Large (PS) entries in L2..L4 are refused, as Xen PV does by default.
+//! - **Guest stores** (rule 10): a store through a writable mapping is
+//!   plain; to a read-only frame typed L1 it is emulated (validated like an
+//!   `mmu_update`); to any other read-only frame it is a page fault, returned
+//!   to the storing thread as `Err(StoreFault)` and counted.
+//! - **TLB.** A read-only remap without a flush leaves a *stale writable TLB
+//!   entry* for the frame until the next flush (`UVMF_TLB_FLUSH`,
+//!   `UVMF_INVLPG` of that address, `MMUEXT_TLB_FLUSH_*`, `MMUEXT_INVLPG_*`).
+//!   Like Xen's type-change TLB filter, a frame that a request names
+//!   directly (the frame pinned, the base pointer loaded, the child a new
+//!   entry points to) is flushed when it changes type. Frames typed deeper
+//!   inside a recursive validation are not: typing one that still has a stale
+//!   writable TLB entry breaks the invariant. That is exactly the case the
+//!   protocol's "root remapped last, carrying the one flush" rule prevents.
+//! - **Invariant**: no frame typed as a page table has a writable mapping or
+//!   a stale writable TLB entry. Checked incrementally after every
+//!   operation on the frames it touched; breaks are counted.
+//!
+//! Extras for tests: failure injection (entry `k` of trap `m` fails with an
+//! errno), a busy-wait cost per trap, statistics, and queries on frames.
+
+use std::cell::Cell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pagepin_engine::backend::{errno, mmu_cmd, uvmf, ExtCmd, StoreFault};
+use pagepin_engine::entry::{EntryFlags, PageTableEntry};
+use pagepin_engine::frame::{FrameStore, Mfn, Pfn, TableMemory, ENTRIES_PER_FRAME};
+use pagepin_engine::lock::RawLock;
+use pagepin_engine::mode::{Level, PagingMode};
+use parking_lot::Mutex;
+
+use super::abi::{hypercall, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, DOMID_SELF};
+use super::backend::{P2m, XenBackend};
+use super::XenHypercalls;
+
+// ---------------------------------------------------------------------------
+// type_info layout
+
+const COUNT_MASK: u64 = 0xffff_ffff;
+const TYPE_SHIFT: u32 = 32;
+const TYPE_MASK: u64 = 0x7 << TYPE_SHIFT;
+const VALIDATED: u64 = 1 << 40;
+const PINNED: u64 = 1 << 41;
+
+/// A frame's type (Xen's `PGT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    /// No type (count 0).
+    None = 0,
+    /// Mapped writable somewhere.
+    Writable = 1,
+    /// An L1 page table.
+    L1 = 2,
+    /// An L2 page table.
+    L2 = 3,
+    /// An L3 page table.
+    L3 = 4,
+    /// An L4 page table.
+    L4 = 5,
+}
+
+impl FrameType {
+    fn from_bits(x: u64) -> FrameType {
+        match (x & TYPE_MASK) >> TYPE_SHIFT {
+            1 => FrameType::Writable,
+            2 => FrameType::L1,
+            3 => FrameType::L2,
+            4 => FrameType::L3,
+            5 => FrameType::L4,
+            _ => FrameType::None,
+        }
+    }
+    fn bits(self) -> u64 {
+        (self as u64) << TYPE_SHIFT
+    }
+    /// The page-table type of `level`.
+    pub fn table(level: Level) -> FrameType {
+        match level {
+            Level::L1 => FrameType::L1,
+            Level::L2 => FrameType::L2,
+            Level::L3 => FrameType::L3,
+            Level::L4 => FrameType::L4,
+        }
+    }
+    /// The level, if this is a page-table type.
+    pub fn level(self) -> Option<Level> {
+        match self {
+            FrameType::L1 => Some(Level::L1),
+            FrameType::L2 => Some(Level::L2),
+            FrameType::L3 => Some(Level::L3),
+            FrameType::L4 => Some(Level::L4),
+            _ => None,
+        }
+    }
+    /// Whether this is a page-table type.
+    pub fn is_table(self) -> bool {
+        self.level().is_some()
+    }
+}
+
+/// Bits that may change on the `mmu_update` fast path (XSA-182): accessed,
+/// dirty, NX, user, global and the software-available bits.
+const FAST_PATH_BITS: u64 = EntryFlags::ACCESSED.bits()
+    | EntryFlags::DIRTY.bits()
+    | EntryFlags::NO_EXECUTE.bits()
+    | EntryFlags::USER.bits()
+    | EntryFlags::GLOBAL.bits()
+    | EntryFlags::AVAILABLE.bits();
+
+/// Bits an L1 entry may carry besides its frame.
+const L1_ALLOWED: u64 = 0x1ff | EntryFlags::AVAILABLE.bits() | EntryFlags::NO_EXECUTE.bits();
+/// Bits an L2..L4 entry may carry besides its frame (no PS, no G).
+const TABLE_ALLOWED: u64 = (0x7f | EntryFlags::AVAILABLE.bits() | EntryFlags::NO_EXECUTE.bits())
+    & !EntryFlags::HUGE.bits();
+/// Bits a PAE root (L3) entry may carry: present, PWT, PCD, available.
+const PAE_ROOT_ALLOWED: u64 =
+    EntryFlags::PRESENT.bits() | EntryFlags::PWT.bits() | EntryFlags::PCD.bits() | ((0b111) << 9);
+
+// ---------------------------------------------------------------------------
+// configuration
+
+/// How the simulated hypervisor is set up.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Guest frames the domain owns (pfns `0..nr_pages`).
+    pub nr_pages: usize,
+    /// Seed of the p2m permutation.
+    pub seed: u64,
+    /// Level of a root table (L4 on x86-64, L3 on PAE).
+    pub root_level: Level,
+    /// Entries of a root table that Xen validates (512, or 4 on PAE).
+    pub root_entries: usize,
+    /// Root slots that belong to the hypervisor (x86-64: 256..272): not
+    /// validated, not writable by the guest.
+    pub hypervisor_hole: Range<usize>,
+    /// Virtual address of pfn 0 in the guest's direct map.
+    pub direct_map_base: u64,
+    /// Busy-wait per trap, in nanoseconds (0: none).
+    pub trap_cost_ns: u64,
+    /// Virtual CPUs (each has a base pointer and a user base pointer).
+    pub vcpus: usize,
+}
+
+impl SimConfig {
+    /// The configuration for paging mode `M`.
+    pub fn for_mode<M: PagingMode>(nr_pages: usize, seed: u64) -> Self {
+        SimConfig {
+            nr_pages,
+            seed,
+            root_level: M::ROOT_LEVEL,
+            root_entries: M::ROOT_ENTRIES,
+            hypervisor_hole: M::HYPERVISOR_HOLE,
+            direct_map_base: M::DIRECT_MAP_BASE,
+            trap_cost_ns: 0,
+            vcpus: 4,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// statistics
+
+macro_rules! counters {
+    ($( $(#[$m:meta])* $name:ident ),* $(,)?) => {
+        /// A snapshot of the simulator's counters.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct SimStats {
+            $( $(#[$m])* pub $name: u64, )*
+            /// `mmuext_op` operations by command number (0..16).
+            pub ext_cmds: [u64; 16],
+            /// `PIN_Lx_TABLE` operations that succeeded, by level (index 0 = L1).
+            pub pins: [u64; 4],
+        }
+
+        #[derive(Default)]
+        struct Local {
+            $( $name: u64, )*
+            ext_cmds: [u64; 16],
+            pins: [u64; 4],
+        }
+
+        #[derive(Default)]
+        struct Counters {
+            $( $name: AtomicU64, )*
+            ext_cmds: [AtomicU64; 16],
+            pins: [AtomicU64; 4],
+        }
+
+        impl Counters {
+            fn merge(&self, l: &Local) {
+                $( if l.$name != 0 { self.$name.fetch_add(l.$name, Ordering::Relaxed); } )*
+                for (a, v) in self.ext_cmds.iter().zip(l.ext_cmds) {
+                    if v != 0 { a.fetch_add(v, Ordering::Relaxed); }
+                }
+                for (a, v) in self.pins.iter().zip(l.pins) {
+                    if v != 0 { a.fetch_add(v, Ordering::Relaxed); }
+                }
+            }
+            fn snapshot(&self) -> SimStats {
+                SimStats {
+                    $( $name: self.$name.load(Ordering::Relaxed), )*
+                    ext_cmds: core::array::from_fn(|i| self.ext_cmds[i].load(Ordering::Relaxed)),
+                    pins: core::array::from_fn(|i| self.pins[i].load(Ordering::Relaxed)),
+                }
+            }
+            fn reset(&self) {
+                $( self.$name.store(0, Ordering::Relaxed); )*
+                for a in &self.ext_cmds { a.store(0, Ordering::Relaxed); }
+                for a in &self.pins { a.store(0, Ordering::Relaxed); }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Traps into the hypervisor by hypercall (direct calls and multicalls).
+    hypercalls,
+    /// `multicall` hypercalls.
+    multicalls,
+    /// Entries run inside multicalls.
+    multicall_entries,
+    /// `update_va_mapping` calls (direct or in a multicall).
+    uvm,
+    /// `mmu_update` requests.
+    mmu_update_reqs,
+    /// `mmuext_op` operations.
+    mmuext_ops,
+    /// `MMUEXT_UNPIN_TABLE` operations that succeeded.
+    unpins,
+    /// TLB flushes (whole-TLB flushes and single-address invalidations).
+    tlb_flushes,
+    /// Flushes Xen's type-change filter made for a frame a request named.
+    filter_flushes,
+    /// Guest stores emulated (read-only L1 frames).
+    emulated_stores,
+    /// Plain guest stores (writable mappings).
+    plain_stores,
+    /// Guest stores that faulted.
+    faults,
+    /// Table validations (a frame becoming a validated page table).
+    validations,
+    /// Table devalidations (a page table's type count reaching 0).
+    devalidations,
+    /// Entry updates that took the fast path (only A/D/NX/U/G/avail changed).
+    fast_path_updates,
+    /// Entry updates that took the full revalidation path.
+    full_updates,
+    /// Calls or requests that returned an error.
+    errors,
+    /// Failures injected.
+    injected,
+    /// Invariant breaks: a page-table frame with a writable mapping or a
+    /// stale writable TLB entry.
+    invariant_breaks,
+}
+
+// ---------------------------------------------------------------------------
+// per-frame state
+
+/// What a frame looks like to the hypervisor (see [`XenSim::frame_info`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// The guest frame.
+    pub pfn: Pfn,
+    /// The machine frame.
+    pub mfn: Mfn,
+    /// The frame's type.
+    pub ty: FrameType,
+    /// Its type count.
+    pub count: u32,
+    /// Whether it is validated (always, for a typed frame outside an update).
+    pub validated: bool,
+    /// Whether it is pinned.
+    pub pinned: bool,
+    /// Its direct-map mapping: `Some(true)` writable, `Some(false)` read-only,
+    /// `None` not mapped.
+    pub direct_map_writable: Option<bool>,
+    /// Whether a stale writable TLB entry for it survives.
+    pub stale_tlb: bool,
+}
+
+#[derive(Default)]
+struct FrameState {
+    type_info: AtomicU64,
+    /// Flush generation + 1 at which a stale writable TLB entry was left; 0: none.
+    stale: AtomicU64,
+    /// Xen's page lock: held while a table's entries are validated,
+    /// devalidated or updated.
+    lock: AtomicBool,
+}
+
+#[derive(Default)]
+struct DmSlot {
+    pte: AtomicU64,
+    lock: AtomicBool,
+}
+
+fn spin_lock(l: &AtomicBool) {
+    let mut spins = 0u32;
+    while l
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        backoff(&mut spins);
+    }
+}
+
+fn spin_unlock(l: &AtomicBool) {
+    l.store(false, Ordering::Release);
+}
+
+#[inline]
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// A held spin lock, released on drop.
+struct Held<'a>(&'a AtomicBool);
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        spin_unlock(self.0);
+    }
+}
+fn hold(l: &AtomicBool) -> Held<'_> {
+    spin_lock(l);
+    Held(l)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Injection {
+    trap: u64,
+    entry: usize,
+    item: usize,
+    errno: i32,
+}
+
+thread_local! {
+    static CURRENT_VCPU: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Result type of internal checks: `Err(errno)` (positive).
+type R<T = ()> = Result<T, i32>;
+
+/// The simulated hypervisor.
+pub struct XenSim {
+    cfg: SimConfig,
+    mem: Arc<dyn TableMemory>,
+    p2m: Box<[u64]>,
+    m2p: Box<[u64]>,
+    frames: Box<[FrameState]>,
+    dm: Box<[DmSlot]>,
+    /// Per vCPU: kernel base pointer (mfn + 1, 0 none), user base pointer.
+    bases: Box<[[AtomicU64; 2]]>,
+    flush_gen: AtomicU64,
+    traps: AtomicU64,
+    stats: Counters,
+    injections: Mutex<Vec<Injection>>,
+    has_injections: AtomicUsize,
+    /// Entries per trap, when logging is on.
+    trap_log: Mutex<Vec<usize>>,
+    log_traps: AtomicBool,
+}
+
+/// Errors constructing a simulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimError {
+    /// `nr_pages` is 0, above 2^32, or the table memory lies outside it.
+    BadSize,
+}
+
+impl XenSim {
+    /// A hypervisor for a domain of `cfg.nr_pages` frames whose table memory
+    /// is `mem` (pfn-indexed; it must lie inside `0..nr_pages`).
+    pub fn new(cfg: SimConfig, mem: Arc<dyn TableMemory>) -> Result<Self, SimError> {
+        let n = cfg.nr_pages;
+        let mem_end = mem
+            .base_pfn()
+            .0
+            .checked_add(mem.frame_count() as u64)
+            .ok_or(SimError::BadSize)?;
+        if n == 0 || n as u64 > u32::MAX as u64 || mem_end > n as u64 {
+            return Err(SimError::BadSize);
+        }
+        // Sattolo's algorithm: a uniformly random single n-cycle, so no pfn
+        // maps to itself (for n > 1).
+        let mut p2m: Vec<u64> = (0..n as u64).collect();
+        let mut rng = cfg.seed ^ 0x9e37_79b9_7f4a_7c15;
+        for i in (1..n).rev() {
+            let j = (splitmix(&mut rng) % i as u64) as usize;
+            p2m.swap(i, j);
+        }
+        let mut m2p = vec![0u64; n];
+        for (pfn, &mfn) in p2m.iter().enumerate() {
+            m2p[mfn as usize] = pfn as u64;
+        }
+        let frames: Box<[FrameState]> = (0..n).map(|_| FrameState::default()).collect();
+        let dm: Box<[DmSlot]> = (0..n).map(|_| DmSlot::default()).collect();
+        // Every frame starts mapped writable in the direct map.
+        for pfn in 0..n {
+            let mfn = p2m[pfn];
+            dm[pfn]
+                .pte
+                .store(Self::dm_entry(mfn, true), Ordering::Relaxed);
+            frames[mfn as usize].type_info.store(
+                FrameType::Writable.bits() | VALIDATED | 1,
+                Ordering::Relaxed,
+            );
+        }
+        let bases = (0..cfg.vcpus.max(1))
+            .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+            .collect();
+        Ok(XenSim {
+            cfg,
+            mem,
+            p2m: p2m.into_boxed_slice(),
+            m2p: m2p.into_boxed_slice(),
+            frames,
+            dm,
+            bases,
+            flush_gen: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
+            stats: Counters::default(),
+            injections: Mutex::new(Vec::new()),
+            has_injections: AtomicUsize::new(0),
+            trap_log: Mutex::new(Vec::new()),
+            log_traps: AtomicBool::new(false),
+        })
+    }
+
+    fn dm_entry(mfn: u64, writable: bool) -> u64 {
+        let mut f =
+            EntryFlags::PRESENT | EntryFlags::ACCESSED | EntryFlags::DIRTY | EntryFlags::NO_EXECUTE;
+        if writable {
+            f |= EntryFlags::WRITABLE;
+        }
+        PageTableEntry::new(mfn, f).bits()
+    }
+
+    // -- configuration and queries ------------------------------------------
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+    /// The p2m table (`p2m[pfn] = mfn`), for the guest's [`P2m`].
+    pub fn p2m_table(&self) -> &[u64] {
+        &self.p2m
+    }
+    /// The guest's frame map, built from the p2m.
+    pub fn frame_map(&self) -> P2m {
+        P2m::new(self.p2m.to_vec()).unwrap_or_else(|| P2m::identity(0))
+    }
+    /// The mfn of `pfn`.
+    pub fn mfn_of(&self, pfn: Pfn) -> Option<Mfn> {
+        self.p2m.get(usize::try_from(pfn.0).ok()?).map(|&m| Mfn(m))
+    }
+    /// The pfn of `mfn`.
+    pub fn pfn_of(&self, mfn: Mfn) -> Option<Pfn> {
+        self.m2p.get(usize::try_from(mfn.0).ok()?).map(|&p| Pfn(p))
+    }
+    /// Set the busy-wait per trap (nanoseconds; 0 disables it).
+    pub fn set_trap_cost_ns(&mut self, ns: u64) {
+        self.cfg.trap_cost_ns = ns;
+    }
+    /// The vCPU the calling thread runs on (for base pointers).
+    pub fn set_current_vcpu(vcpu: usize) {
+        CURRENT_VCPU.with(|c| c.set(vcpu));
+    }
+    /// Traps issued so far (the index the next one gets).
+    pub fn trap_count(&self) -> u64 {
+        self.traps.load(Ordering::Acquire)
+    }
+    /// Make entry `entry` of trap number `trap` (see [`Self::trap_count`];
+    /// a direct hypercall has the single entry 0) fail with `errno` after
+    /// `item` of its requests succeeded. The failing part has no effect.
+    pub fn fail_entry(&self, trap: u64, entry: usize, item: usize, errno: i32) {
+        self.injections.lock().push(Injection {
+            trap,
+            entry,
+            item,
+            errno: errno.abs(),
+        });
+        self.has_injections.fetch_add(1, Ordering::Release);
+    }
+    /// Drop pending injections.
+    pub fn clear_injections(&self) {
+        let mut g = self.injections.lock();
+        self.has_injections.fetch_sub(g.len(), Ordering::Release);
+        g.clear();
+    }
+    /// Start (or stop) logging how many entries each trap carries; starting
+    /// clears the log.
+    pub fn log_traps(&self, on: bool) {
+        if on {
+            self.trap_log.lock().clear();
+        }
+        self.log_traps.store(on, Ordering::Release);
+    }
+    /// Entries per trap since logging started (a direct hypercall counts 1).
+    pub fn trap_log(&self) -> Vec<usize> {
+        self.trap_log.lock().clone()
+    }
+    fn log_trap(&self, entries: usize) {
+        if self.log_traps.load(Ordering::Relaxed) {
+            self.trap_log.lock().push(entries);
+        }
+    }
+    /// The counters.
+    pub fn stats(&self) -> SimStats {
+        self.stats.snapshot()
+    }
+    /// Reset the counters.
+    pub fn reset_stats(&self) {
+        self.stats.reset();
+    }
+
+    /// What the hypervisor knows about guest frame `pfn`.
+    pub fn frame_info(&self, pfn: Pfn) -> Option<FrameInfo> {
+        let mfn = *self.p2m.get(usize::try_from(pfn.0).ok()?)?;
+        let f = &self.frames[mfn as usize];
+        let x = f.type_info.load(Ordering::Acquire);
+        let pte = PageTableEntry::from_bits(self.dm[pfn.0 as usize].pte.load(Ordering::Acquire));
+        Some(FrameInfo {
+            pfn,
+            mfn: Mfn(mfn),
+            ty: FrameType::from_bits(x),
+            count: (x & COUNT_MASK) as u32,
+            validated: x & VALIDATED != 0,
+            pinned: x & PINNED != 0,
+            direct_map_writable: pte.is_present().then_some(pte.is_writable()),
+            stale_tlb: self.stale_live(f),
+        })
+    }
+
+    /// Every frame still typed as a page table.
+    pub fn typed_tables(&self) -> Vec<FrameInfo> {
+        (0..self.cfg.nr_pages as u64)
+            .filter_map(|p| self.frame_info(Pfn(p)))
+            .filter(|i| i.ty.is_table())
+            .collect()
+    }
+
+    /// Every frame not at rest: at rest means mapped writable in the direct
+    /// map, typed writable with exactly that one reference, not pinned.
+    pub fn unquiet_frames(&self) -> Vec<FrameInfo> {
+        (0..self.cfg.nr_pages as u64)
+            .filter_map(|p| self.frame_info(Pfn(p)))
+            .filter(|i| {
+                !(i.ty == FrameType::Writable
+                    && i.count == 1
+                    && !i.pinned
+                    && i.direct_map_writable == Some(true))
+            })
+            .collect()
+    }
+
+    /// Check the invariant on every frame now (a full scan, for tests):
+    /// returns the frames that break it.
+    pub fn check_all(&self) -> Vec<FrameInfo> {
+        (0..self.cfg.nr_pages as u64)
+            .filter_map(|p| self.frame_info(Pfn(p)))
+            .filter(|i| i.ty.is_table() && (i.direct_map_writable == Some(true) || i.stale_tlb))
+            .collect()
+    }
+
+    /// The kernel base pointer of `vcpu`.
+    pub fn base_pointer(&self, vcpu: usize) -> Option<Mfn> {
+        let v = self.bases.get(vcpu)?[0].load(Ordering::Acquire);
+        (v != 0).then(|| Mfn(v - 1))
+    }
+
+    /// Forget every vCPU's base pointers (as if they switched to tables
+    /// outside the domain), dropping their type references.
+    pub fn drop_base_pointers(&self) {
+        let mut l = Local::default();
+        for b in self.bases.iter() {
+            for slot in b {
+                let old = slot.swap(0, Ordering::AcqRel);
+                if old != 0 {
+                    self.put_type(old - 1, &mut l);
+                }
+            }
+        }
+        self.stats.merge(&l);
+    }
+
+    // -- helpers --------------------------------------------------------------
+
+    #[inline]
+    fn frame(&self, mfn: u64) -> R<&FrameState> {
+        self.frames
+            .get(usize::try_from(mfn).map_err(|_| errno::EINVAL)?)
+            .ok_or(errno::EINVAL)
+    }
+
+    #[inline]
+    fn stale_live(&self, f: &FrameState) -> bool {
+        let s = f.stale.load(Ordering::Acquire);
+        s != 0 && s == self.flush_gen.load(Ordering::Acquire) + 1
+    }
+
+    fn flush_all(&self, l: &mut Local) {
+        self.flush_gen.fetch_add(1, Ordering::AcqRel);
+        l.tlb_flushes += 1;
+    }
+
+    /// The invariant on one frame; counts a break.
+    fn check_frame(&self, mfn: u64, l: &mut Local) {
+        let Ok(f) = self.frame(mfn) else { return };
+        let x = f.type_info.load(Ordering::Acquire);
+        if !FrameType::from_bits(x).is_table() || x & COUNT_MASK == 0 {
+            return;
+        }
+        let pfn = self.m2p[mfn as usize] as usize;
+        let dm_rw = PageTableEntry::from_bits(self.dm[pfn].pte.load(Ordering::Acquire));
+        if (dm_rw.is_present() && dm_rw.is_writable()) || self.stale_live(f) {
+            l.invariant_breaks += 1;
+        }
+    }
+
+    fn table_slots(&self, level: Level) -> (usize, Range<usize>) {
+        if level == self.cfg.root_level {
+            (self.cfg.root_entries, self.cfg.hypervisor_hole.clone())
+        } else {
+            (ENTRIES_PER_FRAME, 0..0)
+        }
+    }
+
+    /// Take a type reference of type `ty` on `mfn`, validating it if the
+    /// type changes. `direct`: the frame is named by the request itself
+    /// (Xen's type-change TLB filter flushes it).
+    fn get_type(&self, mfn: u64, ty: FrameType, direct: bool, l: &mut Local) -> R {
+        let f = self.frame(mfn)?;
+        let mut spins = 0;
+        loop {
+            let x = f.type_info.load(Ordering::Acquire);
+            let cnt = x & COUNT_MASK;
+            if cnt == 0 {
+                let nx = if ty == FrameType::Writable {
+                    ty.bits() | VALIDATED | 1
+                } else {
+                    ty.bits() | 1
+                };
+                if f.type_info
+                    .compare_exchange_weak(x, nx, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    continue;
+                }
+                if ty == FrameType::Writable {
+                    return Ok(());
+                }
+                break;
+            }
+            let cur = FrameType::from_bits(x);
+            if cur != ty {
+                return Err(if ty == FrameType::Writable {
+                    errno::EBUSY
+                } else {
+                    errno::EINVAL
+                });
+            }
+            if x & VALIDATED == 0 {
+                // Being validated or devalidated by another CPU.
+                backoff(&mut spins);
+                continue;
+            }
+            if cnt == COUNT_MASK {
+                return Err(errno::EINVAL);
+            }
+            if f.type_info
+                .compare_exchange_weak(x, x + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        // We changed the type to a page-table type: validate.
+        if self.stale_live(f) {
+            if direct {
+                f.stale.store(0, Ordering::Release);
+                l.filter_flushes += 1;
+                l.tlb_flushes += 1;
+            } else {
+                // Typed (below) while a stale writable TLB entry survives.
+                l.invariant_breaks += 1;
+            }
+        }
+        let level = ty.level().ok_or(errno::EINVAL)?;
+        let r = {
+            let _g = hold(&f.lock);
+            self.validate(mfn, level, l)
+        };
+        match r {
+            Ok(()) => {
+                f.type_info.fetch_or(VALIDATED, Ordering::AcqRel);
+                l.validations += 1;
+                self.check_frame(mfn, l);
+                Ok(())
+            }
+            Err(e) => {
+                f.type_info.store(0, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// Take a reference of type `ty` only if the frame already has that type
+    /// (count > 0, waiting out a validation in progress). `Ok(false)`: it
+    /// does not.
+    fn get_existing(&self, mfn: u64, ty: FrameType) -> R<bool> {
+        let f = self.frame(mfn)?;
+        let mut spins = 0;
+        loop {
+            let x = f.type_info.load(Ordering::Acquire);
+            if x & COUNT_MASK == 0 || FrameType::from_bits(x) != ty {
+                return Ok(false);
+            }
+            if x & VALIDATED == 0 {
+                backoff(&mut spins);
+                continue;
+            }
+            if x & COUNT_MASK == COUNT_MASK {
+                return Err(errno::EINVAL);
+            }
+            if f.type_info
+                .compare_exchange_weak(x, x + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Drop a type reference; at count 0 a page table is devalidated and
+    /// its children's references are dropped.
+    fn put_type(&self, mfn: u64, l: &mut Local) {
+        let Ok(f) = self.frame(mfn) else { return };
+        loop {
+            let x = f.type_info.load(Ordering::Acquire);
+            let cnt = x & COUNT_MASK;
+            if cnt == 0 {
+                // A reference that was never taken: a simulator bug, counted.
+                l.invariant_breaks += 1;
+                return;
+            }
+            if cnt > 1 {
+                if f.type_info
+                    .compare_exchange_weak(x, x - 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            let ty = FrameType::from_bits(x);
+            let Some(level) = ty.level() else {
+                if f.type_info
+                    .compare_exchange_weak(x, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            };
+            // Last reference of a table: mark it invalid (others now wait),
+            // release its children under the page lock, then untype it.
+            if f.type_info
+                .compare_exchange_weak(
+                    x,
+                    x & !(VALIDATED | PINNED),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            {
+                let _g = hold(&f.lock);
+                self.devalidate(mfn, level, l);
+            }
+            f.type_info.store(0, Ordering::Release);
+            l.devalidations += 1;
+            return;
+        }
+    }
+
+    fn table_memory(&self, mfn: u64) -> R<&pagepin_engine::frame::Frame> {
+        let pfn = *self
+            .m2p
+            .get(usize::try_from(mfn).map_err(|_| errno::EINVAL)?)
+            .ok_or(errno::EINVAL)?;
+        self.mem.frame(Pfn(pfn)).ok_or(errno::EINVAL)
+    }
+
+    /// Validate table `mfn` at `level` (its page lock is held): take the
+    /// references of every present entry, undoing them on failure.
+    fn validate(&self, mfn: u64, level: Level, l: &mut Local) -> R {
+        let frame = self.table_memory(mfn)?;
+        let (n, hole) = self.table_slots(level);
+        let mut snap = [0u64; ENTRIES_PER_FRAME];
+        for (i, s) in snap.iter_mut().enumerate().take(n) {
+            *s = frame.entry(i).load(Ordering::Acquire);
+        }
+        for i in 0..n {
+            if hole.contains(&i) {
+                continue;
+            }
+            if let Err(e) = self.get_entry_refs(level, snap[i], false, l) {
+                for j in (0..i).rev() {
+                    if !hole.contains(&j) {
+                        self.put_entry_refs(level, snap[j], l);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn devalidate(&self, mfn: u64, level: Level, l: &mut Local) {
+        let Ok(frame) = self.table_memory(mfn) else {
+            return;
+        };
+        let (n, hole) = self.table_slots(level);
+        for i in 0..n {
+            if !hole.contains(&i) {
+                self.put_entry_refs(level, frame.entry(i).load(Ordering::Acquire), l);
+            }
+        }
+    }
+
+    /// Check entry `e` of a table at `level` and take the references it
+    /// needs (rule 3).
+    fn get_entry_refs(&self, level: Level, e: u64, direct: bool, l: &mut Local) -> R {
+        let pte = PageTableEntry::from_bits(e);
+        if !pte.is_present() {
+            return Ok(());
+        }
+        if e & PageTableEntry::RESERVED_ADDR_BITS != 0 {
+            return Err(errno::EINVAL);
+        }
+        let mfn = pte.frame();
+        if self.pfn_of(Mfn(mfn)).is_none() {
+            // Not owned by the domain.
+            return Err(errno::EINVAL);
+        }
+        let flags = e & !PageTableEntry::ADDR_MASK;
+        match level {
+            Level::L1 => {
+                if flags & !L1_ALLOWED != 0 {
+                    return Err(errno::EINVAL);
+                }
+                if pte.is_writable() {
+                    self.get_type(mfn, FrameType::Writable, direct, l)?;
+                }
+                Ok(())
+            }
+            _ => {
+                let allowed = if level == self.cfg.root_level && self.cfg.root_entries == 4 {
+                    PAE_ROOT_ALLOWED
+                } else {
+                    TABLE_ALLOWED
+                };
+                if flags & !allowed != 0 {
+                    // PS (large pages) included: refused as Xen PV does.
+                    return Err(errno::EINVAL);
+                }
+                let child = level.child().ok_or(errno::EINVAL)?;
+                self.get_type(mfn, FrameType::table(child), direct, l)
+            }
+        }
+    }
+
+    fn put_entry_refs(&self, level: Level, e: u64, l: &mut Local) {
+        let pte = PageTableEntry::from_bits(e);
+        if !pte.is_present() {
+            return;
+        }
+        match level {
+            Level::L1 if !pte.is_writable() => {}
+            _ => self.put_type(pte.frame(), l),
+        }
+    }
+
+    /// Replace entry `index` of table `mfn` (level `level`, page lock held,
+    /// a type reference held) with `new`, checked (rules 7 and 9).
+    fn update_entry(
+        &self,
+        mfn: u64,
+        level: Level,
+        index: usize,
+        new: u64,
+        slot: &AtomicU64,
+        l: &mut Local,
+    ) -> R {
+        let (n, hole) = self.table_slots(level);
+        if index >= n || hole.contains(&index) {
+            return Err(errno::EINVAL);
+        }
+        let old = slot.load(Ordering::Acquire);
+        let (o, nw) = (
+            PageTableEntry::from_bits(old),
+            PageTableEntry::from_bits(new),
+        );
+        if o.is_present()
+            && nw.is_present()
+            && o.addr() == nw.addr()
+            && (old ^ new) & !FAST_PATH_BITS == 0
+        {
+            // Fast path: nothing the references depend on changed. Still
+            // refuse flags the level does not allow.
+            self.check_flags_only(level, new)?;
+            slot.store(new, Ordering::Release);
+            l.fast_path_updates += 1;
+            return Ok(());
+        }
+        self.get_entry_refs(level, new, true, l)?;
+        slot.store(new, Ordering::Release);
+        self.put_entry_refs(level, old, l);
+        l.full_updates += 1;
+        let _ = mfn;
+        Ok(())
+    }
+
+    fn check_flags_only(&self, level: Level, e: u64) -> R {
+        let flags = e & !PageTableEntry::ADDR_MASK;
+        let allowed = match level {
+            Level::L1 => L1_ALLOWED,
+            _ if level == self.cfg.root_level && self.cfg.root_entries == 4 => PAE_ROOT_ALLOWED,
+            _ => TABLE_ALLOWED,
+        };
+        if flags & !allowed != 0 {
+            Err(errno::EINVAL)
+        } else {
+            Ok(())
+        }
+    }
+
+    // -- operations -------------------------------------------------------------
+
+    fn trap_begin(&self) -> u64 {
+        if self.cfg.trap_cost_ns != 0 {
+            let until = Instant::now() + Duration::from_nanos(self.cfg.trap_cost_ns);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        self.traps.fetch_add(1, Ordering::AcqRel)
+    }
+
+    fn injection(&self, trap: u64, entry: usize) -> Option<Injection> {
+        if self.has_injections.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut g = self.injections.lock();
+        let i = g.iter().position(|j| j.trap == trap && j.entry == entry)?;
+        self.has_injections.fetch_sub(1, Ordering::Release);
+        Some(g.swap_remove(i))
+    }
+
+    /// One `mmu_update` request.
+    fn do_mmu_update(&self, req: MmuUpdateAbi, l: &mut Local) -> R {
+        l.mmu_update_reqs += 1;
+        let cmd = req.ptr & 3;
+        if cmd != mmu_cmd::NORMAL_PT_UPDATE && cmd != mmu_cmd::PT_UPDATE_PRESERVE_AD {
+            return Err(if cmd == mmu_cmd::MACHPHYS_UPDATE {
+                errno::ENOSYS
+            } else {
+                errno::EINVAL
+            });
+        }
+        if req.ptr & 4 != 0 {
+            return Err(errno::EINVAL);
+        }
+        let mfn = req.ptr >> 12;
+        let index = ((req.ptr & 0xfff) >> 3) as usize;
+        let f = self.frame(mfn)?;
+        let frame = self.table_memory(mfn)?;
+        let slot = frame.entry(index);
+        for _ in 0..64 {
+            let x = f.type_info.load(Ordering::Acquire);
+            let ty = FrameType::from_bits(x);
+            if let (Some(level), true) = (ty.level(), x & COUNT_MASK != 0) {
+                if !self.get_existing(mfn, ty)? {
+                    continue;
+                }
+                let r = {
+                    let _g = hold(&f.lock);
+                    let mut new = req.val;
+                    if cmd == mmu_cmd::PT_UPDATE_PRESERVE_AD {
+                        let ad = EntryFlags::ACCESSED.bits() | EntryFlags::DIRTY.bits();
+                        new = (new & !ad) | (slot.load(Ordering::Acquire) & ad);
+                    }
+                    self.update_entry(mfn, level, index, new, slot, l)
+                };
+                self.put_type(mfn, l);
+                return r;
+            }
+            // Not a table: a plain write under a transient writable reference.
+            match self.get_type(mfn, FrameType::Writable, true, l) {
+                Ok(()) => {
+                    {
+                        let _g = hold(&f.lock);
+                        slot.store(req.val, Ordering::Release);
+                    }
+                    self.put_type(mfn, l);
+                    return Ok(());
+                }
+                Err(_) => continue, // became a table meanwhile: retry
+            }
+        }
+        Err(errno::EBUSY)
+    }
+
+    /// One `mmuext_op`.
+    fn do_mmuext(&self, op: MmuExtOpAbi, l: &mut Local) -> R {
+        l.mmuext_ops += 1;
+        if let Some(c) = l.ext_cmds.get_mut(op.cmd as usize) {
+            *c += 1;
+        }
+        let Some(cmd) = ExtCmd::from_u32(op.cmd) else {
+            return Err(errno::ENOSYS);
+        };
+        match cmd {
+            ExtCmd::PinL1Table | ExtCmd::PinL2Table | ExtCmd::PinL3Table | ExtCmd::PinL4Table => {
+                let level = cmd.pin_level().ok_or(errno::EINVAL)?;
+                if level > self.cfg.root_level {
+                    return Err(errno::EINVAL);
+                }
+                let mfn = op.arg1;
+                let f = self.frame(mfn)?;
+                self.get_type(mfn, FrameType::table(level), true, l)?;
+                if f.type_info.fetch_or(PINNED, Ordering::AcqRel) & PINNED != 0 {
+                    self.put_type(mfn, l);
+                    return Err(errno::EINVAL);
+                }
+                l.pins[level as usize - 1] += 1;
+                self.check_frame(mfn, l);
+                Ok(())
+            }
+            ExtCmd::UnpinTable => {
+                let mfn = op.arg1;
+                let f = self.frame(mfn)?;
+                let x = f.type_info.fetch_and(!PINNED, Ordering::AcqRel);
+                if x & PINNED == 0 {
+                    return Err(errno::EINVAL);
+                }
+                self.put_type(mfn, l);
+                l.unpins += 1;
+                Ok(())
+            }
+            ExtCmd::NewBaseptr | ExtCmd::NewUserBaseptr => {
+                let which = usize::from(cmd == ExtCmd::NewUserBaseptr);
+                let vcpu = CURRENT_VCPU.with(|c| c.get());
+                let slot = &self.bases.get(vcpu).ok_or(errno::EINVAL)?[which];
+                let mfn = op.arg1;
+                if which == 1 && mfn == 0 {
+                    let old = slot.swap(0, Ordering::AcqRel);
+                    if old != 0 {
+                        self.put_type(old - 1, l);
+                    }
+                    return Ok(());
+                }
+                self.get_type(mfn, FrameType::table(self.cfg.root_level), true, l)?;
+                let old = slot.swap(mfn + 1, Ordering::AcqRel);
+                if old != 0 {
+                    self.put_type(old - 1, l);
+                }
+                self.check_frame(mfn, l);
+                Ok(())
+            }
+            ExtCmd::TlbFlushLocal | ExtCmd::TlbFlushMulti | ExtCmd::TlbFlushAll => {
+                self.flush_all(l);
+                Ok(())
+            }
+            ExtCmd::InvlpgLocal | ExtCmd::InvlpgMulti | ExtCmd::InvlpgAll => {
+                self.invlpg(op.arg1, l);
+                Ok(())
+            }
+        }
+    }
+
+    fn dm_pfn(&self, va: u64) -> Option<usize> {
+        let off = va.checked_sub(self.cfg.direct_map_base)?;
+        let pfn = usize::try_from(off >> 12).ok()?;
+        (pfn < self.cfg.nr_pages).then_some(pfn)
+    }
+
+    fn invlpg(&self, va: u64, l: &mut Local) {
+        l.tlb_flushes += 1;
+        if let Some(pfn) = self.dm_pfn(va) {
+            let mfn = self.p2m[pfn] as usize;
+            self.frames[mfn].stale.store(0, Ordering::Release);
+        }
+    }
+
+    fn do_uvm(&self, va: u64, new: u64, flags: u64, l: &mut Local) -> R {
+        l.uvm += 1;
+        let pfn = self.dm_pfn(va).ok_or(errno::EINVAL)?;
+        let own = self.p2m[pfn];
+        let nw = PageTableEntry::from_bits(new);
+        if nw.is_present() && nw.frame() != own {
+            // The direct map is linear: slot pfn maps p2m[pfn] only.
+            return Err(errno::EINVAL);
+        }
+        let slot = &self.dm[pfn];
+        {
+            let _g = hold(&slot.lock);
+            let old = slot.pte.load(Ordering::Acquire);
+            let o = PageTableEntry::from_bits(old);
+            if o.is_present()
+                && nw.is_present()
+                && o.addr() == nw.addr()
+                && (old ^ new) & !FAST_PATH_BITS == 0
+            {
+                self.check_flags_only(Level::L1, new)?;
+                slot.pte.store(new, Ordering::Release);
+                l.fast_path_updates += 1;
+            } else {
+                self.get_entry_refs(Level::L1, new, true, l)?;
+                slot.pte.store(new, Ordering::Release);
+                if o.is_present() && o.is_writable() && !(nw.is_present() && nw.is_writable()) {
+                    // The old writable translation may linger in TLBs.
+                    let gen = self.flush_gen.load(Ordering::Acquire);
+                    self.frames[o.frame() as usize]
+                        .stale
+                        .store(gen + 1, Ordering::Release);
+                }
+                self.put_entry_refs(Level::L1, old, l);
+                l.full_updates += 1;
+            }
+        }
+        match flags & uvmf::FLUSHTYPE_MASK {
+            uvmf::TLB_FLUSH => self.flush_all(l),
+            uvmf::INVLPG => self.invlpg(va, l),
+            _ => {}
+        }
+        self.check_frame(own, l);
+        Ok(())
+    }
+
+    /// Run `count` requests through `one`, stopping at the first failure;
+    /// with an injection, `item` requests run and then the call fails.
+    fn run_many<T: Copy>(
+        &self,
+        reqs: &[T],
+        inj: Option<Injection>,
+        l: &mut Local,
+        mut one: impl FnMut(&Self, T, &mut Local) -> R,
+    ) -> (i64, u32) {
+        let limit = inj.map_or(reqs.len(), |j| j.item.min(reqs.len()));
+        for (i, &r) in reqs.iter().enumerate().take(limit) {
+            if let Err(e) = one(self, r, l) {
+                l.errors += 1;
+                return (-(e as i64), i as u32);
+            }
+        }
+        match inj {
+            Some(j) => {
+                l.injected += 1;
+                l.errors += 1;
+                (-(j.errno as i64), limit as u32)
+            }
+            None => (0, reqs.len() as u32),
+        }
+    }
+
+    /// # Safety
+    /// `reqs`/`count`/`done` as for [`XenHypercalls::mmu_update`].
+    unsafe fn mmu_update_inner(
+        &self,
+        reqs: *const MmuUpdateAbi,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+        inj: Option<Injection>,
+        l: &mut Local,
+    ) -> i64 {
+        if domid != DOMID_SELF || (reqs.is_null() && count != 0) {
+            l.errors += 1;
+            return -(errno::EINVAL as i64);
+        }
+        let slice = if count == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the caller guarantees `count` readable requests at `reqs`.
+            unsafe { std::slice::from_raw_parts(reqs, count) }
+        };
+        let (rc, n) = self.run_many(slice, inj, l, |s, r, l| s.do_mmu_update(r, l));
+        if !done.is_null() {
+            // SAFETY: the caller guarantees `done` is null or writable.
+            unsafe { done.write(n) };
+        }
+        rc
+    }
+
+    /// # Safety
+    /// `ops`/`count`/`done` as for [`XenHypercalls::mmuext_op`].
+    unsafe fn mmuext_inner(
+        &self,
+        ops: *const MmuExtOpAbi,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+        inj: Option<Injection>,
+        l: &mut Local,
+    ) -> i64 {
+        if domid != DOMID_SELF || (ops.is_null() && count != 0) {
+            l.errors += 1;
+            return -(errno::EINVAL as i64);
+        }
+        let slice = if count == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the caller guarantees `count` readable operations at `ops`.
+            unsafe { std::slice::from_raw_parts(ops, count) }
+        };
+        let (rc, n) = self.run_many(slice, inj, l, |s, o, l| s.do_mmuext(o, l));
+        if !done.is_null() {
+            // SAFETY: the caller guarantees `done` is null or writable.
+            unsafe { done.write(n) };
+        }
+        rc
+    }
+
+    fn uvm_inner(
+        &self,
+        va: u64,
+        pte: u64,
+        flags: u64,
+        inj: Option<Injection>,
+        l: &mut Local,
+    ) -> i64 {
+        if let Some(j) = inj {
+            l.uvm += 1;
+            l.injected += 1;
+            l.errors += 1;
+            return -(j.errno as i64);
+        }
+        match self.do_uvm(va, pte, flags, l) {
+            Ok(()) => 0,
+            Err(e) => {
+                l.errors += 1;
+                -(e as i64)
+            }
+        }
+    }
+
+    /// The guest store logic (rule 10).
+    fn store(
+        &self,
+        slot: &AtomicU64,
+        mfn: Mfn,
+        index: usize,
+        value: u64,
+        l: &mut Local,
+    ) -> Result<(), StoreFault> {
+        let fault = StoreFault {
+            mfn,
+            index,
+            rc: -errno::EFAULT,
+        };
+        let m = mfn.0;
+        let (Ok(f), Some(pfn)) = (self.frame(m), self.pfn_of(mfn)) else {
+            return Err(fault);
+        };
+        let Ok(frame) = self.table_memory(m) else {
+            return Err(fault);
+        };
+        if index >= ENTRIES_PER_FRAME || !std::ptr::eq(slot, frame.entry(index)) {
+            return Err(fault);
+        }
+        let dm = &self.dm[pfn.0 as usize];
+        for _ in 0..4 {
+            {
+                let _g = hold(&dm.lock);
+                let pte = PageTableEntry::from_bits(dm.pte.load(Ordering::Acquire));
+                if pte.is_present() && pte.is_writable() {
+                    slot.store(value, Ordering::Release);
+                    l.plain_stores += 1;
+                    return Ok(());
+                }
+            }
+            // Read-only: Xen emulates the write if the frame is a typed L1.
+            match self.get_existing(m, FrameType::L1) {
+                Ok(true) => {
+                    let r = {
+                        let _g = hold(&f.lock);
+                        self.update_entry(m, Level::L1, index, value, slot, l)
+                    };
+                    self.put_type(m, l);
+                    l.emulated_stores += 1;
+                    return r.map_err(|e| StoreFault { mfn, index, rc: -e });
+                }
+                Ok(false) => {
+                    // Remapped writable meanwhile? Then retry as a plain store.
+                    let pte = PageTableEntry::from_bits(dm.pte.load(Ordering::Acquire));
+                    if !(pte.is_present() && pte.is_writable()) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        l.faults += 1;
+        Err(fault)
+    }
+}
+
+fn splitmix(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl XenHypercalls for XenSim {
+    unsafe fn multicall(&self, entries: *mut MulticallEntry, count: usize) -> i64 {
+        let trap = self.trap_begin();
+        self.log_trap(count);
+        let mut l = Local {
+            hypercalls: 1,
+            multicalls: 1,
+            ..Local::default()
+        };
+        if entries.is_null() && count != 0 {
+            l.errors += 1;
+            self.stats.merge(&l);
+            return -(errno::EFAULT as i64);
+        }
+        for i in 0..count {
+            // SAFETY: the caller guarantees `count` valid entries at
+            // `entries`, not accessed by anyone else during the call.
+            let e = unsafe { &mut *entries.add(i) };
+            l.multicall_entries += 1;
+            let inj = self.injection(trap, i);
+            let a = e.args;
+            let rc = match e.op {
+                hypercall::UPDATE_VA_MAPPING => self.uvm_inner(a[0], a[1], a[2], inj, &mut l),
+                // SAFETY: the entry's pointer arguments satisfy the direct
+                // hypercall's contract (the caller's obligation).
+                hypercall::MMU_UPDATE => unsafe {
+                    self.mmu_update_inner(
+                        a[0] as *const MmuUpdateAbi,
+                        a[1] as usize,
+                        a[2] as *mut u32,
+                        a[3] as u16,
+                        inj,
+                        &mut l,
+                    )
+                },
+                // SAFETY: as above.
+                hypercall::MMUEXT_OP => unsafe {
+                    self.mmuext_inner(
+                        a[0] as *const MmuExtOpAbi,
+                        a[1] as usize,
+                        a[2] as *mut u32,
+                        a[3] as u16,
+                        inj,
+                        &mut l,
+                    )
+                },
+                _ => {
+                    l.errors += 1;
+                    -(errno::ENOSYS as i64)
+                }
+            };
+            e.result = rc as u64;
+        }
+        self.stats.merge(&l);
+        0
+    }
+
+    unsafe fn mmu_update(
+        &self,
+        reqs: *const MmuUpdateAbi,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+    ) -> i64 {
+        let trap = self.trap_begin();
+        self.log_trap(1);
+        let mut l = Local {
+            hypercalls: 1,
+            ..Local::default()
+        };
+        let inj = self.injection(trap, 0);
+        // SAFETY: forwarded contract.
+        let rc = unsafe { self.mmu_update_inner(reqs, count, done, domid, inj, &mut l) };
+        self.stats.merge(&l);
+        rc
+    }
+
+    unsafe fn mmuext_op(
+        &self,
+        ops: *const MmuExtOpAbi,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+    ) -> i64 {
+        let trap = self.trap_begin();
+        self.log_trap(1);
+        let mut l = Local {
+            hypercalls: 1,
+            ..Local::default()
+        };
+        let inj = self.injection(trap, 0);
+        // SAFETY: forwarded contract.
+        let rc = unsafe { self.mmuext_inner(ops, count, done, domid, inj, &mut l) };
+        self.stats.merge(&l);
+        rc
+    }
+
+    fn update_va_mapping(&self, va: u64, pte: u64, flags: u64) -> i64 {
+        let trap = self.trap_begin();
+        self.log_trap(1);
+        let mut l = Local {
+            hypercalls: 1,
+            ..Local::default()
+        };
+        let inj = self.injection(trap, 0);
+        let rc = self.uvm_inner(va, pte, flags, inj, &mut l);
+        self.stats.merge(&l);
+        rc
+    }
+
+    fn guest_store(
+        &self,
+        slot: &AtomicU64,
+        mfn: Mfn,
+        index: usize,
+        value: u64,
+    ) -> Result<(), StoreFault> {
+        let mut l = Local::default();
+        let r = self.store(slot, mfn, index, value, &mut l);
+        if r.is_err() || l.emulated_stores != 0 {
+            self.stats.merge(&l);
+        } else {
+            // Plain stores are the hot path: count them without touching
+            // the other counters.
+            self.stats.plain_stores.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------
+// convenience constructor
+
+/// A ready-made setup: the engine's frame store, the simulator reading it,
+/// and a backend trapping into the simulator with the guest's p2m.
+pub struct XenEnv<L: RawLock> {
+    /// Table memory (pfns `table_base..table_base + table_frames`).
+    pub store: Arc<FrameStore<L>>,
+    /// The simulated hypervisor.
+    pub sim: Arc<XenSim>,
+    /// The backend for address spaces.
+    pub backend: Arc<XenBackend<Arc<XenSim>>>,
+}
+
+/// Build a [`XenEnv`] for paging mode `M`: `table_frames` frames of table
+/// memory at the top of a domain of `nr_pages` frames (pfns below are data
+/// pages with metadata only), with a p2m permutation from `seed` and a trap
+/// cost of `trap_cost_ns`.
+pub fn xen_env<M: PagingMode, L: RawLock>(
+    table_frames: usize,
+    nr_pages: usize,
+    seed: u64,
+    trap_cost_ns: u64,
+) -> Result<XenEnv<L>, SimError> {
+    if table_frames == 0 || table_frames > nr_pages {
+        return Err(SimError::BadSize);
+    }
+    let base = (nr_pages - table_frames) as u64;
+    let store: Arc<FrameStore<L>> = Arc::new(FrameStore::new(table_frames, base));
+    let mem: Arc<dyn TableMemory> = store.clone();
+    let mut cfg = SimConfig::for_mode::<M>(nr_pages, seed);
+    cfg.trap_cost_ns = trap_cost_ns;
+    let sim = Arc::new(XenSim::new(cfg, mem)?);
+    let map = P2m::new(sim.p2m_table().to_vec()).ok_or(SimError::BadSize)?;
+    let backend = Arc::new(XenBackend::new(sim.clone(), map));
+    Ok(XenEnv {
+        store,
+        sim,
+        backend,
+    })
+}
