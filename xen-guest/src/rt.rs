@@ -1,0 +1,211 @@
+//! The guest's runtime: entry, Xen ELF notes, stack, console, heap,
+//! panic handler and the C memory functions the compiler calls.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::arch::{asm, global_asm};
+use core::fmt;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::hypercall;
+
+/// `isa-debug-exit` value for a passing run (QEMU exits with 33).
+pub const EXIT_PASS: u8 = 0x10;
+/// `isa-debug-exit` value for a failing run (QEMU exits with 35).
+pub const EXIT_FAIL: u8 = 0x11;
+
+/// Bytes of the guest's own stack.
+const STACK_BYTES: usize = 256 * 1024;
+
+// Entry: Xen starts the guest with %rsi = start_info and a small stack;
+// switch to our own and call Rust.
+global_asm!(
+    ".section .text._start, \"ax\", @progbits",
+    ".global _start",
+    "_start:",
+    "    lea {stack}+{size}(%rip), %rsp",
+    "    mov %rsi, %rdi",
+    "    xor %ebp, %ebp",
+    "    call guest_main",
+    "    ud2",
+    stack = sym STACK,
+    size = const STACK_BYTES,
+    options(att_syntax)
+);
+
+// Xen ELF notes (public elfnote.h): GUEST_OS (6), XEN_VERSION (5) and
+// LOADER (8) "generic", which lets Xen load a non-Linux kernel.
+global_asm!(
+    ".section .note.Xen, \"a\", @note",
+    ".macro xennote type, desc",
+    "    .balign 4",
+    "    .long 4f - 3f, 6f - 5f, \\type",
+    "3:  .asciz \"Xen\"",
+    "4:  .balign 4",
+    "5:  .asciz \"\\desc\"",
+    "6:  .balign 4",
+    ".endm",
+    "xennote 6, pagepin",
+    "xennote 5, xen-3.0",
+    "xennote 8, generic",
+    ".purgem xennote",
+    ".text",
+);
+
+#[repr(C, align(16))]
+struct Stack([u8; STACK_BYTES]);
+
+/// The guest's stack (in .bss, so in Xen's initial mapping).
+#[no_mangle]
+static mut STACK: Stack = Stack([0; STACK_BYTES]);
+
+/// Writes to Xen's console.
+pub struct Console;
+
+impl fmt::Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        hypercall::console_write(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Bytes of heap.
+const HEAP_BYTES: usize = 16 * 1024 * 1024;
+
+#[repr(C, align(4096))]
+struct Heap([u8; HEAP_BYTES]);
+
+static mut HEAP: Heap = Heap([0; HEAP_BYTES]);
+
+/// A bump allocator over a static arena: the guest runs a fixed sequence
+/// of scenarios, so freed memory is never reused.
+struct Bump {
+    next: AtomicUsize,
+}
+
+// SAFETY: every allocation is a distinct, suitably aligned range of the
+// static arena, handed out once by an atomic bump; `dealloc` does nothing.
+unsafe impl GlobalAlloc for Bump {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let base = core::ptr::addr_of_mut!(HEAP) as usize;
+        let mut cur = self.next.load(Ordering::Relaxed);
+        loop {
+            let start = (base + cur).next_multiple_of(layout.align()) - base;
+            let end = match start.checked_add(layout.size()) {
+                Some(e) if e <= HEAP_BYTES => e,
+                _ => return core::ptr::null_mut(),
+            };
+            match self
+                .next
+                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return (base + start) as *mut u8,
+                Err(now) => cur = now,
+            }
+        }
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+}
+
+#[global_allocator]
+static ALLOC: Bump = Bump {
+    next: AtomicUsize::new(0),
+};
+
+/// Bytes of heap used so far.
+pub fn heap_used() -> usize {
+    ALLOC.next.load(Ordering::Relaxed)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::fmt::Write;
+    let _ = writeln!(Console, "PAGEPIN-GUEST panic verdict=fail msg=\"{info}\"");
+    hypercall::qemu_exit(EXIT_FAIL)
+}
+
+/// libcore is built with unwinding tables and names this symbol; with
+/// panic=abort it is never called.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
+// The C memory functions. Written with `rep` string instructions, so the
+// compiler cannot turn them back into calls to themselves.
+
+/// Copy `n` bytes (non-overlapping).
+///
+/// # Safety
+/// C `memcpy` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees `n` readable bytes at `src` and `n`
+    // writable bytes at `dst`; the direction flag is clear (ABI).
+    unsafe {
+        asm!("rep movsb", inout("rdi") dst => _, inout("rsi") src => _, inout("rcx") n => _,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// Copy `n` bytes (ranges may overlap).
+///
+/// # Safety
+/// C `memmove` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
+        // SAFETY: forward copy is correct when dst is below src or the
+        // ranges do not overlap; same contract as memcpy otherwise.
+        unsafe { memcpy(dst, src, n) }
+    } else {
+        // SAFETY: copy backwards from the last byte with the direction
+        // flag set, restoring it afterwards as the ABI requires.
+        unsafe {
+            asm!("std", "rep movsb", "cld",
+                 inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+                 inout("rcx") n => _, options(nostack));
+        }
+        dst
+    }
+}
+
+/// Fill `n` bytes with `c`.
+///
+/// # Safety
+/// C `memset` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees `n` writable bytes at `dst`.
+    unsafe {
+        asm!("rep stosb", inout("rdi") dst => _, inout("rcx") n => _, in("al") c as u8,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// Compare `n` bytes.
+///
+/// # Safety
+/// C `memcmp` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: `i < n` and the caller guarantees `n` readable bytes.
+        let (x, y) = unsafe { (a.add(i).read_volatile(), b.add(i).read_volatile()) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// Whether `n` bytes differ (0: equal).
+///
+/// # Safety
+/// C `bcmp` contract.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract.
+    unsafe { memcmp(a, b, n) }
+}
