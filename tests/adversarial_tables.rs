@@ -204,8 +204,11 @@ fn net_effect(batches: &[RecordedBatch]) -> (HashMap<u64, bool>, HashMap<u64, i6
     for b in batches {
         for (call, res) in b.calls.iter().zip(&b.results) {
             match call {
-                Recorded::UpdateVaMapping { va, pte, .. } if res.rc == 0 => {
-                    ro.insert(*va, pte & EntryFlags::WRITABLE.bits() == 0);
+                Recorded::UpdateVaMapping { pte, .. } if res.rc == 0 => {
+                    // Keyed by the table frame the remapped entry maps
+                    // (the mock's p2m is the identity).
+                    let frame = PageTableEntry::from_bits(*pte).frame();
+                    ro.insert(frame, pte & EntryFlags::WRITABLE.bits() == 0);
                 }
                 Recorded::MmuExtOp(ops) => {
                     for op in &ops[..res.done as usize] {
@@ -490,11 +493,7 @@ fn check_pin(space: &Space, what: &str) {
                     space.store().meta(*pfn).unwrap().is_pinned(),
                     "{what}: {pfn:?} not flagged"
                 );
-                assert_eq!(
-                    ro.get(&Space::direct_map_va(*pfn)),
-                    Some(&true),
-                    "{what}: {pfn:?} not read-only"
-                );
+                assert_eq!(ro.get(&pfn.0), Some(&true), "{what}: {pfn:?} not read-only");
                 if *level == Level::L1 {
                     assert_eq!(pins.get(&pfn.0), Some(&1), "{what}: L1 {pfn:?} not pinned");
                 }

@@ -1,0 +1,492 @@
+//! One scenario suite, run on every backend: mock, native and (with the
+//! `xen` feature) the simulated Xen hypervisor.
+//!
+//! Each scenario is a generic function over a [`Platform`]: how to build a
+//! space on that backend and how to see, from the backend's side, whether
+//! the tables are pinned. The `scenarios!` macro instantiates all of them
+//! for one platform, so swapping backends in your own tests is one line:
+//!
+//! ```text
+//! scenarios!(my_backend, MyPlatform);
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pagepin::backend::ExtCmd;
+use pagepin::backends::mock::{MockBackend, Recorded};
+use pagepin::backends::native::NativeBackend;
+use pagepin::{
+    AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, Level, PageSize,
+    PageTableEntry, Pfn, SpaceOptions, Split, WritePath, X86_64,
+};
+
+/// Table frames and domain pages of every platform: tables at the top
+/// (pfns 768..1024), data pages below.
+const TABLES: usize = 256;
+const PAGES: usize = 1024;
+const TABLE_BASE: u64 = (PAGES - TABLES) as u64;
+
+/// A space on platform `P`.
+type Space<P> = AddressSpace<X86_64, Split, <P as Platform>::B>;
+
+/// What a scenario needs from a backend.
+trait Platform: Sized {
+    /// The backend.
+    type B: Backend;
+    /// Whether the platform takes 2 MiB leaves (Xen PV does not).
+    const LARGE_PAGES: bool;
+    /// A fresh platform (store + backend).
+    fn new(seed: u64) -> Self;
+    /// A new space on it.
+    fn space(&self) -> Space<Self>;
+    /// Traps / batches issued so far (to show that a refusal issued none).
+    fn traps(&self) -> u64;
+    /// Unpin operations issued so far.
+    fn unpins(&self) -> u64;
+    /// Check, from the backend's side, that `tables` are pinned (read-only,
+    /// validated) or all back to normal.
+    fn check_tables(&self, space: &Space<Self>, tables: &[(Pfn, Level)], pinned: bool);
+    /// Check that nothing is left typed or read-only (after teardown).
+    fn check_quiet(&self);
+}
+
+// ---------------------------------------------------------------- mock
+
+struct MockPlatform {
+    store: Arc<FrameStore<DefaultRawLock>>,
+    backend: Arc<MockBackend>,
+}
+
+impl MockPlatform {
+    /// Read-only state of each direct-map address and pin balance of each
+    /// frame, from the calls recorded so far.
+    fn net(
+        &self,
+    ) -> (
+        std::collections::HashMap<u64, bool>,
+        std::collections::HashMap<u64, i64>,
+    ) {
+        let mut ro = std::collections::HashMap::new();
+        let mut pins = std::collections::HashMap::new();
+        for b in self.backend.batches() {
+            for (c, r) in b.calls.iter().zip(&b.results) {
+                match c {
+                    Recorded::UpdateVaMapping { pte, .. } if r.rc == 0 => {
+                        // Keyed by the frame the remapped entry maps (the
+                        // table frame; the mock's p2m is the identity).
+                        let frame = PageTableEntry::from_bits(*pte).frame();
+                        ro.insert(frame, pte & EntryFlags::WRITABLE.bits() == 0);
+                    }
+                    Recorded::MmuExtOp(ops) => {
+                        for op in &ops[..r.done as usize] {
+                            if op.cmd.pin_level().is_some() {
+                                *pins.entry(op.arg1).or_insert(0) += 1;
+                            } else if op.cmd == ExtCmd::UnpinTable {
+                                *pins.entry(op.arg1).or_insert(0) -= 1;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (ro, pins)
+    }
+}
+
+impl Platform for MockPlatform {
+    type B = MockBackend;
+    const LARGE_PAGES: bool = true;
+    fn new(_seed: u64) -> Self {
+        let store = Arc::new(FrameStore::new(TABLES, TABLE_BASE));
+        // With memory, accepted mmu_updates are applied (pinned upper tables
+        // stay writable through the "hypervisor").
+        let backend = Arc::new(MockBackend::with_memory(store.clone()));
+        MockPlatform { store, backend }
+    }
+    fn space(&self) -> Space<Self> {
+        AddressSpace::new(
+            self.store.clone(),
+            self.backend.clone(),
+            SpaceOptions::default(),
+        )
+        .unwrap()
+    }
+    fn traps(&self) -> u64 {
+        self.backend.batch_count() as u64
+    }
+    fn unpins(&self) -> u64 {
+        self.backend
+            .calls()
+            .iter()
+            .map(|c| match c {
+                Recorded::MmuExtOp(ops) => {
+                    ops.iter().filter(|o| o.cmd == ExtCmd::UnpinTable).count() as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+    fn check_tables(&self, _space: &Space<Self>, tables: &[(Pfn, Level)], pinned: bool) {
+        let (ro, pins) = self.net();
+        for &(pfn, level) in tables {
+            assert_eq!(
+                ro.get(&pfn.0).copied().unwrap_or(false),
+                pinned,
+                "mock: {pfn:?} ({level:?}) read-only"
+            );
+            let want = i64::from(pinned && (level == Level::L1 || level == Level::L4));
+            assert_eq!(
+                pins.get(&pfn.0).copied().unwrap_or(0),
+                want,
+                "mock: {pfn:?} ({level:?}) pin balance"
+            );
+        }
+    }
+    fn check_quiet(&self) {
+        let (ro, pins) = self.net();
+        assert!(ro.values().all(|r| !r), "mock: frames left read-only");
+        assert!(pins.values().all(|n| *n == 0), "mock: pins left: {pins:x?}");
+    }
+}
+
+// ---------------------------------------------------------------- native
+
+struct NativePlatform {
+    store: Arc<FrameStore<DefaultRawLock>>,
+    backend: Arc<NativeBackend>,
+}
+
+impl Platform for NativePlatform {
+    type B = NativeBackend;
+    const LARGE_PAGES: bool = true;
+    fn new(_seed: u64) -> Self {
+        let store = Arc::new(FrameStore::new(TABLES, TABLE_BASE));
+        NativePlatform {
+            backend: Arc::new(NativeBackend::with_memory(store.clone())),
+            store,
+        }
+    }
+    fn space(&self) -> Space<Self> {
+        AddressSpace::new(
+            self.store.clone(),
+            self.backend.clone(),
+            SpaceOptions::default(),
+        )
+        .unwrap()
+    }
+    fn traps(&self) -> u64 {
+        self.backend.counters().batches
+    }
+    fn unpins(&self) -> u64 {
+        self.backend.counters().pin_ops
+    }
+    fn check_tables(&self, space: &Space<Self>, tables: &[(Pfn, Level)], _pinned: bool) {
+        // Bare hardware has no pinning: pin is bookkeeping only, so the
+        // tables never change state and no batch is ever issued.
+        for &(pfn, _) in tables {
+            assert!(
+                !space.store().meta(pfn).unwrap().is_pinned(),
+                "native: {pfn:?} flagged"
+            );
+        }
+        let c = self.backend.counters();
+        assert_eq!((c.batches, c.pin_ops), (0, 0), "native: {c:?}");
+        assert_eq!(
+            c.invalidations,
+            c.stores - c.unchanged_stores,
+            "native: one invalidation per changed entry"
+        );
+    }
+    fn check_quiet(&self) {
+        assert_eq!(self.backend.counters().batches, 0);
+    }
+}
+
+// ---------------------------------------------------------------- xen
+
+#[cfg(feature = "xen")]
+mod xen_platform {
+    use super::*;
+    use pagepin::backends::xen::{xen_env, FrameType, XenBackend, XenEnv, XenSim};
+
+    pub struct XenPlatform(XenEnv<DefaultRawLock>);
+
+    impl Platform for XenPlatform {
+        type B = XenBackend<Arc<XenSim>>;
+        const LARGE_PAGES: bool = false;
+        fn new(seed: u64) -> Self {
+            XenPlatform(xen_env::<X86_64, DefaultRawLock>(TABLES, PAGES, seed, 0).expect("xen env"))
+        }
+        fn space(&self) -> Space<Self> {
+            AddressSpace::new(
+                self.0.store.clone(),
+                self.0.backend.clone(),
+                SpaceOptions::default(),
+            )
+            .unwrap()
+        }
+        fn traps(&self) -> u64 {
+            self.0.sim.trap_count()
+        }
+        fn unpins(&self) -> u64 {
+            self.0.sim.stats().ext_cmds[ExtCmd::UnpinTable as usize]
+        }
+        fn check_tables(&self, _space: &Space<Self>, tables: &[(Pfn, Level)], pinned: bool) {
+            for &(pfn, level) in tables {
+                let info = self.0.sim.frame_info(pfn).expect("frame known to xen");
+                if pinned {
+                    assert_eq!(info.ty, FrameType::table(level), "xen: {info:?}");
+                    assert_eq!(info.direct_map_writable, Some(false), "xen: {info:?}");
+                    assert_eq!(
+                        info.pinned,
+                        level == Level::L1 || level == Level::L4,
+                        "xen: {info:?}"
+                    );
+                } else {
+                    assert!(!info.ty.is_table() && !info.pinned, "xen: {info:?}");
+                    assert_eq!(info.direct_map_writable, Some(true), "xen: {info:?}");
+                }
+            }
+            assert!(
+                self.0.sim.check_all().is_empty(),
+                "xen: a typed table is writable"
+            );
+        }
+        fn check_quiet(&self) {
+            assert!(
+                self.0.sim.typed_tables().is_empty(),
+                "xen: {:?}",
+                self.0.sim.typed_tables()
+            );
+            assert!(self.0.sim.check_all().is_empty());
+        }
+    }
+}
+#[cfg(feature = "xen")]
+use xen_platform::XenPlatform;
+
+// ---------------------------------------------------------------- scenarios
+
+/// Data page `i` (below the table frames on every platform).
+fn data_pa(i: u64) -> u64 {
+    (16 + i) << 12
+}
+
+/// Virtual address of page `k` of region `r` (regions 1 GiB apart in two
+/// root slots).
+fn va(r: u64, k: u64) -> u64 {
+    0x10_0000_0000 + ((r % 2) << 39) + ((r / 2) << 30) + (k << 12)
+}
+
+fn map_some<P: Platform>(space: &Space<P>, regions: u64, per_region: u64) -> Vec<u64> {
+    let mut vas = Vec::new();
+    for r in 0..regions {
+        for k in 0..per_region {
+            let v = va(r, k * 3);
+            let flags = if k % 3 == 0 {
+                EntryFlags::PRESENT | EntryFlags::USER
+            } else {
+                EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::NO_EXECUTE
+            };
+            space
+                .map(v, data_pa(r * 64 + k), PageSize::Size4K, flags)
+                .unwrap();
+            vas.push(v);
+        }
+    }
+    if P::LARGE_PAGES {
+        // 2 MiB leaves next to the 4 KiB ones (pa 2 MiB-aligned, below tables).
+        space
+            .map(
+                va(0, 0) + (4 << 21),
+                1 << 21,
+                PageSize::Size2M,
+                EntryFlags::PRESENT,
+            )
+            .unwrap();
+        assert_eq!(
+            space.translate(va(0, 0) + (4 << 21) + 0x1234).unwrap().phys,
+            (1 << 21) + 0x1234
+        );
+    }
+    vas
+}
+
+/// Map, pin, write through both paths, grow and shrink the pinned space,
+/// unpin, pin again and tear down.
+fn lifecycle<P: Platform>() {
+    let p = P::new(1);
+    let space = p.space();
+    let vas = map_some::<P>(&space, 3, 12);
+    let tables = space.table_frames().unwrap();
+    assert!(tables.len() >= 1 + 2 + 2 + 3, "{tables:?}");
+    p.check_tables(&space, &tables, false);
+
+    let mut b: Batch = Batch::new();
+    space.pin(&mut b).unwrap();
+    assert!(space.is_pinned());
+    p.check_tables(&space, &tables, true);
+
+    // Writers: the store path (Xen traps and emulates on a pinned L1) and
+    // the hypercall path.
+    for (i, &v) in vas.iter().enumerate().take(6) {
+        let path = if i % 2 == 0 {
+            WritePath::Store
+        } else {
+            WritePath::Hypercall
+        };
+        // Entries hold *machine* frames: on Xen the p2m is not the identity.
+        let mfn = space
+            .backend()
+            .pfn_to_mfn(Pfn(data_pa(500 + i as u64) >> 12));
+        let new = PageTableEntry::new(
+            mfn.0,
+            EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::ACCESSED,
+        );
+        let old = space.set_pte(v, new, path).unwrap();
+        assert!(old.is_present());
+        assert_eq!(
+            space.translate(v).unwrap().phys,
+            data_pa(500 + i as u64),
+            "{path:?}"
+        );
+    }
+    // Grow: a new region needs new L3/L2/L1 tables, made read-only (and
+    // pinned) before they are linked.
+    let far = va(5, 7);
+    space
+        .map(far, data_pa(600), PageSize::Size4K, EntryFlags::PRESENT)
+        .unwrap();
+    let grown = space.table_frames().unwrap();
+    assert!(grown.len() > tables.len());
+    p.check_tables(&space, &grown, true);
+    // Shrink: unmap the page, release its L1 (unlinked, unpinned, writable).
+    assert_eq!(space.unmap(far).unwrap().phys, data_pa(600));
+    assert_eq!(space.translate(far), None);
+    let l1 = grown
+        .iter()
+        .copied()
+        .find(|t| !tables.contains(t) && t.1 == Level::L1)
+        .unwrap();
+    space.release_table(far, Level::L1).unwrap();
+    p.check_tables(&space, &[l1], false);
+    let now = space.table_frames().unwrap();
+    assert_eq!(now.len(), grown.len() - 1);
+
+    space.unpin(&mut b).unwrap();
+    assert!(!space.is_pinned());
+    p.check_tables(&space, &now, false);
+    for (i, &v) in vas.iter().enumerate().take(6) {
+        assert_eq!(
+            space.translate(v).unwrap().phys,
+            data_pa(500 + i as u64),
+            "writes survive unpin"
+        );
+    }
+
+    space.pin(&mut b).unwrap();
+    let unpins = p.unpins();
+    space.teardown().unwrap();
+    assert!(
+        p.unpins() > unpins || !P::B::PINNING,
+        "teardown of a pinned space unpins"
+    );
+    p.check_quiet();
+}
+
+/// A space never pinned is torn down without a single unpin.
+fn never_pinned_teardown<P: Platform>() {
+    let p = P::new(2);
+    let space = p.space();
+    map_some::<P>(&space, 2, 5);
+    let (traps, unpins) = (p.traps(), p.unpins());
+    space.teardown().unwrap();
+    assert_eq!(p.unpins(), unpins, "no unpin for a never-pinned space");
+    assert_eq!(p.traps(), traps, "no hypercall at all");
+    p.check_quiet();
+}
+
+/// Refusals: double pin, unpin of an unpinned space, bad addresses, a
+/// mapping in the way. Each is a typed error, issues nothing and changes
+/// nothing.
+fn refusals<P: Platform>() {
+    let p = P::new(3);
+    let space = p.space();
+    let vas = map_some::<P>(&space, 2, 4);
+    let snapshot = |s: &Space<P>| -> Vec<u64> {
+        let st = s.store();
+        (0..TABLES as u64)
+            .flat_map(|i| {
+                st.frame(Pfn(TABLE_BASE + i))
+                    .unwrap()
+                    .entries()
+                    .iter()
+                    .map(|e| e.load(Ordering::Acquire))
+            })
+            .collect()
+    };
+    let mut b: Batch = Batch::new();
+    assert_eq!(space.unpin(&mut b).unwrap_err(), Error::NotPinned);
+    space.pin(&mut b).unwrap();
+    let (before, traps) = (snapshot(&space), p.traps());
+    assert_eq!(space.pin(&mut b).unwrap_err(), Error::AlreadyPinned);
+    let f = EntryFlags::PRESENT;
+    assert!(matches!(
+        space.map(0x0000_8000_0000_0000, 0, PageSize::Size4K, f),
+        Err(Error::NonCanonical { .. })
+    ));
+    assert!(matches!(
+        space.map(va(0, 1) + 8, 0, PageSize::Size4K, f),
+        Err(Error::Misaligned { .. })
+    ));
+    assert!(matches!(
+        space.map(vas[0], data_pa(1), PageSize::Size4K, f),
+        Err(Error::AlreadyMapped { .. })
+    ));
+    assert!(matches!(
+        space.map(va(0, 0), 1 << 21, PageSize::Size2M, f),
+        Err(Error::AlreadyMapped { .. })
+    ));
+    assert!(matches!(
+        space.unmap(va(1, 1)),
+        Err(Error::NotMapped { .. })
+    ));
+    assert!(matches!(
+        space.release_table(vas[0], Level::L1),
+        Err(Error::TableNotEmpty { .. })
+    ));
+    assert_eq!(snapshot(&space), before, "refusals changed the tables");
+    assert_eq!(p.traps(), traps, "refusals issued hypercalls");
+    space.unpin(&mut b).unwrap();
+    assert_eq!(space.unpin(&mut b).unwrap_err(), Error::NotPinned);
+    space.teardown().unwrap();
+    p.check_quiet();
+}
+
+macro_rules! scenarios {
+    ($name:ident, $platform:ty) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn lifecycle() {
+                super::lifecycle::<$platform>();
+            }
+            #[test]
+            fn never_pinned_teardown() {
+                super::never_pinned_teardown::<$platform>();
+            }
+            #[test]
+            fn refusals() {
+                super::refusals::<$platform>();
+            }
+        }
+    };
+}
+
+scenarios!(mock, MockPlatform);
+scenarios!(native, NativePlatform);
+#[cfg(feature = "xen")]
+scenarios!(xen, XenPlatform);
