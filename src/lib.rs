@@ -6,3 +6,5 @@ pub use pagepin_engine::*;
 
 /// The backends (mock, Xen, native), each behind its feature.
 pub use pagepin_backends as backends;
+
+pub mod dump;
