@@ -392,7 +392,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let applied = |i: usize| failed.binary_search(&(i as Tag)).is_err();
 
         let mut held: Option<Pfn> = None;
-        let mut reprotected = false;
+        // A read-only remap queued since the last TLB flush: its stale
+        // writable TLB entries must be flushed before a table that the
+        // hypervisor validates recursively (L2 and up) is pinned again, as
+        // the root's remap carries the flush before the root pin on the
+        // forward path.
+        let mut unflushed = false;
         let steps = &j.steps;
         for i in (0..steps.len()).rev() {
             let s = steps[i];
@@ -435,7 +440,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     );
                 }
                 Action::RemapRw => {
-                    reprotected = true;
+                    unflushed = true;
                     b.update_va_mapping(
                         &target,
                         Self::direct_map_va(s.pfn),
@@ -445,7 +450,21 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     );
                 }
                 Action::Pin(_) => b.mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG),
-                Action::Unpin(l) => b.mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG),
+                Action::Unpin(l) => {
+                    if unflushed && l != Level::L1 {
+                        b.mmuext(
+                            &target,
+                            MmuExtOp {
+                                cmd: ExtCmd::TlbFlushLocal,
+                                arg1: 0,
+                                arg2: 0,
+                            },
+                            NO_TAG,
+                        );
+                        unflushed = false;
+                    }
+                    b.mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG)
+                }
                 Action::FlagSet | Action::FlagCleared => {}
             }
             if held == Some(s.pfn) {
@@ -471,7 +490,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 b.preempt_mut().release();
             }
         }
-        if reprotected {
+        if unflushed {
             b.mmuext(
                 &target,
                 MmuExtOp {
