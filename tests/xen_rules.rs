@@ -6,12 +6,14 @@ mod xen_common;
 use std::mem::{offset_of, size_of};
 
 use pagepin::backends::xen::abi::hypercall;
-use pagepin::backends::xen::{FrameType, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, Scratch, XenSim, DOMID_SELF};
+use pagepin::backends::xen::{
+    FrameType, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, Scratch, XenSim, DOMID_SELF,
+};
 use pagepin::engine::backend::{errno, uvmf};
 use pagepin::engine::space::Sabotage;
 use pagepin::{
-    Backend, Batch, Call, CallResult, EntryFlags, Error, ExtCmd, Global, Level, MmuExtOp, MmuUpdate, PageSize, Pae,
-    Pfn, Split, WritePath, X86_64,
+    Backend, Batch, Call, CallResult, EntryFlags, Error, ExtCmd, Global, Level, MmuExtOp,
+    MmuUpdate, Pae, PageSize, Pfn, Split, WritePath, X86_64,
 };
 use xen_common::*;
 
@@ -20,8 +22,19 @@ type GlobalX = Global;
 
 fn uvm_ro(e: &Env, pfn: Pfn, flags: u64) -> i32 {
     let mfn = e.backend.pfn_to_mfn(pfn);
-    let pte = pagepin::PageTableEntry::new(mfn.0, EntryFlags::PRESENT | EntryFlags::ACCESSED | EntryFlags::DIRTY);
-    issue1(e, Call::UpdateVaMapping { va: 0xffff_8880_0000_0000 + (pfn.0 << 12), pte: pte.bits(), flags }).rc
+    let pte = pagepin::PageTableEntry::new(
+        mfn.0,
+        EntryFlags::PRESENT | EntryFlags::ACCESSED | EntryFlags::DIRTY,
+    );
+    issue1(
+        e,
+        Call::UpdateVaMapping {
+            va: 0xffff_8880_0000_0000 + (pfn.0 << 12),
+            pte: pte.bits(),
+            flags,
+        },
+    )
+    .rc
 }
 
 fn uvm_rw(e: &Env, pfn: Pfn) -> i32 {
@@ -30,7 +43,15 @@ fn uvm_rw(e: &Env, pfn: Pfn) -> i32 {
         mfn.0,
         EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::ACCESSED | EntryFlags::DIRTY,
     );
-    issue1(e, Call::UpdateVaMapping { va: 0xffff_8880_0000_0000 + (pfn.0 << 12), pte: pte.bits(), flags: 0 }).rc
+    issue1(
+        e,
+        Call::UpdateVaMapping {
+            va: 0xffff_8880_0000_0000 + (pfn.0 << 12),
+            pte: pte.bits(),
+            flags: 0,
+        },
+    )
+    .rc
 }
 
 fn ext(e: &Env, cmd: ExtCmd, pfn: Pfn) -> i32 {
@@ -55,7 +76,13 @@ fn abi_layout() {
     assert_eq!(offset_of!(MmuExtOpAbi, arg1), 8);
     assert_eq!(offset_of!(MmuExtOpAbi, arg2), 16);
     assert_eq!(
-        (hypercall::MMU_UPDATE, hypercall::MULTICALL, hypercall::UPDATE_VA_MAPPING, hypercall::VM_ASSIST, hypercall::MMUEXT_OP),
+        (
+            hypercall::MMU_UPDATE,
+            hypercall::MULTICALL,
+            hypercall::UPDATE_VA_MAPPING,
+            hypercall::VM_ASSIST,
+            hypercall::MMUEXT_OP
+        ),
         (1, 13, 14, 21, 26)
     );
     assert_eq!(DOMID_SELF, 0x7FF0);
@@ -64,14 +91,31 @@ fn abi_layout() {
 
 #[test]
 fn encode_batch_and_decode_results() {
-    let ups = [MmuUpdate { ptr: 0x1000, val: 7 }, MmuUpdate { ptr: 0x2008, val: 9 }];
+    let ups = [
+        MmuUpdate {
+            ptr: 0x1000,
+            val: 7,
+        },
+        MmuUpdate {
+            ptr: 0x2008,
+            val: 9,
+        },
+    ];
     let ops = [
         MmuExtOp::on(ExtCmd::PinL1Table, pagepin::Mfn(5)),
-        MmuExtOp { cmd: ExtCmd::TlbFlushLocal, arg1: 0, arg2: 0 },
+        MmuExtOp {
+            cmd: ExtCmd::TlbFlushLocal,
+            arg1: 0,
+            arg2: 0,
+        },
         MmuExtOp::on(ExtCmd::UnpinTable, pagepin::Mfn(6)),
     ];
     let calls = [
-        Call::UpdateVaMapping { va: 0xdead_0000, pte: 0x1234_0001, flags: uvmf::TLB_FLUSH },
+        Call::UpdateVaMapping {
+            va: 0xdead_0000,
+            pte: 0x1234_0001,
+            flags: uvmf::TLB_FLUSH,
+        },
         Call::MmuUpdate(&ups),
         Call::MmuExtOp(&ops),
     ];
@@ -85,12 +129,27 @@ fn encode_batch_and_decode_results() {
     assert_eq!(s.entries[1].args[3], DOMID_SELF as u64);
     // SAFETY: the entry points at the scratch's update array (2 requests).
     let got = unsafe { std::slice::from_raw_parts(s.entries[1].args[0] as *const MmuUpdateAbi, 2) };
-    assert_eq!(got, &[MmuUpdateAbi { ptr: 0x1000, val: 7 }, MmuUpdateAbi { ptr: 0x2008, val: 9 }]);
+    assert_eq!(
+        got,
+        &[
+            MmuUpdateAbi {
+                ptr: 0x1000,
+                val: 7
+            },
+            MmuUpdateAbi {
+                ptr: 0x2008,
+                val: 9
+            }
+        ]
+    );
     assert_eq!(s.entries[2].op, hypercall::MMUEXT_OP);
     assert_eq!(s.entries[2].args[1], 3);
     // SAFETY: as above, 3 operations.
     let got = unsafe { std::slice::from_raw_parts(s.entries[2].args[0] as *const MmuExtOpAbi, 3) };
-    assert_eq!((got[0].cmd, got[0].arg1, got[1].cmd, got[2].cmd, got[2].arg1), (0, 5, 6, 4, 6));
+    assert_eq!(
+        (got[0].cmd, got[0].arg1, got[1].cmd, got[2].cmd, got[2].arg1),
+        (0, 5, 6, 4, 6)
+    );
     assert_eq!(s.entries[2].args[2], s.done.as_ptr().wrapping_add(2) as u64);
     // The hypervisor's answers: uvm ok, mmu_update failed after 1, ext ok.
     s.entries[1].result = (-(errno::EBUSY as i64)) as u64;
@@ -98,7 +157,14 @@ fn encode_batch_and_decode_results() {
     s.done[2] = 3;
     let mut r = [CallResult::default(); 3];
     s.decode(&calls, &mut r);
-    assert_eq!(r, [CallResult::ok(1), CallResult { rc: -16, done: 1 }, CallResult::ok(3)]);
+    assert_eq!(
+        r,
+        [
+            CallResult::ok(1),
+            CallResult { rc: -16, done: 1 },
+            CallResult::ok(3)
+        ]
+    );
 }
 
 #[test]
@@ -115,7 +181,11 @@ fn p2m_is_a_derangement() {
     // read-only, valid L1 does not pin that L1.
     let l1 = e.store.alloc_table(Level::L1).unwrap();
     assert_eq!(uvm_ro(&e, l1, 0), 0);
-    let rc = issue1(&e, Call::MmuExtOp(&[MmuExtOp::on(ExtCmd::PinL1Table, pagepin::Mfn(l1.0))])).rc;
+    let rc = issue1(
+        &e,
+        Call::MmuExtOp(&[MmuExtOp::on(ExtCmd::PinL1Table, pagepin::Mfn(l1.0))]),
+    )
+    .rc;
     assert_ne!(rc, 0);
     assert_eq!(ext(&e, ExtCmd::PinL1Table, l1), 0);
 }
@@ -129,7 +199,10 @@ fn pin_rules_on_one_frame() {
     assert_eq!(uvm_ro(&e, l1, uvmf::TLB_FLUSH), 0);
     assert_eq!(ext(&e, ExtCmd::PinL1Table, l1), 0);
     let i = e.sim.frame_info(l1).unwrap();
-    assert_eq!((i.ty, i.count, i.pinned, i.validated, i.direct_map_writable), (FrameType::L1, 1, true, true, Some(false)));
+    assert_eq!(
+        (i.ty, i.count, i.pinned, i.validated, i.direct_map_writable),
+        (FrameType::L1, 1, true, true, Some(false))
+    );
     // Double pin: -EINVAL, count unchanged.
     assert_eq!(ext(&e, ExtCmd::PinL1Table, l1), -errno::EINVAL);
     assert_eq!(e.sim.frame_info(l1).unwrap().count, 1);
@@ -142,7 +215,10 @@ fn pin_rules_on_one_frame() {
     assert_eq!(e.sim.frame_info(l1).unwrap().ty, FrameType::None);
     assert_eq!(uvm_rw(&e, l1), 0);
     // Unknown frame.
-    let r = issue1(&e, Call::MmuExtOp(&[MmuExtOp::on(ExtCmd::PinL1Table, pagepin::Mfn(1 << 30))]));
+    let r = issue1(
+        &e,
+        Call::MmuExtOp(&[MmuExtOp::on(ExtCmd::PinL1Table, pagepin::Mfn(1 << 30))]),
+    );
     assert_eq!(r.rc, -errno::EINVAL);
     assert_quiet(&e.sim);
     assert_eq!(e.sim.stats().invariant_breaks, 0);
@@ -156,13 +232,24 @@ fn multicall_continues_after_failing_entry_and_done_counts() {
     let ma = e.backend.pfn_to_mfn(a);
     let mb = e.backend.pfn_to_mfn(b);
     let ro = |m: pagepin::Mfn| pagepin::PageTableEntry::new(m.0, EntryFlags::PRESENT).bits();
-    let pins = [MmuExtOp::on(ExtCmd::PinL1Table, mb), MmuExtOp::on(ExtCmd::PinL1Table, ma)];
+    let pins = [
+        MmuExtOp::on(ExtCmd::PinL1Table, mb),
+        MmuExtOp::on(ExtCmd::PinL1Table, ma),
+    ];
     let calls = [
         // a is still writable: this entry fails...
         Call::MmuExtOp(&[MmuExtOp::on(ExtCmd::PinL1Table, ma)]),
         // ...and the rest still run.
-        Call::UpdateVaMapping { va: 0xffff_8880_0000_0000 + (a.0 << 12), pte: ro(ma), flags: 0 },
-        Call::UpdateVaMapping { va: 0xffff_8880_0000_0000 + (b.0 << 12), pte: ro(mb), flags: uvmf::TLB_FLUSH },
+        Call::UpdateVaMapping {
+            va: 0xffff_8880_0000_0000 + (a.0 << 12),
+            pte: ro(ma),
+            flags: 0,
+        },
+        Call::UpdateVaMapping {
+            va: 0xffff_8880_0000_0000 + (b.0 << 12),
+            pte: ro(mb),
+            flags: uvmf::TLB_FLUSH,
+        },
         // b pins, then a pins, in one call of two requests.
         Call::MmuExtOp(&pins),
         // Within one call processing stops at the first error: the second
@@ -179,11 +266,17 @@ fn multicall_continues_after_failing_entry_and_done_counts() {
     assert_eq!(
         r,
         [
-            CallResult { rc: -errno::EINVAL, done: 0 },
+            CallResult {
+                rc: -errno::EINVAL,
+                done: 0
+            },
             CallResult::ok(1),
             CallResult::ok(1),
             CallResult::ok(2),
-            CallResult { rc: -errno::EINVAL, done: 1 },
+            CallResult {
+                rc: -errno::EINVAL,
+                done: 1
+            },
         ]
     );
     let s = e.sim.stats();
@@ -213,26 +306,49 @@ fn xsa182_fast_path_only_for_harmless_bits() {
     populate(&s, 2);
     let va = va_of::<X86_64>(0, 1);
     let data = data_pfn(0, 1);
-    s.map(va, data << 12, PageSize::Size4K, EntryFlags::PRESENT | EntryFlags::USER).unwrap();
+    s.map(
+        va,
+        data << 12,
+        PageSize::Size4K,
+        EntryFlags::PRESENT | EntryFlags::USER,
+    )
+    .unwrap();
     let mut b: Batch = Batch::new();
     s.pin(&mut b).unwrap();
     let root = s.root();
     for path in [WritePath::Hypercall, WritePath::Store] {
         let before = e.sim.stats();
         // A/D/NX/avail only: fast path.
-        let v = leaf(&s, data, EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::ACCESSED | EntryFlags::NO_EXECUTE);
+        let v = leaf(
+            &s,
+            data,
+            EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::ACCESSED | EntryFlags::NO_EXECUTE,
+        );
         s.set_pte(va, v, path).unwrap();
         let mid = e.sim.stats();
-        assert_eq!(mid.fast_path_updates - before.fast_path_updates, 1, "{path:?}");
+        assert_eq!(
+            mid.fast_path_updates - before.fast_path_updates,
+            1,
+            "{path:?}"
+        );
         assert_eq!(mid.full_updates, before.full_updates);
         // RW on a data frame: full path (a writable reference is taken).
-        let w = leaf(&s, data, EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::WRITABLE);
+        let w = leaf(
+            &s,
+            data,
+            EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::WRITABLE,
+        );
         s.set_pte(va, w, path).unwrap();
         let after = e.sim.stats();
         assert_eq!(after.full_updates - mid.full_updates, 1);
         assert_eq!(e.sim.frame_info(Pfn(data)).unwrap().count, 2); // direct map + this leaf
-        // Back to read-only: full path, reference dropped.
-        s.set_pte(va, leaf(&s, data, EntryFlags::PRESENT | EntryFlags::USER), path).unwrap();
+                                                                   // Back to read-only: full path, reference dropped.
+        s.set_pte(
+            va,
+            leaf(&s, data, EntryFlags::PRESENT | EntryFlags::USER),
+            path,
+        )
+        .unwrap();
         assert_eq!(e.sim.frame_info(Pfn(data)).unwrap().count, 1);
     }
     // A leaf mapping a pinned table read-only is fine; flipping RW on it
@@ -249,7 +365,8 @@ fn xsa182_fast_path_only_for_harmless_bits() {
         other => panic!("expected an emulation refusal, got {other:?}"),
     }
     assert_eq!(s.read_pte(va).unwrap(), ro_root);
-    s.set_pte(va, pagepin::PageTableEntry::EMPTY, WritePath::Store).unwrap();
+    s.set_pte(va, pagepin::PageTableEntry::EMPTY, WritePath::Store)
+        .unwrap();
     s.unpin(&mut b).unwrap();
     assert_quiet(&e.sim);
     assert_eq!(e.sim.stats().invariant_breaks, 0);
@@ -261,7 +378,13 @@ fn large_pages_are_refused_and_pin_rolls_back() {
     let e = env::<X86_64>(5);
     let s: Space<X86_64, GlobalX> = space(&e, false);
     populate(&s, 2);
-    s.map(0x20_0000_0000, 0x20_0000, PageSize::Size2M, EntryFlags::PRESENT).unwrap();
+    s.map(
+        0x20_0000_0000,
+        0x20_0000,
+        PageSize::Size2M,
+        EntryFlags::PRESENT,
+    )
+    .unwrap();
     let before = snap(&e, &s);
     let mut b: Batch = Batch::new();
     match s.pin(&mut b) {
@@ -324,7 +447,10 @@ fn root_first<P: pagepin::LockPolicy<Lock = pagepin::DefaultRawLock>>(sabotage: 
     let e = env::<X86_64>(8);
     let mut s: Space<X86_64, P> = space(&e, true);
     populate(&s, 6);
-    s.set_sabotage(Sabotage { root_first: sabotage, ..Sabotage::default() });
+    s.set_sabotage(Sabotage {
+        root_first: sabotage,
+        ..Sabotage::default()
+    });
     let mut b: Batch = Batch::new();
     s.pin(&mut b).unwrap();
     let breaks = e.sim.stats().invariant_breaks;
@@ -352,10 +478,16 @@ fn pae_kpmd(sabotage: bool) -> (Option<bool>, bool) {
     s.pin(&mut b).unwrap();
     assert_eq!(e.sim.frame_info(k).unwrap().ty, FrameType::L2);
     assert_eq!(e.sim.stats().pins[2], 1); // PIN_L3 of the PAE root
-    s.set_sabotage(Sabotage { pae_kpmd_pin_on_unpin: sabotage, ..Sabotage::default() });
+    s.set_sabotage(Sabotage {
+        pae_kpmd_pin_on_unpin: sabotage,
+        ..Sabotage::default()
+    });
     s.unpin(&mut b).unwrap();
     let i = e.sim.frame_info(k).unwrap();
-    (i.direct_map_writable, e.store.meta(k).unwrap().is_pinned() || !e.sim.unquiet_frames().is_empty())
+    (
+        i.direct_map_writable,
+        e.store.meta(k).unwrap().is_pinned() || !e.sim.unquiet_frames().is_empty(),
+    )
 }
 
 #[test]
@@ -374,8 +506,12 @@ fn released_l1<P: pagepin::LockPolicy<Lock = pagepin::DefaultRawLock>>() {
     let before_l1 = tables_at(&s, Level::L1);
     // A fresh region: new L1 (and L2) linked into the pinned space.
     let va = 0x30_0000_0000;
-    s.map(va, 17 << 12, PageSize::Size4K, EntryFlags::PRESENT).unwrap();
-    let new_l1: Vec<Pfn> = tables_at(&s, Level::L1).into_iter().filter(|p| !before_l1.contains(p)).collect();
+    s.map(va, 17 << 12, PageSize::Size4K, EntryFlags::PRESENT)
+        .unwrap();
+    let new_l1: Vec<Pfn> = tables_at(&s, Level::L1)
+        .into_iter()
+        .filter(|p| !before_l1.contains(p))
+        .collect();
     assert_eq!(new_l1.len(), 1);
     let i = e.sim.frame_info(new_l1[0]).unwrap();
     assert_eq!(i.direct_map_writable, Some(false));
@@ -388,7 +524,10 @@ fn released_l1<P: pagepin::LockPolicy<Lock = pagepin::DefaultRawLock>>() {
     s.release_table(va, Level::L1).unwrap();
     assert_eq!(e.sim.stats().errors, errs);
     let i = e.sim.frame_info(new_l1[0]).unwrap();
-    assert_eq!((i.ty, i.direct_map_writable, i.pinned), (FrameType::Writable, Some(true), false));
+    assert_eq!(
+        (i.ty, i.direct_map_writable, i.pinned),
+        (FrameType::Writable, Some(true), false)
+    );
     s.unpin(&mut b).unwrap();
     assert_quiet(&e.sim);
     assert_eq!(e.sim.stats().invariant_breaks, 0);
@@ -438,7 +577,11 @@ fn batching_with<const N: usize>(user_root: bool) {
     assert_eq!(st.flushes, st.calls.div_ceil(N as u64), "N={N}: {st:?}");
     assert_eq!(traps, st.flushes, "N={N}");
     assert_eq!(sim.multicalls - before.multicalls, st.multicalls, "N={N}");
-    assert_eq!(sim.multicall_entries - before.multicall_entries + st.direct_calls, st.calls, "N={N}");
+    assert_eq!(
+        sim.multicall_entries - before.multicall_entries + st.direct_calls,
+        st.calls,
+        "N={N}"
+    );
     if N >= st.calls as usize {
         assert_eq!(traps, 1);
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use pagepin::backends::xen::{xen_env, FrameInfo, XenBackend, XenEnv, XenSim};
 use pagepin::{
-    AddressSpace, DefaultRawLock, EntryFlags, Level, LockPolicy, PageSize, PageTableEntry, PagingMode, Pfn, RawLock,
-    SpaceOptions,
+    AddressSpace, DefaultRawLock, EntryFlags, Level, LockPolicy, PageSize, PageTableEntry,
+    PagingMode, Pfn, RawLock, SpaceOptions,
 };
 
 /// The backend type of every test space.
@@ -33,14 +33,26 @@ pub fn env_sized<M: PagingMode>(tables: usize, pages: usize, seed: u64, trap_ns:
 }
 
 /// A new space.
-pub fn space<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(e: &Env, user_root: bool) -> Space<M, P> {
-    AddressSpace::new(e.store.clone(), e.backend.clone(), SpaceOptions { user_root }).expect("space")
+pub fn space<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(
+    e: &Env,
+    user_root: bool,
+) -> Space<M, P> {
+    AddressSpace::new(
+        e.store.clone(),
+        e.backend.clone(),
+        SpaceOptions { user_root },
+    )
+    .expect("space")
 }
 
 /// Virtual address of PTE page `j` (one L1 per 2 MiB), page `k` inside it.
 /// Spread over two L2s (1 GiB apart) and two L3s (512 GiB apart) in x86-64.
 pub fn va_of<M: PagingMode>(j: usize, k: usize) -> u64 {
-    let base: u64 = if M::ROOT_ENTRIES == 4 { 0x4000_0000 } else { 0x10_0000_0000 };
+    let base: u64 = if M::ROOT_ENTRIES == 4 {
+        0x4000_0000
+    } else {
+        0x10_0000_0000
+    };
     let l2 = (j % 2) as u64;
     let (l3, within) = if M::ROOT_ENTRIES == 4 {
         (0, (j / 2) as u64)
@@ -58,13 +70,22 @@ pub fn data_pfn(j: usize, k: usize) -> u64 {
 /// Map page 0 of `n` PTE pages (read-only data), creating the L1s.
 pub fn populate<M: PagingMode, P: LockPolicy>(s: &Space<M, P>, n: usize) {
     for j in 0..n {
-        s.map(va_of::<M>(j, 0), data_pfn(j, 0) << 12, PageSize::Size4K, EntryFlags::PRESENT | EntryFlags::USER)
-            .expect("map");
+        s.map(
+            va_of::<M>(j, 0),
+            data_pfn(j, 0) << 12,
+            PageSize::Size4K,
+            EntryFlags::PRESENT | EntryFlags::USER,
+        )
+        .expect("map");
     }
 }
 
 /// A leaf entry for data pfn `pfn` through `s`'s backend.
-pub fn leaf<M: PagingMode, P: LockPolicy>(s: &Space<M, P>, pfn: u64, flags: EntryFlags) -> PageTableEntry {
+pub fn leaf<M: PagingMode, P: LockPolicy>(
+    s: &Space<M, P>,
+    pfn: u64,
+    flags: EntryFlags,
+) -> PageTableEntry {
     let mfn = pagepin::Backend::pfn_to_mfn(&**s.backend(), Pfn(pfn));
     PageTableEntry::new(mfn.0, flags)
 }
@@ -84,31 +105,62 @@ pub fn snap<M: PagingMode, P: LockPolicy>(e: &XenEnv<P::Lock>, s: &Space<M, P>) 
     let frames = (0..n)
         .map(|p| {
             let i: FrameInfo = e.sim.frame_info(Pfn(p)).expect("frame");
-            (p, format!("{:?}", i.ty), i.count, i.validated, i.pinned, i.direct_map_writable)
+            (
+                p,
+                format!("{:?}", i.ty),
+                i.count,
+                i.validated,
+                i.pinned,
+                i.direct_map_writable,
+            )
         })
         .collect();
     let base = e.store.base().0;
     let engine_pinned = (0..e.store.len() as u64)
-        .map(|i| (base + i, e.store.meta(Pfn(base + i)).expect("meta").is_pinned()))
+        .map(|i| {
+            (
+                base + i,
+                e.store.meta(Pfn(base + i)).expect("meta").is_pinned(),
+            )
+        })
         .collect();
-    Snap { frames, engine_pinned, space_pinned: s.is_pinned() }
+    Snap {
+        frames,
+        engine_pinned,
+        space_pinned: s.is_pinned(),
+    }
 }
 
 /// Whether any lock of the store (or the space lock) is held.
 pub fn any_lock_held<M: PagingMode, P: LockPolicy>(e: &XenEnv<P::Lock>, s: &Space<M, P>) -> bool {
     let base = e.store.base().0;
     s.space_lock().is_locked()
-        || (0..e.store.len() as u64).any(|i| e.store.meta(Pfn(base + i)).expect("meta").lock().is_locked())
+        || (0..e.store.len() as u64).any(|i| {
+            e.store
+                .meta(Pfn(base + i))
+                .expect("meta")
+                .lock()
+                .is_locked()
+        })
 }
 
 /// Every frame at rest (untyped tables, everything mapped writable).
 pub fn assert_quiet(sim: &XenSim) {
     let bad = sim.unquiet_frames();
-    assert!(bad.is_empty(), "frames not at rest: {:?}", &bad[..bad.len().min(8)]);
+    assert!(
+        bad.is_empty(),
+        "frames not at rest: {:?}",
+        &bad[..bad.len().min(8)]
+    );
     assert!(sim.typed_tables().is_empty());
 }
 
 /// The table frames of a space at `level`.
 pub fn tables_at<M: PagingMode, P: LockPolicy>(s: &Space<M, P>, level: Level) -> Vec<Pfn> {
-    s.table_frames().expect("walk").into_iter().filter(|(_, l)| *l == level).map(|(p, _)| p).collect()
+    s.table_frames()
+        .expect("walk")
+        .into_iter()
+        .filter(|(_, l)| *l == level)
+        .map(|(p, _)| p)
+        .collect()
 }

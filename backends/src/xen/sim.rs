@@ -283,6 +283,9 @@ counters! {
     /// Invariant breaks: a page-table frame with a writable mapping or a
     /// stale writable TLB entry.
     invariant_breaks,
+    /// Type references dropped that were never taken (a table whose memory
+    /// changed without the hypervisor, or a simulator bug).
+    refcount_errors,
 }
 
 // ---------------------------------------------------------------------------
@@ -776,8 +779,9 @@ impl XenSim {
             let x = f.type_info.load(Ordering::Acquire);
             let cnt = x & COUNT_MASK;
             if cnt == 0 {
-                // A reference that was never taken: a simulator bug, counted.
-                l.invariant_breaks += 1;
+                // A reference that was never taken: the table changed behind
+                // the hypervisor's back (or a simulator bug). Counted.
+                l.refcount_errors += 1;
                 return;
             }
             if cnt > 1 {
