@@ -380,8 +380,8 @@ pub struct PinCount {
     /// Most locks held at once.
     pub max_locks_held: u32,
     /// The expected count: one remap per table page, one L1 pin per PTE
-    /// page under split, one root pin (and for a user root, its remap and
-    /// pin).
+    /// page under split, one root pin (a user root adds its remap; its pin
+    /// joins the root's `mmuext_op` entry).
     pub formula_entries: u64,
 }
 
@@ -467,8 +467,11 @@ fn pin_copy<P: LockPolicy<Lock = DefaultRawLock>>(
     let bs = b.stats();
     let l1 = tables.iter().filter(|t| t.1 == Level::L1).count() as u64;
     let split = policy == "split";
+    // Remaps: every table page, the root and the user root; L1 pins under
+    // split; one mmuext_op entry for the root pin, which the user root's pin
+    // extends (consecutive mmuext_ops merge into one multicall entry).
     let formula_entries =
-        tables.len() as u64 + 1 + if split { l1 } else { 0 } + 1 + if user_root { 2 } else { 0 };
+        tables.len() as u64 + 1 + u64::from(user_root) + if split { l1 } else { 0 } + 1;
     let count = PinCount {
         policy,
         batch,
