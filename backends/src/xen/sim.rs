@@ -217,6 +217,18 @@ macro_rules! counters {
             pins: [AtomicU64; 4],
         }
 
+        impl SimStats {
+            fn add(&mut self, o: &SimStats) {
+                $( self.$name += o.$name; )*
+                for (a, v) in self.ext_cmds.iter_mut().zip(o.ext_cmds) {
+                    *a += v;
+                }
+                for (a, v) in self.pins.iter_mut().zip(o.pins) {
+                    *a += v;
+                }
+            }
+        }
+
         impl Counters {
             fn merge(&self, l: &Local) {
                 $( if l.$name != 0 { self.$name.fetch_add(l.$name, Ordering::Relaxed); } )*
@@ -286,6 +298,50 @@ counters! {
     /// Type references dropped that were never taken (a table whose memory
     /// changed without the hypervisor, or a simulator bug).
     refcount_errors,
+}
+
+/// Counter shards: each thread adds to its own (cache-line aligned) shard,
+/// so threads trapping in parallel do not contend on the counters.
+const SHARDS: usize = 8;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Counters);
+
+/// A value on its own cache lines.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+#[derive(Default)]
+struct Stats {
+    shards: [Shard; SHARDS],
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
+
+impl Stats {
+    fn shard(&self) -> &Counters {
+        &self.shards[SHARD.with(|s| *s)].0
+    }
+    fn merge(&self, l: &Local) {
+        self.shard().merge(l);
+    }
+    fn snapshot(&self) -> SimStats {
+        let mut t = SimStats::default();
+        for sh in &self.shards {
+            t.add(&sh.0.snapshot());
+        }
+        t
+    }
+    fn reset(&self) {
+        for sh in &self.shards {
+            sh.0.reset();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -390,9 +446,9 @@ pub struct XenSim {
     dm: Box<[DmSlot]>,
     /// Per vCPU: kernel base pointer (mfn + 1, 0 none), user base pointer.
     bases: Box<[[AtomicU64; 2]]>,
-    flush_gen: AtomicU64,
-    traps: AtomicU64,
-    stats: Counters,
+    flush_gen: Padded<AtomicU64>,
+    traps: Padded<AtomicU64>,
+    stats: Stats,
     injections: Mutex<Vec<Injection>>,
     has_injections: AtomicUsize,
     /// Entries per trap, when logging is on.
@@ -456,9 +512,9 @@ impl XenSim {
             frames,
             dm,
             bases,
-            flush_gen: AtomicU64::new(0),
-            traps: AtomicU64::new(0),
-            stats: Counters::default(),
+            flush_gen: Padded(AtomicU64::new(0)),
+            traps: Padded(AtomicU64::new(0)),
+            stats: Stats::default(),
             injections: Mutex::new(Vec::new()),
             has_injections: AtomicUsize::new(0),
             trap_log: Mutex::new(Vec::new()),
@@ -507,7 +563,7 @@ impl XenSim {
     }
     /// Traps issued so far (the index the next one gets).
     pub fn trap_count(&self) -> u64 {
-        self.traps.load(Ordering::Acquire)
+        self.traps.0.load(Ordering::Acquire)
     }
     /// Make entry `entry` of trap number `trap` (see [`Self::trap_count`];
     /// a direct hypercall has the single entry 0) fail with `errno` after
@@ -635,11 +691,11 @@ impl XenSim {
     #[inline]
     fn stale_live(&self, f: &FrameState) -> bool {
         let s = f.stale.load(Ordering::Acquire);
-        s != 0 && s == self.flush_gen.load(Ordering::Acquire) + 1
+        s != 0 && s == self.flush_gen.0.load(Ordering::Acquire) + 1
     }
 
     fn flush_all(&self, l: &mut Local) {
-        self.flush_gen.fetch_add(1, Ordering::AcqRel);
+        self.flush_gen.0.fetch_add(1, Ordering::AcqRel);
         l.tlb_flushes += 1;
     }
 
@@ -987,7 +1043,7 @@ impl XenSim {
                 std::hint::spin_loop();
             }
         }
-        self.traps.fetch_add(1, Ordering::AcqRel)
+        self.traps.0.fetch_add(1, Ordering::AcqRel)
     }
 
     fn injection(&self, trap: u64, entry: usize) -> Option<Injection> {
@@ -1163,7 +1219,7 @@ impl XenSim {
                 slot.pte.store(new, Ordering::Release);
                 if o.is_present() && o.is_writable() && !(nw.is_present() && nw.is_writable()) {
                     // The old writable translation may linger in TLBs.
-                    let gen = self.flush_gen.load(Ordering::Acquire);
+                    let gen = self.flush_gen.0.load(Ordering::Acquire);
                     self.frames[o.frame() as usize]
                         .stale
                         .store(gen + 1, Ordering::Release);
@@ -1481,7 +1537,10 @@ impl XenHypercalls for XenSim {
         } else {
             // Plain stores are the hot path: count them without touching
             // the other counters.
-            self.stats.plain_stores.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .shard()
+                .plain_stores
+                .fetch_add(1, Ordering::Relaxed);
         }
         r
     }
