@@ -1,6 +1,12 @@
 //! # pagepin-backends
 //!
 //! Backends for the pagepin engine, each behind a feature.
+//!
+//! Without the `std` feature the crate is `no_std` + `alloc`: only the Xen
+//! backend's ABI and `xen::XenBackend` are built, for a PV guest kernel
+//! (`--no-default-features --features xen`); the simulator, mock and
+//! native backends need `std`.
+#![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
 extern crate alloc;

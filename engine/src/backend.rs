@@ -289,4 +289,18 @@ pub trait Backend: Send + Sync {
     fn mfn_to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
         Some(Pfn(mfn.0))
     }
+
+    /// The kernel virtual address of pseudo-physical frame 0 in the
+    /// guest's linear map of its memory (its direct map): pin and unpin
+    /// remap table frame `pfn` at `base + pfn * 4096`.
+    ///
+    /// `None` (the default) means the paging mode's
+    /// [`PagingMode::DIRECT_MAP_BASE`](crate::PagingMode::DIRECT_MAP_BASE)
+    /// (Linux's layout). A kernel whose layout is decided at run time
+    /// (KASLR), or a small PV guest whose virtual addresses equal its
+    /// pseudo-physical ones (base 0), returns its own base here.
+    #[inline]
+    fn direct_map_base(&self) -> Option<u64> {
+        None
+    }
 }

@@ -109,7 +109,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         };
         b.update_va_mapping(
             &self.target(),
-            Self::direct_map_va(pfn),
+            self.direct_map_va(pfn),
             self.direct_map_pte(pfn, !ro),
             flags,
             tag,
@@ -433,7 +433,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     let flags = if flush { uvmf::TLB_FLUSH } else { uvmf::NONE };
                     b.update_va_mapping(
                         &target,
-                        Self::direct_map_va(s.pfn),
+                        self.direct_map_va(s.pfn),
                         self.direct_map_pte(s.pfn, true),
                         flags,
                         NO_TAG,
@@ -443,7 +443,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     unflushed = true;
                     b.update_va_mapping(
                         &target,
-                        Self::direct_map_va(s.pfn),
+                        self.direct_map_va(s.pfn),
                         self.direct_map_pte(s.pfn, false),
                         uvmf::NONE,
                         NO_TAG,

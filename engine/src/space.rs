@@ -214,10 +214,15 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         self.sabotage = s;
     }
 
-    /// The kernel virtual address of a table frame in the direct map.
+    /// The kernel virtual address of a table frame in the direct map: the
+    /// backend's [`Backend::direct_map_base`] if it has one, else the
+    /// mode's `DIRECT_MAP_BASE`, plus `pfn * 4096`.
     #[inline]
-    pub fn direct_map_va(pfn: Pfn) -> u64 {
-        M::DIRECT_MAP_BASE.wrapping_add(pfn.0 << 12)
+    pub fn direct_map_va(&self, pfn: Pfn) -> u64 {
+        self.backend
+            .direct_map_base()
+            .unwrap_or(M::DIRECT_MAP_BASE)
+            .wrapping_add(pfn.0 << 12)
     }
 
     /// The direct-map entry for a table frame, read-only or writable.

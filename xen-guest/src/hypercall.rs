@@ -33,16 +33,19 @@ pub mod nr {
 pub unsafe fn hypercall5(nr: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64 {
     let ret: i64;
     // SAFETY: the caller guarantees the arguments; `syscall` from a PV guest
-    // kernel enters Xen, which clobbers only rcx and r11 besides rax.
+    // kernel enters Xen, which clobbers rcx and r11 besides rax. The
+    // argument registers are clobbered too: when Xen preempts a hypercall
+    // (or finishes a failed pin through a continuation, as real Xen 4.17
+    // does inside a multicall) it rewrites them and re-executes `syscall`.
     unsafe {
         asm!(
             "syscall",
             inlateout("rax") nr as i64 => ret,
-            in("rdi") a1,
-            in("rsi") a2,
-            in("rdx") a3,
-            in("r10") a4,
-            in("r8") a5,
+            inlateout("rdi") a1 => _,
+            inlateout("rsi") a2 => _,
+            inlateout("rdx") a3 => _,
+            inlateout("r10") a4 => _,
+            inlateout("r8") a5 => _,
             lateout("rcx") _,
             lateout("r11") _,
             options(nostack)

@@ -14,7 +14,7 @@ pub const EXIT_PASS: u8 = 0x10;
 pub const EXIT_FAIL: u8 = 0x11;
 
 /// Bytes of the guest's own stack.
-const STACK_BYTES: usize = 256 * 1024;
+const STACK_BYTES: usize = 1024 * 1024;
 
 // Entry: Xen starts the guest with %rsi = start_info and a small stack;
 // switch to our own and call Rust.
@@ -127,6 +127,13 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 /// panic=abort it is never called.
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// The prebuilt liballoc has landing pads that resume unwinding; with
+/// panic=abort nothing ever unwinds, so this is never reached.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    hypercall::qemu_exit(EXIT_FAIL)
+}
 
 // The C memory functions. Written with `rep` string instructions, so the
 // compiler cannot turn them back into calls to themselves.

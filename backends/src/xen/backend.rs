@@ -199,12 +199,25 @@ fn result_of(c: &Call<'_>, rc: i32, done: u32) -> CallResult {
 pub struct XenBackend<H: XenHypercalls, F: FrameMap = P2m> {
     hyp: H,
     frames: F,
+    direct_map_base: Option<u64>,
 }
 
 impl<H: XenHypercalls, F: FrameMap> XenBackend<H, F> {
     /// A backend that traps through `hyp` and translates frames with `frames`.
     pub fn new(hyp: H, frames: F) -> Self {
-        XenBackend { hyp, frames }
+        XenBackend {
+            hyp,
+            frames,
+            direct_map_base: None,
+        }
+    }
+    /// The same backend for a guest whose direct map starts at `base` (the
+    /// virtual address of pfn 0) instead of the paging mode's default; a
+    /// PV kernel without a `VIRT_BASE` note maps virtual = pseudo-physical
+    /// and uses 0. See [`Backend::direct_map_base`].
+    pub fn with_direct_map_base(mut self, base: u64) -> Self {
+        self.direct_map_base = Some(base);
+        self
     }
     /// The hypercall interface.
     pub fn hypercalls(&self) -> &H {
@@ -306,5 +319,10 @@ impl<H: XenHypercalls, F: FrameMap> Backend for XenBackend<H, F> {
     #[inline]
     fn mfn_to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
         self.frames.to_pfn(mfn)
+    }
+
+    #[inline]
+    fn direct_map_base(&self) -> Option<u64> {
+        self.direct_map_base
     }
 }

@@ -1,0 +1,447 @@
+//! pagepin inside a real Xen PV guest, and the simulator held to what real
+//! Xen answers.
+//!
+//! `guest_on_real_xen` builds the test guest (`xen-guest/`), boots Xen 4.17
+//! with it as dom0 in QEMU (TCG), parses the guest's scenario lines, fails
+//! on a failed scenario, a Xen or guest panic or a hang, then runs the same
+//! scenarios (`xen-guest/src/scenarios.rs`, included below) against
+//! `XenSim` and requires identical per-entry results, page states and
+//! counts. Without QEMU or Xen it prints one `SKIP:` line and passes,
+//! unless `CI=true`, where it fails.
+//!
+//! `scenarios_on_the_simulator` runs the scenarios against the simulator
+//! alone, everywhere.
+
+extern crate alloc;
+
+#[allow(dead_code)]
+#[path = "../xen-guest/src/scenarios.rs"]
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use pagepin_backends::xen::{SimConfig, XenBackend, XenSim};
+use pagepin_engine::lock::SpinLock;
+use pagepin_engine::{
+    AddressSpace, Batch, EntryFlags, ExtCmd, FrameStore, Mfn, PageSize, PageTableEntry, Pfn,
+    SpaceOptions, Split, TableMemory, WritePath, X86_64,
+};
+use scenarios::{Platform, Recorder, Report, DATA_PAGES, MAGIC, MAGIC_PAGE};
+
+/// How long the whole boot may take before it counts as a hang.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const XEN_GZ: &str = "/boot/xen-4.17-amd64.gz";
+/// Scenario lines the guest must print.
+const SCENARIOS: usize = 6;
+
+// ---------------------------------------------------------------------------
+// the simulator as a platform
+
+const NR_PAGES: usize = 16384;
+const POOL: usize = 512;
+const DATA_BASE: u64 = 8000;
+/// A page of the simulated "boot" space whose entry is borrowed as a
+/// writable alias (scenario 5).
+const BOOT_ALIAS_VA: u64 = 0x0000_0100_0000_0000;
+
+type SimH = Arc<XenSim>;
+
+struct Sim {
+    sim: Arc<XenSim>,
+    rec: Arc<Recorder<SimH>>,
+    backend: Arc<scenarios::Backend<SimH>>,
+    store: Arc<FrameStore<SpinLock>>,
+    boot: AddressSpace<X86_64, Split<SpinLock>, scenarios::Backend<SimH>>,
+    span: (u64, u64),
+}
+
+impl Sim {
+    /// A simulated dom0 like the real one (16384 pages, direct map at 0),
+    /// running on a pinned "boot" space, with scenario 3 cloning `span`.
+    fn new(span: (u64, u64)) -> Sim {
+        let store: Arc<FrameStore<SpinLock>> =
+            Arc::new(FrameStore::new(POOL, (NR_PAGES - POOL) as u64));
+        let mem: Arc<dyn TableMemory> = store.clone();
+        let mut cfg = SimConfig::for_mode::<X86_64>(NR_PAGES, 0x5eed);
+        cfg.direct_map_base = 0;
+        let sim = Arc::new(XenSim::new(cfg, mem).expect("simulator"));
+        let rec = Arc::new(Recorder::new(sim.clone()));
+        let backend =
+            Arc::new(XenBackend::new(rec.clone(), sim.frame_map()).with_direct_map_base(0));
+        rec.set_recording(false);
+        let boot = AddressSpace::new(store.clone(), backend.clone(), SpaceOptions::default())
+            .expect("boot space");
+        boot.map(
+            BOOT_ALIAS_VA,
+            (DATA_BASE + 100) << 12,
+            PageSize::Size4K,
+            EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER,
+        )
+        .expect("boot map");
+        boot.pin(&mut Batch::<32>::new()).expect("boot pin");
+        let root = sim.mfn_of(boot.root()).expect("boot root mfn");
+        let op = pagepin_backends::xen::MmuExtOpAbi {
+            cmd: ExtCmd::NewBaseptr as u32,
+            _pad: 0,
+            arg1: root.0,
+            arg2: 0,
+        };
+        let mut done = 0;
+        // SAFETY: one live op and counter.
+        let rc = unsafe {
+            pagepin_backends::xen::XenHypercalls::mmuext_op(&*sim, &op, 1, &mut done, 0x7ff0)
+        };
+        assert_eq!(rc, 0, "boot base pointer");
+        rec.set_recording(true);
+        Sim {
+            sim,
+            rec,
+            backend,
+            store,
+            boot,
+            span,
+        }
+    }
+}
+
+impl Platform for Sim {
+    type H = SimH;
+    const NAME: &'static str = "sim";
+    fn recorder(&self) -> &Arc<Recorder<SimH>> {
+        &self.rec
+    }
+    fn backend(&self) -> &Arc<scenarios::Backend<SimH>> {
+        &self.backend
+    }
+    fn store(&self) -> &Arc<FrameStore<SpinLock>> {
+        &self.store
+    }
+    fn data_pfn(&self, i: usize) -> Pfn {
+        assert!(i < DATA_PAGES);
+        Pfn(DATA_BASE + i as u64)
+    }
+    fn mapping_writable(&self, pfn: Pfn) -> Option<bool> {
+        self.sim.frame_info(pfn)?.direct_map_writable
+    }
+    fn typed(&self, pfn: Pfn) -> Option<bool> {
+        Some(self.sim.frame_info(pfn)?.ty.is_table())
+    }
+    fn kernel_layout(&self) -> Vec<(u64, Pfn, EntryFlags)> {
+        (self.span.0..self.span.1)
+            .step_by(4096)
+            .map(|va| {
+                (
+                    va,
+                    Pfn(va >> 12),
+                    EntryFlags::PRESENT
+                        | EntryFlags::WRITABLE
+                        | EntryFlags::USER
+                        | EntryFlags::ACCESSED,
+                )
+            })
+            .collect()
+    }
+    fn boot_root(&self) -> Mfn {
+        self.sim.mfn_of(self.boot.root()).expect("boot root")
+    }
+    fn read_current(&self, _va: u64, root: Mfn, expect: Option<Pfn>) -> Option<u64> {
+        // The simulator cannot execute a load: the word is the magic one
+        // when the loaded base pointer is the space's root and the space
+        // maps the address to the magic page.
+        (self.sim.base_pointer(0) == Some(root) && expect == Some(self.data_pfn(MAGIC_PAGE)))
+            .then_some(MAGIC)
+    }
+    fn alias_writable(&self, victim: Pfn) -> u64 {
+        self.rec.set_recording(false);
+        let mfn = self.sim.mfn_of(victim).expect("victim mfn");
+        let e = PageTableEntry::new(
+            mfn.0,
+            EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::ACCESSED | EntryFlags::DIRTY,
+        );
+        self.boot
+            .set_pte(BOOT_ALIAS_VA, e, WritePath::Hypercall)
+            .expect("alias");
+        self.rec.set_recording(true);
+        0
+    }
+    fn unalias(&self, _token: u64) {
+        self.rec.set_recording(false);
+        let mfn = self.sim.mfn_of(Pfn(DATA_BASE + 100)).expect("mfn");
+        let e = PageTableEntry::new(
+            mfn.0,
+            EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER,
+        );
+        self.boot
+            .set_pte(BOOT_ALIAS_VA, e, WritePath::Hypercall)
+            .expect("unalias");
+        self.rec.set_recording(true);
+    }
+    fn info(&self) -> String {
+        String::from("sim")
+    }
+}
+
+fn run_sim(span: (u64, u64)) -> (bool, Vec<Report>) {
+    let sim = Sim::new(span);
+    let mut reports = Vec::new();
+    let all = scenarios::run_all(&sim, &mut |r| reports.push(r.clone()));
+    let breaks = sim.sim.stats().invariant_breaks;
+    assert_eq!(breaks, 0, "the simulator's invariant broke");
+    (all, reports)
+}
+
+#[test]
+fn scenarios_on_the_simulator() {
+    let (all, reports) = run_sim((0, 0x40_0000));
+    for r in &reports {
+        println!("{}", r.line());
+    }
+    assert_eq!(reports.len(), SCENARIOS);
+    assert!(all, "a scenario failed on the simulator");
+}
+
+// ---------------------------------------------------------------------------
+// real Xen
+
+/// Why real Xen cannot run here, if it cannot.
+fn unavailable() -> Option<String> {
+    if !Path::new(XEN_GZ).exists() {
+        return Some(format!(
+            "{XEN_GZ} missing (package xen-hypervisor-4.17-amd64)"
+        ));
+    }
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(qemu, Ok(s) if s.success()) {
+        return Some(String::from(
+            "qemu-system-x86_64 not runnable (package qemu-system-x86)",
+        ));
+    }
+    None
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Build the guest in its own workspace and target dir.
+fn build_guest() -> PathBuf {
+    let dir = root().join("xen-guest");
+    let target = dir.join("target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| String::from("cargo"));
+    let out = Command::new(cargo)
+        .current_dir(&dir)
+        .args(["build", "--release", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .output()
+        .expect("run cargo for the guest");
+    assert!(
+        out.status.success(),
+        "guest build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("release").join("pagepin-xen-guest")
+}
+
+fn xen_elf() -> PathBuf {
+    let dir = root().join("xen-guest").join("target");
+    std::fs::create_dir_all(&dir).expect("target dir");
+    let path = dir.join("xen-4.17.elf");
+    let out = Command::new("zcat").arg(XEN_GZ).output().expect("zcat");
+    assert!(out.status.success(), "zcat {XEN_GZ} failed");
+    std::fs::write(&path, out.stdout).expect("write xen.elf");
+    path
+}
+
+struct Boot {
+    lines: Vec<String>,
+    status: Option<i32>,
+    elapsed: Duration,
+    timed_out: bool,
+}
+
+fn boot(xen: &Path, guest: &Path) -> Boot {
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-no-reboot",
+            "-nographic",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-m",
+            "512",
+        ])
+        .arg("-kernel")
+        .arg(xen)
+        .arg("-initrd")
+        .arg(guest)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args([
+            "-append",
+            "loglvl=all guest_loglvl=all console=com1 com1=115200 noreboot dom0_mem=64M",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu");
+    let stdout = child.stdout.take().expect("qemu stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut buf) {
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            buf.clear();
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut timed_out = false;
+    loop {
+        let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(l) => {
+                let end = l.contains("PAGEPIN-GUEST done") || l.contains("PAGEPIN-GUEST panic");
+                lines.push(l);
+                if end {
+                    // QEMU exits through isa-debug-exit right after.
+                    continue;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().ok().and_then(|s| s.code());
+    Boot {
+        lines,
+        status,
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
+
+fn fields(line: &str) -> (String, BTreeMap<String, String>) {
+    let (name, f) = scenarios::parse_line(line).expect("scenario line");
+    (name, f.into_iter().collect())
+}
+
+#[test]
+fn guest_on_real_xen() {
+    if let Some(reason) = unavailable() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
+        }
+        println!("SKIP: real Xen unavailable ({reason})");
+        return;
+    }
+    let guest = build_guest();
+    let xen = xen_elf();
+    let b = boot(&xen, &guest);
+    let console = b.lines.join("\n");
+    println!(
+        "boot took {:.2} s, QEMU status {:?}",
+        b.elapsed.as_secs_f64(),
+        b.status
+    );
+    let ours: Vec<&String> = b
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("PAGEPIN"))
+        .collect();
+    for l in &ours {
+        println!("{l}");
+    }
+    assert!(
+        !b.timed_out,
+        "hang: no result within {BOOT_TIMEOUT:?}\n{console}"
+    );
+    assert!(
+        !b.lines
+            .iter()
+            .any(|l| l.contains("Panic on CPU") || l.contains("PAGEPIN-GUEST panic")),
+        "panic:\n{console}"
+    );
+    let xen_lines: Vec<(String, BTreeMap<String, String>)> = b
+        .lines
+        .iter()
+        .filter(|l| l.starts_with(scenarios::LINE_PREFIX))
+        .map(|l| fields(l))
+        .collect();
+    assert_eq!(xen_lines.len(), SCENARIOS, "scenario lines:\n{console}");
+    for (name, f) in &xen_lines {
+        assert_eq!(
+            f.get("verdict").map(String::as_str),
+            Some("pass"),
+            "scenario {name} failed on real Xen: {f:?}"
+        );
+    }
+    assert!(
+        b.lines
+            .iter()
+            .any(|l| l.contains("PAGEPIN-GUEST done verdict=pass")),
+        "{console}"
+    );
+    assert_eq!(
+        b.status,
+        Some((0x10 << 1) | 1),
+        "QEMU exit status (isa-debug-exit)"
+    );
+
+    // The same scenarios on the simulator, with the guest's layout.
+    let span = xen_lines
+        .iter()
+        .find(|(n, _)| n == "base_pointer")
+        .and_then(|(_, f)| f.get("info"))
+        .and_then(|i| i.split(',').find_map(|kv| kv.strip_prefix("span=")))
+        .and_then(|s| s.split_once('-'))
+        .map(|(a, b)| {
+            let p = |x: &str| u64::from_str_radix(x.trim_start_matches("0x"), 16).expect("hex");
+            (p(a), p(b))
+        })
+        .expect("guest reports its span");
+    let (_, sim_reports) = run_sim(span);
+    let mut diffs = Vec::new();
+    for ((name, xf), sr) in xen_lines.iter().zip(&sim_reports) {
+        let (sname, sf) = fields(&sr.line());
+        assert_eq!(name, &sname);
+        for key in ["verdict", "results", "states", "counts"] {
+            if xf.get(key) != sf.get(key) {
+                diffs.push(format!(
+                    "{name}.{key}:\n  xen: {}\n  sim: {}",
+                    xf.get(key).map_or("-", String::as_str),
+                    sf.get(key).map_or("-", String::as_str)
+                ));
+            }
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "simulator differs from real Xen:\n{}",
+        diffs.join("\n")
+    );
+}
