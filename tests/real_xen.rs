@@ -445,3 +445,41 @@ fn guest_on_real_xen() {
         diffs.join("\n")
     );
 }
+
+/// Found by holding the simulator to real Xen (scenario 2): Xen 4.17 stores
+/// a 64-bit PV guest's USER leaf with GLOBAL added and marks a kernel leaf
+/// USER | GUEST_KERNEL (bit 52), on `mmu_update` and on emulated stores.
+#[test]
+fn simulator_adjusts_pv_entries_like_xen() {
+    let sim = Sim::new((0, 0));
+    let s: AddressSpace<X86_64, Split<SpinLock>, scenarios::Backend<SimH>> = AddressSpace::new(
+        sim.store.clone(),
+        sim.backend.clone(),
+        SpaceOptions::default(),
+    )
+    .expect("space");
+    let va = 0x4000_0000;
+    let user = EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER | EntryFlags::ACCESSED;
+    s.map(va, sim.data_pfn(0).0 << 12, PageSize::Size4K, user)
+        .expect("map");
+    s.pin(&mut Batch::<32>::new()).expect("pin");
+    let mfn = sim.sim.mfn_of(sim.data_pfn(1)).expect("mfn").0;
+    for path in [WritePath::Hypercall, WritePath::Store] {
+        s.set_pte(va, PageTableEntry::new(mfn, user), path)
+            .expect("user leaf");
+        assert_eq!(
+            s.read_pte(va).expect("read").bits(),
+            PageTableEntry::new(mfn, user | EntryFlags::GLOBAL).bits(),
+            "{path:?}"
+        );
+        let kernel = EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::ACCESSED;
+        s.set_pte(va, PageTableEntry::new(mfn, kernel), path)
+            .expect("kernel leaf");
+        assert_eq!(
+            s.read_pte(va).expect("read").bits(),
+            PageTableEntry::new(mfn, kernel | EntryFlags::USER).bits() | (1 << 52),
+            "{path:?}"
+        );
+    }
+    s.unpin(&mut Batch::<32>::new()).expect("unpin");
+}

@@ -10,7 +10,10 @@ fn main() {
     }
     println!("cargo:rustc-link-arg-bins=-T{dir}/link.ld");
     let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    if !flags.split('\x1f').any(|f| f.contains("relocation-model=static")) {
+    if !flags
+        .split('\x1f')
+        .any(|f| f.contains("relocation-model=static"))
+    {
         panic!(
             "xen-guest must be built with -C relocation-model=static: run cargo from \
              the xen-guest directory (its .cargo/config.toml sets it)"

@@ -23,7 +23,9 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use pagepin_backends::xen::{FrameMap, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, P2m, XenBackend, XenHypercalls, DOMID_SELF};
+use pagepin_backends::xen::{
+    FrameMap, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, P2m, XenBackend, XenHypercalls, DOMID_SELF,
+};
 use pagepin_engine::backend::StoreFault;
 use pagepin_engine::lock::SpinLock;
 use pagepin_engine::{EntryFlags, Frame, FrameStore, Mfn, PageTableEntry, Pfn};
@@ -76,21 +78,57 @@ impl XenHypercalls for RealXen {
         // arguments are valid for their hypercalls (trait contract).
         unsafe { hypercall5(nr::MULTICALL, entries as u64, count as u64, 0, 0, 0) }
     }
-    unsafe fn mmu_update(&self, reqs: *const MmuUpdateAbi, count: usize, done: *mut u32, domid: u16) -> i64 {
+    unsafe fn mmu_update(
+        &self,
+        reqs: *const MmuUpdateAbi,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+    ) -> i64 {
         // SAFETY: `reqs` has `count` requests and `done` is null or
         // writable (trait contract).
-        unsafe { hypercall5(nr::MMU_UPDATE, reqs as u64, count as u64, done as u64, domid as u64, 0) }
+        unsafe {
+            hypercall5(
+                nr::MMU_UPDATE,
+                reqs as u64,
+                count as u64,
+                done as u64,
+                domid as u64,
+                0,
+            )
+        }
     }
-    unsafe fn mmuext_op(&self, ops: *const MmuExtOpAbi, count: usize, done: *mut u32, domid: u16) -> i64 {
+    unsafe fn mmuext_op(
+        &self,
+        ops: *const MmuExtOpAbi,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+    ) -> i64 {
         // SAFETY: as for `mmu_update`, with `count` ops.
-        unsafe { hypercall5(nr::MMUEXT_OP, ops as u64, count as u64, done as u64, domid as u64, 0) }
+        unsafe {
+            hypercall5(
+                nr::MMUEXT_OP,
+                ops as u64,
+                count as u64,
+                done as u64,
+                domid as u64,
+                0,
+            )
+        }
     }
     fn update_va_mapping(&self, va: u64, pte: u64, flags: u64) -> i64 {
         // SAFETY: no pointer arguments: Xen checks the address and entry
         // and refuses what the guest may not do.
         unsafe { hypercall5(nr::UPDATE_VA_MAPPING, va, pte, flags, 0, 0) }
     }
-    fn guest_store(&self, slot: &AtomicU64, _mfn: Mfn, _index: usize, value: u64) -> Result<(), StoreFault> {
+    fn guest_store(
+        &self,
+        slot: &AtomicU64,
+        _mfn: Mfn,
+        _index: usize,
+        value: u64,
+    ) -> Result<(), StoreFault> {
         // A plain store: into a read-only (pinned) L1 Xen traps and
         // emulates it; the engine never stores into other read-only tables.
         slot.store(value, Ordering::Release);
@@ -212,7 +250,9 @@ impl Platform for Guest {
         out
     }
     fn boot_root(&self) -> Mfn {
-        self.p2m().to_mfn(Pfn(self.si.pt_base >> 12)).unwrap_or(Mfn(0))
+        self.p2m()
+            .to_mfn(Pfn(self.si.pt_base >> 12))
+            .unwrap_or(Mfn(0))
     }
     fn read_current(&self, va: u64, _root: Mfn, _expect: Option<Pfn>) -> Option<u64> {
         // SAFETY: the caller loaded a base pointer that maps `va` to a data
@@ -223,13 +263,17 @@ impl Platform for Guest {
         let Some((slot, maddr)) = self.boot_l1e(Self::data_va(ALIAS_PAGE)) else {
             return 0;
         };
-        self.saved.store(slot.load(Ordering::Acquire), Ordering::Relaxed);
+        self.saved
+            .store(slot.load(Ordering::Acquire), Ordering::Relaxed);
         let mfn = self.p2m().to_mfn(victim).map_or(0, |m| m.0);
         let e = PageTableEntry::new(
             mfn,
             EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::ACCESSED | EntryFlags::DIRTY,
         );
-        let req = MmuUpdateAbi { ptr: maddr, val: e.bits() };
+        let req = MmuUpdateAbi {
+            ptr: maddr,
+            val: e.bits(),
+        };
         let mut done = 0;
         // SAFETY: one live request and counter; the entry maps a data page
         // nothing else uses while aliased.
@@ -250,9 +294,6 @@ impl Platform for Guest {
         if rc != 0 {
             let _ = writeln!(Console, "PAGEPIN-GUEST unalias failed rc={rc}");
         }
-    }
-    fn trace(&self, what: &str) {
-        let _ = writeln!(Console, "PAGEPIN-GUEST trace {what}");
     }
     fn info(&self) -> String {
         format!(
@@ -277,20 +318,17 @@ extern "C" fn guest_main(si: *const StartInfo) -> ! {
         si.nr_pages, si.pt_base, si.nr_pt_frames, si.mfn_list
     );
     // SAFETY: Xen maps the p2m (nr_pages u64s) at mfn_list for the guest.
-    let p2m_raw = unsafe { core::slice::from_raw_parts(si.mfn_list as *const u64, si.nr_pages as usize) };
-    {
-        let max = p2m_raw.iter().max().copied().unwrap_or(0);
-        let big: Vec<(usize, u64)> = p2m_raw.iter().copied().enumerate().filter(|e| e.1 > 0x100000).take(4).collect();
-        let _ = writeln!(Console, "PAGEPIN-GUEST p2m max={max:#x} big={big:x?} first={:x?}", &p2m_raw[..4]);
-    }
+    let p2m_raw =
+        unsafe { core::slice::from_raw_parts(si.mfn_list as *const u64, si.nr_pages as usize) };
     let Some(p2m) = P2m::new(p2m_raw.to_vec()) else {
         panic!("p2m maps two pfns to one mfn");
     };
     // SAFETY: POOL is zeroed .bss memory used only through this store from
     // here on; all-zero bytes are a valid `[Frame]` (arrays of AtomicU64),
     // and the cast keeps size and 4096-byte alignment.
-    let frames: &'static [Frame] =
-        unsafe { core::slice::from_raw_parts(core::ptr::addr_of!(POOL) as *const Frame, POOL_FRAMES) };
+    let frames: &'static [Frame] = unsafe {
+        core::slice::from_raw_parts(core::ptr::addr_of!(POOL) as *const Frame, POOL_FRAMES)
+    };
     let base = frames.as_ptr() as u64 >> 12;
     // SAFETY: the magic page is written once, before any scenario maps it.
     unsafe { core::ptr::addr_of_mut!(DATA.0[MAGIC_PAGE][0]).write_volatile(MAGIC) };
@@ -308,6 +346,10 @@ extern "C" fn guest_main(si: *const StartInfo) -> ! {
         let _ = writeln!(Console, "{}", r.line());
     });
     let verdict = if all { "pass" } else { "fail" };
-    let _ = writeln!(Console, "PAGEPIN-GUEST done verdict={verdict} platform={}", Guest::NAME);
+    let _ = writeln!(
+        Console,
+        "PAGEPIN-GUEST done verdict={verdict} platform={}",
+        Guest::NAME
+    );
     hypercall::qemu_exit(if all { rt::EXIT_PASS } else { rt::EXIT_FAIL })
 }

@@ -980,6 +980,34 @@ impl XenSim {
         }
     }
 
+    /// What a 64-bit PV guest's new entry becomes before Xen checks and
+    /// writes it (Xen's `adjust_guest_l*e`; the guest kernel runs in ring
+    /// 3): a present L1 entry without USER is a kernel page, marked USER
+    /// and GUEST_KERNEL (bit 52); one that is not a kernel page is made
+    /// USER | GLOBAL; present L2/L3 entries get USER, L4 entries USER and
+    /// ACCESSED. Real Xen 4.17 stores `0x167` for a written `0x067`.
+    fn adjust_guest_entry(&self, level: Level, new: u64) -> u64 {
+        const GUEST_KERNEL: u64 = 1 << 52;
+        let user = EntryFlags::USER.bits();
+        if self.cfg.root_level != Level::L4 || new & EntryFlags::PRESENT.bits() == 0 {
+            return new;
+        }
+        match level {
+            Level::L1 => {
+                let mut e = new;
+                if e & user == 0 {
+                    e |= user | GUEST_KERNEL;
+                }
+                if e & GUEST_KERNEL == 0 {
+                    e |= user | EntryFlags::GLOBAL.bits();
+                }
+                e
+            }
+            Level::L2 | Level::L3 => new | user,
+            Level::L4 => new | user | EntryFlags::ACCESSED.bits(),
+        }
+    }
+
     /// Replace entry `index` of table `mfn` (level `level`, page lock held,
     /// a type reference held) with `new`, checked (rules 7 and 9).
     fn update_entry(
@@ -995,6 +1023,7 @@ impl XenSim {
         if index >= n || hole.contains(&index) {
             return Err(errno::EINVAL);
         }
+        let new = self.adjust_guest_entry(level, new);
         let old = slot.load(Ordering::Acquire);
         let (o, nw) = (
             PageTableEntry::from_bits(old),
