@@ -348,7 +348,7 @@ impl<L: RawLock> FrameStore<L> {
             return;
         };
         self.meta[idx].level.store(0, Ordering::Release);
-        #[cfg(all(feature = "std", not(loom)))]
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         {
             let store = alloc::sync::Arc::clone(self);
             let guard = crossbeam_epoch::pin();
@@ -356,7 +356,7 @@ impl<L: RawLock> FrameStore<L> {
                 store.free_now(pfn);
             });
         }
-        #[cfg(any(not(feature = "std"), loom))]
+        #[cfg(any(not(feature = "std"), loom, shuttle))]
         self.with_free(|_, retired| retired.push(idx as u32));
     }
 
@@ -364,7 +364,7 @@ impl<L: RawLock> FrameStore<L> {
     /// Returns how many were freed. (With `std`, also nudges the epoch
     /// collector.)
     pub fn quiesce(&self) -> usize {
-        #[cfg(all(feature = "std", not(loom)))]
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         crossbeam_epoch::pin().flush();
         let retired: Vec<u32> = self.with_free(|_, retired| core::mem::take(retired));
         let n = retired.len();
@@ -390,7 +390,7 @@ impl<L: RawLock> TableMemory for FrameStore<L> {
 /// A guard held by lock-free readers (translate, inspection walks) so that
 /// table frames they may be walking are not reused under them.
 pub struct ReadGuard {
-    #[cfg(all(feature = "std", not(loom)))]
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
     _guard: crossbeam_epoch::Guard,
 }
 
@@ -398,7 +398,7 @@ pub struct ReadGuard {
 #[inline]
 pub fn read_guard() -> ReadGuard {
     ReadGuard {
-        #[cfg(all(feature = "std", not(loom)))]
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         _guard: crossbeam_epoch::pin(),
     }
 }

@@ -67,10 +67,10 @@ unsafe impl RawLock for SpinLock {
 
 /// parking_lot's one-byte mutex: the std default (parks instead of spinning
 /// when contended, which matters with more threads than cores).
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
 pub struct ParkingLock(parking_lot::RawMutex);
 
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
 impl core::fmt::Debug for ParkingLock {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_tuple("ParkingLock")
@@ -79,7 +79,7 @@ impl core::fmt::Debug for ParkingLock {
     }
 }
 
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
 // SAFETY: delegates to parking_lot's RawMutex, which upholds the contract.
 unsafe impl RawLock for ParkingLock {
     fn new() -> Self {
@@ -110,10 +110,10 @@ unsafe impl RawLock for ParkingLock {
 }
 
 /// The default raw lock: parking_lot's with `std`, [`SpinLock`] without.
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
 pub type DefaultRawLock = ParkingLock;
 /// The default raw lock: parking_lot's with `std`, [`SpinLock`] without.
-#[cfg(any(not(feature = "std"), loom))]
+#[cfg(any(not(feature = "std"), loom, shuttle))]
 pub type DefaultRawLock = SpinLock;
 
 /// How writers of page-table entries are serialised, and therefore how PTE

@@ -206,7 +206,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             return Ok(Descend::No);
         }
         j.push(pfn, Action::FlagCleared, false);
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1;
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
         if split_l1 {
             self.take_lock(b, pfn)?;
             self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true);

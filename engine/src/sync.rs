@@ -1,17 +1,29 @@
-//! Crate-private synchronisation facade: the one place atomics come from, so
-//! a model checker's types can be swapped in under `cfg(loom)`.
+//! Crate-private synchronisation facade: the one place the engine's atomics
+//! come from, so a model checker's types can be swapped in: loom's under
+//! `cfg(loom)`, shuttle's under `cfg(shuttle)`, core's otherwise.
+//!
+//! Table entries themselves stay `core` atomics in every build (they are
+//! the `Backend` ABI's memory, and the protocol under test is about the
+//! locks, flags and hypervisor calls around them, which the checkers do see).
 
-#[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+#[cfg(not(any(loom, shuttle)))]
+pub(crate) use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
 
-/// Spin-wait hint.
+#[cfg(all(shuttle, not(loom)))]
+pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
+
+pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Spin-wait hint; under a model checker, a yield so other threads run.
 #[inline]
 pub(crate) fn spin_hint() {
     #[cfg(loom)]
     loom::thread::yield_now();
-    #[cfg(not(loom))]
+    #[cfg(all(shuttle, not(loom)))]
+    shuttle::thread::yield_now();
+    #[cfg(not(any(loom, shuttle)))]
     core::hint::spin_loop();
 }

@@ -1,0 +1,145 @@
+//! Exhaustive interleavings of the pin protocol (loom).
+//!
+//! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release -p pagepin-engine --test loom`
+//! (deeper: raise LOOM_MAX_PREEMPTIONS to 3; the state space grows fast).
+#![cfg(loom)]
+
+mod model;
+
+use model::*;
+use pagepin_engine::LockPolicy;
+
+/// A pinner pinning then unpinning a space of two PTE pages against
+/// `writers` writers (1: one writer rewriting both pages; 2: one per page).
+/// Returns what loom found over every interleaving.
+fn explore<P: LockPolicy, const N: usize>(sabotage: Sabotage, writers: u64) -> Findings {
+    let found = Findings::default();
+    let f = found.clone();
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = runs.clone();
+    let mut builder = loom::model::Builder::new();
+    // Three threads need more branches than loom's default allows.
+    // LOOM_MAX_BRANCHES still overrides.
+    if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+        builder.max_branches = 20_000;
+    }
+    builder.check(move || {
+        r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let s = tiny_space::<P>(2, sabotage);
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let s = s.clone();
+                thread::spawn(move || -> Result<Vec<(u64, u64)>, String> {
+                    let pages: Vec<u64> = if writers == 1 { vec![0, 1] } else { vec![w] };
+                    pages
+                        .into_iter()
+                        .map(|p| Ok((p, write(&s, p, 1)?)))
+                        .collect()
+                })
+            })
+            .collect();
+        let pinned = pin_unpin::<P, N>(&s);
+        let mut last = Vec::new();
+        let mut result = pinned;
+        for h in handles {
+            match h.join().unwrap() {
+                Ok(v) => last.extend(v),
+                Err(e) => result = result.and(Err(e)),
+            }
+        }
+        f.record(result.and_then(|()| check_end(&s, &last)));
+    });
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "loom: {runs} interleavings explored ({writers} writer(s), batch {N}, {})",
+        P::NAME
+    );
+    assert!(runs > 10, "loom explored only {runs} interleavings");
+    found
+}
+
+fn holds<P: LockPolicy, const N: usize>(writers: u64) {
+    let found = explore::<P, N>(Sabotage::default(), writers);
+    assert_eq!(found.first(), None);
+}
+
+fn broken<P: LockPolicy, const N: usize>(sabotage: Sabotage, what: &str) {
+    let found = explore::<P, N>(sabotage, 1);
+    assert!(
+        found.count() > 0,
+        "loom found no failing interleaving for: {what}"
+    );
+    eprintln!(
+        "{what}: loom found {} failing interleavings, e.g. {}",
+        found.count(),
+        found.first().unwrap()
+    );
+}
+
+#[test]
+fn split_batch_1() {
+    holds::<SplitM, 1>(1);
+}
+
+#[test]
+fn split_batch_2() {
+    holds::<SplitM, 2>(1);
+}
+
+#[test]
+fn global_batch_1() {
+    holds::<GlobalM, 1>(1);
+}
+
+#[test]
+fn global_batch_2() {
+    holds::<GlobalM, 2>(1);
+}
+
+#[test]
+fn split_two_writers() {
+    holds::<SplitM, 2>(2);
+}
+
+#[test]
+fn global_two_writers() {
+    holds::<GlobalM, 2>(2);
+}
+
+/// Negative control: the PTE lock released between the read-only remap and
+/// the L1 pin: loom finds the interleaving where the writer faults.
+#[test]
+fn negative_unlock_before_pin() {
+    broken::<SplitM, 2>(
+        Sabotage {
+            unlock_before_pin: true,
+            ..Default::default()
+        },
+        "unlock before pin",
+    );
+}
+
+/// Negative control: the root visited first, so its flushing remap does
+/// not cover the later ones when the root is pinned.
+#[test]
+fn negative_root_first() {
+    broken::<GlobalM, 2>(
+        Sabotage {
+            root_first: true,
+            ..Default::default()
+        },
+        "root first",
+    );
+}
+
+/// Negative control: the separate L1 pin skipped under split.
+#[test]
+fn negative_skip_l1_pin() {
+    broken::<SplitM, 2>(
+        Sabotage {
+            skip_l1_pin: true,
+            ..Default::default()
+        },
+        "skip L1 pin",
+    );
+}
