@@ -14,12 +14,11 @@ mod platform;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagepin::{
-    AddressSpace, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, Global, LockPolicy, Pae,
-    PageSize, PageTableEntry, PagingMode, RawLock, SpaceOptions, Split, WritePath, X86_64,
+    AddressSpace, Batch, DefaultRawLock, EntryFlags, Error, Global, LockPolicy, Pae, PageSize,
+    PageTableEntry, PagingMode, RawLock, SpaceOptions, Split, WritePath, X86_64,
 };
 use platform::{Platform, PlatformKind};
 
@@ -50,7 +49,7 @@ impl Default for Args {
             spaces: 8,
             mapped_mib: 256,
             writers: 2,
-            rounds: 4,
+            rounds: 16,
             trap_cost_ns: 0,
             seed: 1,
             json: false,
@@ -227,15 +226,12 @@ fn run<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>, B: Platform>(
     // Tables: one L1 per 512 pages, one L2 per 512 L1s, plus the upper levels.
     let tables_per_space = pages_per_space.div_ceil(512) + pages_per_space.div_ceil(512 * 512) + 8;
     let store_frames = (tables_per_space * args.spaces as u64 + 64) as usize;
-    let store: Arc<FrameStore<DefaultRawLock>> = Arc::new(FrameStore::new(store_frames, 0));
-    // Data pages live after the table frames in the guest's memory.
-    let data_base = store_frames as u64;
-    let backend = B::build(
-        store.clone(),
-        data_base + pages_per_space + 16,
-        args.trap_cost_ns,
-        args.seed,
-    )?;
+    // Every space maps the same data pages (as processes share a file).
+    let platform::Env {
+        store,
+        backend,
+        data_base,
+    } = B::build::<M>(store_frames, pages_per_space, args.trap_cost_ns, args.seed)?;
 
     let started = Instant::now();
     let mut spaces: Vec<AddressSpace<M, P, B>> = Vec::with_capacity(args.spaces);
@@ -280,7 +276,16 @@ fn run<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>, B: Platform>(
     };
 
     let bar = Progress::new(args.rounds as u64, args.json);
+    /// Stops the writers however the pinner leaves (a panic included), so
+    /// the thread scope can always join them.
+    struct StopWriters<'a>(&'a AtomicBool);
+    impl Drop for StopWriters<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
     std::thread::scope(|scope| -> Result<(), String> {
+        let _stop = StopWriters(&done);
         for w in 0..args.writers {
             let (spaces, done, writes, faults, lost) = (&spaces, &done, &writes, &faults, &lost);
             let writers = args.writers as u64;
@@ -390,13 +395,20 @@ fn writer<M: PagingMode, P: LockPolicy, B: Platform>(
         let k = (rng % last.len().max(1) as u64) as usize;
         let (si, pi) = (k / mine.len(), mine[k % mine.len()]);
         let va = BASE_VA + (pi << 12);
-        let mut flags = EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::ACCESSED;
+        // User leaves carry GLOBAL already, as 64-bit PV Xen would add it;
+        // the software-available bits 9..=11 carry a write counter (Xen
+        // refuses entries with bits 52 and up).
+        let mut flags =
+            EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::ACCESSED | EntryFlags::GLOBAL;
         if n & 1 == 0 {
             flags |= EntryFlags::WRITABLE;
         }
-        let tag = ((n >> 1) & 0x7f) << 52;
-        let value =
-            PageTableEntry::from_bits(PageTableEntry::new(data_base + pi, flags).bits() | tag);
+        let tag = ((n >> 1) & 0x7) << 9;
+        // Entries hold machine frames: the platform translates.
+        let mfn = spaces[si]
+            .backend()
+            .pfn_to_mfn(pagepin::Pfn(data_base + pi));
+        let value = PageTableEntry::from_bits(PageTableEntry::new(mfn.0, flags).bits() | tag);
         let path = if n % 8 == 7 {
             WritePath::Hypercall
         } else {
@@ -532,5 +544,43 @@ mod tests {
         assert!(parse("--frobnicate").is_err());
         assert!(parse("--policy sometimes").is_err());
         assert!(parse("--backend=mock").is_ok());
+        assert!(parse("--backend hyperv").is_err());
+        assert!(parse("--mode pae --mapped-mib 4096").is_err());
+    }
+
+    /// A small run on every backend, policy and mode: the invariants hold
+    /// and the counts are consistent.
+    #[test]
+    fn small_runs_are_clean() {
+        for backend in ["xen", "native", "mock"] {
+            for policy in ["split", "global"] {
+                for mode in ["x86_64", "pae"] {
+                    let a = parse(&format!(
+                        "--backend {backend} --policy {policy} --mode {mode} --spaces 2 --mapped-mib 4 --rounds 3 --batch 5"
+                    ))
+                    .unwrap();
+                    let r = dispatch(&a).unwrap();
+                    let what = format!("{backend}/{policy}/{mode}: {r:?}");
+                    assert_eq!(
+                        (
+                            r.faults,
+                            r.lost_updates,
+                            r.leaked_frames,
+                            r.invariant_violations
+                        ),
+                        (0, 0, 0, 0),
+                        "{what}"
+                    );
+                    assert_eq!(r.mapped_pages, 2 * 1024, "{what}");
+                    if backend != "native" {
+                        assert_eq!(r.pins_l1 > 0, policy == "split", "{what}");
+                        assert!(r.max_locks_held <= 5 / 2 + 2, "{what}");
+                        assert!(r.multicalls > 0 && r.entries >= r.multicalls, "{what}");
+                    } else {
+                        assert_eq!(r.entries, 0, "{what}: native pins without any call");
+                    }
+                }
+            }
+        }
     }
 }

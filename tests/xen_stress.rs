@@ -82,8 +82,13 @@ fn stress<P: LockPolicy<Lock = DefaultRawLock>>(sabotage: Sabotage, seed: u64) -
                             break;
                         }
                         for (j, l) in last.iter_mut().enumerate() {
-                            let mut f =
-                                EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::ACCESSED;
+                            // GLOBAL already set: 64-bit PV Xen adds it to
+                            // user leaves it stores, and the final read-back
+                            // must not depend on which path wrote last.
+                            let mut f = EntryFlags::PRESENT
+                                | EntryFlags::USER
+                                | EntryFlags::ACCESSED
+                                | EntryFlags::GLOBAL;
                             if round % 3 == 1 {
                                 f |= EntryFlags::WRITABLE;
                             }

@@ -2,15 +2,17 @@
 
 use std::sync::Arc;
 
-use pagepin::backends::mock::MockBackend;
-use pagepin::{Backend, DefaultRawLock, FrameStore};
+use pagepin::backends::mock::{MockBackend, Recorded};
+use pagepin::backends::native::NativeBackend;
+use pagepin::backends::xen::{xen_env, XenBackend, XenSim};
+use pagepin::{Backend, DefaultRawLock, FrameStore, PagingMode, Pfn};
 
 /// Counters a platform can report beyond what the engine counts.
 #[derive(Debug, Default)]
 pub struct PlatformCounters {
     /// Hypercalls seen by the platform (writers' included), if it counts them.
     pub hypercalls: Option<u64>,
-    /// TLB flushes requested, if the platform counts them.
+    /// TLB flushes performed, if the platform counts them.
     pub tlb_flushes: Option<u64>,
     /// Guest stores the platform emulated.
     pub emulated_stores: u64,
@@ -20,32 +22,46 @@ pub struct PlatformCounters {
     pub invariant_violations: u64,
 }
 
+/// Table memory, the backend, and where data pages start.
+pub struct Env<B> {
+    pub store: Arc<FrameStore<DefaultRawLock>>,
+    pub backend: Arc<B>,
+    /// First guest frame of the data pages (`data_pages` of them).
+    pub data_base: u64,
+}
+
 /// A backend `simulate` knows how to build and read.
 pub trait Platform: Backend + Sized + 'static {
-    /// Build it over `store`, for a guest of `guest_pages` pages.
-    fn build(
-        store: Arc<FrameStore<DefaultRawLock>>,
-        guest_pages: u64,
+    /// Build table memory of `table_frames` frames, room for `data_pages`
+    /// data pages, and the backend.
+    fn build<M: PagingMode>(
+        table_frames: usize,
+        data_pages: u64,
         trap_cost_ns: u64,
         seed: u64,
-    ) -> Result<Arc<Self>, String>;
+    ) -> Result<Env<Self>, String>;
     /// Its counters.
     fn counters(&self) -> PlatformCounters;
-    /// Table frames it still treats as page tables (typed, read-only) after
-    /// everything was unpinned.
+    /// Table frames it still treats as page tables (typed, read-only or
+    /// pinned) once everything is unpinned.
     fn leaked_frames(&self, store: &FrameStore<DefaultRawLock>) -> usize;
 }
 
 impl Platform for MockBackend {
-    fn build(
-        store: Arc<FrameStore<DefaultRawLock>>,
+    fn build<M: PagingMode>(
+        table_frames: usize,
         _: u64,
         _: u64,
         _: u64,
-    ) -> Result<Arc<Self>, String> {
-        let m = MockBackend::with_memory(store);
+    ) -> Result<Env<Self>, String> {
+        let store = Arc::new(FrameStore::new(table_frames, 0));
+        let m = MockBackend::with_memory(store.clone());
         m.set_store_log(false);
-        Ok(Arc::new(m))
+        Ok(Env {
+            store,
+            backend: Arc::new(m),
+            data_base: table_frames as u64,
+        })
     }
     fn counters(&self) -> PlatformCounters {
         PlatformCounters {
@@ -63,14 +79,14 @@ impl Platform for MockBackend {
                     continue;
                 }
                 match c {
-                    pagepin::backends::mock::Recorded::UpdateVaMapping { va, pte, .. } => {
+                    Recorded::UpdateVaMapping { va, pte, .. } => {
                         if pte & 2 == 0 {
                             ro.insert(*va);
                         } else {
                             ro.remove(va);
                         }
                     }
-                    pagepin::backends::mock::Recorded::MmuExtOp(ops) => {
+                    Recorded::MmuExtOp(ops) => {
                         for op in ops {
                             match op.cmd {
                                 pagepin::ExtCmd::UnpinTable => {
@@ -83,7 +99,7 @@ impl Platform for MockBackend {
                             }
                         }
                     }
-                    _ => {}
+                    Recorded::MmuUpdate(_) => {}
                 }
             }
         }
@@ -91,9 +107,80 @@ impl Platform for MockBackend {
     }
 }
 
+impl Platform for NativeBackend {
+    fn build<M: PagingMode>(
+        table_frames: usize,
+        _: u64,
+        _: u64,
+        _: u64,
+    ) -> Result<Env<Self>, String> {
+        let store = Arc::new(FrameStore::new(table_frames, 0));
+        let backend = Arc::new(NativeBackend::with_memory(store.clone()));
+        Ok(Env {
+            store,
+            backend,
+            data_base: table_frames as u64,
+        })
+    }
+    fn counters(&self) -> PlatformCounters {
+        let c = self.counters();
+        PlatformCounters {
+            hypercalls: Some(0),
+            tlb_flushes: Some(c.full_flushes),
+            ..Default::default()
+        }
+    }
+    fn leaked_frames(&self, _: &FrameStore<DefaultRawLock>) -> usize {
+        0 // Hardware has no pinning: nothing can stay typed.
+    }
+}
+
+/// The Xen backend over the simulated hypervisor.
+pub type Xen = XenBackend<Arc<XenSim>>;
+
+impl Platform for Xen {
+    fn build<M: PagingMode>(
+        table_frames: usize,
+        data_pages: u64,
+        trap_cost_ns: u64,
+        seed: u64,
+    ) -> Result<Env<Self>, String> {
+        // Data pages sit below the table frames in the domain.
+        let nr_pages = data_pages as usize + table_frames;
+        let env = xen_env::<M, DefaultRawLock>(table_frames, nr_pages, seed, trap_cost_ns)
+            .map_err(|e| format!("building the Xen simulator: {e:?}"))?;
+        Ok(Env {
+            store: env.store,
+            backend: env.backend,
+            data_base: 0,
+        })
+    }
+    fn counters(&self) -> PlatformCounters {
+        let s = self.hypercalls().stats();
+        PlatformCounters {
+            hypercalls: Some(s.hypercalls),
+            tlb_flushes: Some(s.tlb_flushes),
+            emulated_stores: s.emulated_stores,
+            faults: s.faults,
+            invariant_violations: s.invariant_breaks + s.refcount_errors,
+        }
+    }
+    fn leaked_frames(&self, store: &FrameStore<DefaultRawLock>) -> usize {
+        let sim = self.hypercalls();
+        (0..store.len() as u64)
+            .filter_map(|i| sim.frame_info(Pfn(store.base().0 + i)))
+            .filter(|f| f.ty.is_table() || f.pinned || f.direct_map_writable == Some(false))
+            .count()
+    }
+}
+
 /// Which backend to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlatformKind {
+    /// The Xen backend over the simulated hypervisor.
+    Xen,
+    /// Native x86-64 (no pinning).
+    Native,
     /// The recording mock.
     Mock,
 }
@@ -101,11 +188,13 @@ pub enum PlatformKind {
 impl PlatformKind {
     /// The default backend.
     pub fn default_kind() -> Self {
-        PlatformKind::Mock
+        PlatformKind::Xen
     }
     /// From its name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "xen" => Some(PlatformKind::Xen),
+            "native" => Some(PlatformKind::Native),
             "mock" => Some(PlatformKind::Mock),
             _ => None,
         }
@@ -116,6 +205,8 @@ impl PlatformKind {
 macro_rules! dispatch {
     ($kind:expr, $go:ident) => {
         match $kind {
+            platform::PlatformKind::Xen => $go!(platform::Xen),
+            platform::PlatformKind::Native => $go!(pagepin::backends::native::NativeBackend),
             platform::PlatformKind::Mock => $go!(pagepin::backends::mock::MockBackend),
         }
     };
