@@ -31,10 +31,10 @@ fn hostile<P: LockPolicy<Lock = pagepin::DefaultRawLock>>(seed: u64) -> (usize, 
                     let j = (n * 7 + w) % L1S;
                     let target = tables[(n / 3 + w) % tables.len()];
                     let mut f = EntryFlags::PRESENT | EntryFlags::USER | EntryFlags::GLOBAL;
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         f |= EntryFlags::WRITABLE;
                     }
-                    let path = if n % 3 == 0 {
+                    let path = if n.is_multiple_of(3) {
                         WritePath::Hypercall
                     } else {
                         WritePath::Store
