@@ -8,3 +8,5 @@ pub use pagepin_engine::*;
 pub use pagepin_backends as backends;
 
 pub mod dump;
+#[cfg(feature = "parallel")]
+pub mod parallel;

@@ -448,6 +448,8 @@ pub struct XenSim {
     bases: Box<[[AtomicU64; 2]]>,
     flush_gen: Padded<AtomicU64>,
     traps: Padded<AtomicU64>,
+    /// Busy-wait per trap (ns), changeable at run time.
+    trap_cost_ns: AtomicU64,
     stats: Stats,
     injections: Mutex<Vec<Injection>>,
     has_injections: AtomicUsize,
@@ -504,6 +506,7 @@ impl XenSim {
         let bases = (0..cfg.vcpus.max(1))
             .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
             .collect();
+        let trap_cost = cfg.trap_cost_ns;
         Ok(XenSim {
             cfg,
             mem,
@@ -514,6 +517,7 @@ impl XenSim {
             bases,
             flush_gen: Padded(AtomicU64::new(0)),
             traps: Padded(AtomicU64::new(0)),
+            trap_cost_ns: AtomicU64::new(trap_cost),
             stats: Stats::default(),
             injections: Mutex::new(Vec::new()),
             has_injections: AtomicUsize::new(0),
@@ -553,9 +557,14 @@ impl XenSim {
     pub fn pfn_of(&self, mfn: Mfn) -> Option<Pfn> {
         self.m2p.get(usize::try_from(mfn.0).ok()?).map(|&p| Pfn(p))
     }
-    /// Set the busy-wait per trap (nanoseconds; 0 disables it).
-    pub fn set_trap_cost_ns(&mut self, ns: u64) {
-        self.cfg.trap_cost_ns = ns;
+    /// Set the busy-wait per trap (nanoseconds; 0 disables it), effective
+    /// from the next trap. ([`Self::config`] keeps the initial cost.)
+    pub fn set_trap_cost_ns(&self, ns: u64) {
+        self.trap_cost_ns.store(ns, Ordering::Relaxed);
+    }
+    /// The busy-wait per trap now (nanoseconds).
+    pub fn trap_cost_ns(&self) -> u64 {
+        self.trap_cost_ns.load(Ordering::Relaxed)
     }
     /// The vCPU the calling thread runs on (for base pointers).
     pub fn set_current_vcpu(vcpu: usize) {
@@ -1066,8 +1075,9 @@ impl XenSim {
     // -- operations -------------------------------------------------------------
 
     fn trap_begin(&self) -> u64 {
-        if self.cfg.trap_cost_ns != 0 {
-            let until = Instant::now() + Duration::from_nanos(self.cfg.trap_cost_ns);
+        let cost = self.trap_cost_ns.load(Ordering::Relaxed);
+        if cost != 0 {
+            let until = Instant::now() + Duration::from_nanos(cost);
             while Instant::now() < until {
                 std::hint::spin_loop();
             }

@@ -1,0 +1,146 @@
+//! Map 1M 4 KiB pages and translate 1M addresses: pagepin (no-op backend,
+//! split and global) versus the `x86_64` crate's `OffsetPageTable`, each
+//! over zeroed table memory allocated before the timed part (pagepin's
+//! `FrameStore`; a `Vec<PageTable>` with a bump frame allocator for the
+//! crate, reached through the physical-memory offset, as in
+//! `tests/native_x86_64_diff.rs`).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use pagepin::backends::mock::NullBackend;
+use pagepin::{
+    AddressSpace, DefaultRawLock, EntryFlags, FrameStore, Global, LockPolicy, PageSize,
+    SpaceOptions, Split, X86_64,
+};
+use x86_64::structures::paging::mapper::{Mapper, Translate};
+use x86_64::structures::paging::{
+    FrameAllocator, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+const PAGES: u64 = 1 << 20;
+const BASE_VA: u64 = 0x10_0000_0000;
+/// Table frames: 2048 L1s, 4 L2s, an L3, the root, slack.
+const FRAMES: usize = 2048 + 4 + 1 + 1 + 8;
+/// Table memory's first frame number (both sides).
+const TABLE_BASE_PFN: u64 = 0x100;
+/// Data pages' first frame number (not backed: never dereferenced).
+const DATA_BASE_PFN: u64 = 0x10_0000;
+
+/// Returns the space too, so it is dropped outside the timed part (as
+/// the crate's buffer is).
+fn pagepin_run<P: LockPolicy<Lock = DefaultRawLock>>(
+    s: AddressSpace<X86_64, P, NullBackend>,
+) -> (u64, AddressSpace<X86_64, P, NullBackend>) {
+    let flags = EntryFlags::PRESENT | EntryFlags::WRITABLE;
+    for i in 0..PAGES {
+        s.map(
+            BASE_VA + (i << 12),
+            (DATA_BASE_PFN + i) << 12,
+            PageSize::Size4K,
+            flags,
+        )
+        .expect("map");
+    }
+    let mut sum = 0u64;
+    for i in 0..PAGES {
+        sum = sum.wrapping_add(s.translate(BASE_VA + (i << 12) + 8).expect("mapped").phys);
+    }
+    (sum, s)
+}
+
+fn pagepin_space<P: LockPolicy<Lock = DefaultRawLock>>() -> AddressSpace<X86_64, P, NullBackend> {
+    let store = Arc::new(FrameStore::new(FRAMES, TABLE_BASE_PFN));
+    AddressSpace::new(store, Arc::new(NullBackend), SpaceOptions::default()).expect("space")
+}
+
+/// Hands out the frames of the table buffer in order.
+struct Bump {
+    next: u64,
+    end: u64,
+}
+
+// SAFETY: every frame handed out is a distinct, zeroed, unused frame of
+// the table buffer (frames are never returned).
+unsafe impl FrameAllocator<Size4KiB> for Bump {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        if self.next == self.end {
+            return None;
+        }
+        let f = PhysFrame::containing_address(PhysAddr::new(self.next << 12));
+        self.next += 1;
+        Some(f)
+    }
+}
+
+fn x86_64_run(mut buf: Vec<PageTable>) -> (u64, Vec<PageTable>) {
+    let base_addr = buf.as_mut_ptr().expose_provenance() as u64;
+    let offset = VirtAddr::new(base_addr - TABLE_BASE_PFN * 4096);
+    // Frame 0 of the buffer is the root; the allocator hands out the rest.
+    let mut alloc = Bump {
+        next: TABLE_BASE_PFN + 1,
+        end: TABLE_BASE_PFN + buf.len() as u64,
+    };
+    let root: *mut PageTable = &mut buf[0];
+    // SAFETY: every table frame the crate can reach is in `buf` at
+    // `offset + phys` (it only follows entries it wrote itself, pointing
+    // at frames `alloc` handed out of `buf`); `buf` is not otherwise
+    // touched while `mapper` lives.
+    let mut mapper = unsafe { OffsetPageTable::new(&mut *root, offset) };
+    let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+    for i in 0..PAGES {
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(BASE_VA + (i << 12)));
+        let frame = PhysFrame::containing_address(PhysAddr::new((DATA_BASE_PFN + i) << 12));
+        // SAFETY: the mapped frames are never accessed; the table memory is
+        // the buffer above.
+        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }
+            .expect("map_to")
+            .ignore();
+    }
+    let mut sum = 0u64;
+    for i in 0..PAGES {
+        let va = VirtAddr::new(BASE_VA + (i << 12) + 8);
+        sum = sum.wrapping_add(mapper.translate_addr(va).expect("mapped").as_u64());
+    }
+    (sum, buf)
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vs_x86_64/map_1M+translate_1M");
+    g.throughput(Throughput::Elements(2 * PAGES));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(4));
+    g.bench_function(BenchmarkId::from_parameter("pagepin_split"), |b| {
+        b.iter_batched(
+            pagepin_space::<Split<DefaultRawLock>>,
+            |s| black_box(pagepin_run(s)),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function(BenchmarkId::from_parameter("pagepin_global"), |b| {
+        b.iter_batched(
+            pagepin_space::<Global<DefaultRawLock>>,
+            |s| black_box(pagepin_run(s)),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function(BenchmarkId::from_parameter("x86_64_crate"), |b| {
+        b.iter_batched(
+            || {
+                (0..FRAMES)
+                    .map(|_| PageTable::new())
+                    .collect::<Vec<PageTable>>()
+            },
+            |buf| black_box(x86_64_run(buf)),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,97 @@
+//! Writer throughput: one thread rewriting PTEs (`set_pte`, plain store)
+//! of a 1 GiB space, alone versus while another thread pins and unpins the
+//! space in a loop, on the no-op trap (`NullBackend`), so the figure
+//! measures locking, not emulation. Split versus global.
+//!
+//! Throughput is writes per second of the writer thread; the pinner runs
+//! for the whole timed span of each sample.
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pagepin::backends::mock::NullBackend;
+use pagepin::{
+    AddressSpace, Batch, DefaultRawLock, EntryFlags, Global, LockPolicy, PageTableEntry, Split,
+    WritePath, X86_64,
+};
+
+const MIB: u64 = 1024;
+
+/// `iters` writes at pseudo-random mapped pages; returns the time taken.
+fn write_loop<P: LockPolicy>(
+    s: &AddressSpace<X86_64, P, NullBackend>,
+    iters: u64,
+    seed: &mut u64,
+) -> Duration {
+    let n = pages(MIB);
+    let flags = EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER;
+    let t = Instant::now();
+    for _ in 0..iters {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let i = (*seed >> 33) % n;
+        let v = PageTableEntry::new(table_frames(MIB) as u64 + i, flags);
+        black_box(
+            s.set_pte(BASE_VA + (i << 12), v, WritePath::Store)
+                .expect("set_pte"),
+        );
+    }
+    t.elapsed()
+}
+
+fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
+    let s: AddressSpace<X86_64, P, NullBackend> = null_space(MIB);
+    let mut g = c.benchmark_group(format!("writers/{}", P::NAME));
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    let mut seed = 1u64;
+    g.bench_function(BenchmarkId::from_parameter("alone"), |b| {
+        b.iter_custom(|iters| write_loop(&s, iters, &mut seed))
+    });
+    let rounds = AtomicU64::new(0);
+    g.bench_function(BenchmarkId::from_parameter("during_pin_unpin"), |b| {
+        b.iter_custom(|iters| {
+            let stop = AtomicBool::new(false);
+            let started = AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    let mut batch: Batch = Batch::new();
+                    started.store(true, Ordering::Release);
+                    while !stop.load(Ordering::Acquire) {
+                        s.pin(&mut batch).expect("pin");
+                        s.unpin(&mut batch).expect("unpin");
+                        rounds.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                while !started.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                let d = write_loop(&s, iters, &mut seed);
+                stop.store(true, Ordering::Release);
+                d
+            })
+        })
+    });
+    eprintln!(
+        "writers/{}: {} pin/unpin rounds ran against the writer",
+        P::NAME,
+        rounds.load(Ordering::Relaxed)
+    );
+    g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    group::<Split<DefaultRawLock>>(c);
+    group::<Global<DefaultRawLock>>(c);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
