@@ -3,6 +3,9 @@
 //! Entries are `AtomicU64`s so the walker, translators and writers on other
 //! threads are sound without locks; per-frame metadata is a few bytes.
 
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+extern crate std;
+
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
@@ -28,6 +31,11 @@ impl fmt::Debug for Mfn {
         write!(f, "mfn:{:#x}", self.0)
     }
 }
+
+/// How often an allocation that finds no free frame tries to advance the
+/// epoch and collect retired frames before reporting the store full.
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+const RECLAIM_ATTEMPTS: usize = 64;
 
 /// Entries in one table frame.
 pub const ENTRIES_PER_FRAME: usize = 512;
@@ -297,7 +305,7 @@ impl<L: RawLock> FrameStore<L> {
     }
 
     fn alloc_with(&self, level: u8, bits: u8) -> Option<Pfn> {
-        let idx = self.with_free(|free, _| free.pop())? as usize;
+        let idx = self.pop_free()? as usize;
         let m = &self.meta[idx];
         // Zero it before it becomes visible at its level.
         for e in self.storage.frames()[idx].entries.iter() {
@@ -307,6 +315,25 @@ impl<L: RawLock> FrameStore<L> {
         m.state.store(state::ALLOCATED | bits, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx as u64))
+    }
+
+    /// A free frame index. With `std`, when the free list is empty, nudge
+    /// the epoch collector a bounded number of times first: retired frames
+    /// whose readers are gone come back without the caller's help.
+    fn pop_free(&self) -> Option<u32> {
+        if let Some(i) = self.with_free(|free, _| free.pop()) {
+            return Some(i);
+        }
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        for _ in 0..RECLAIM_ATTEMPTS {
+            crossbeam_epoch::pin().flush();
+            // Readers on other CPUs must leave their epoch for it to advance.
+            std::thread::yield_now();
+            if let Some(i) = self.with_free(|free, _| free.pop()) {
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// Allocate a zeroed table frame for `level`; `None` when the store is full.
