@@ -143,6 +143,9 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     failures: Vec<Failure>,
     not_applied: Vec<Tag>,
     kept_locks: Vec<Pfn>,
+    /// The pin/unpin journal's step buffer, kept between operations so
+    /// its capacity is reused (the engine borrows it per operation).
+    pub(crate) journal: Vec<crate::pin::Step>,
 }
 
 impl<const N: usize> Default for Batch<N> {
@@ -177,6 +180,7 @@ impl<const N: usize> Batch<N> {
             failures: Vec::new(),
             not_applied: Vec::new(),
             kept_locks: Vec::new(),
+            journal: Vec::new(),
         }
     }
 
@@ -272,6 +276,7 @@ impl<const N: usize> Batch<N> {
     }
 
     /// Queue `update_va_mapping(va, pte, flags)`.
+    #[inline]
     pub fn update_va_mapping<T: FlushTarget + ?Sized>(
         &mut self,
         target: &T,
@@ -293,6 +298,7 @@ impl<const N: usize> Batch<N> {
 
     /// Queue one `mmu_update` request, extending the previous call when it is
     /// an `mmu_update` too.
+    #[inline]
     pub fn mmu_update<T: FlushTarget + ?Sized>(&mut self, target: &T, req: MmuUpdate, tag: Tag) {
         let fits = self.updates.len() < self.limit
             && self.arg_bytes + MMU_UPDATE_BYTES <= self.arg_space();
@@ -313,6 +319,7 @@ impl<const N: usize> Batch<N> {
 
     /// Queue one `mmuext_op`, extending the previous call when it is an
     /// `mmuext_op` too.
+    #[inline]
     pub fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
         let fits =
             self.ext.len() < self.limit && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space();
@@ -333,6 +340,7 @@ impl<const N: usize> Batch<N> {
 
     /// Register a callback to run after this batch is issued; flushes first
     /// if the callback list is full.
+    #[inline]
     pub fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
         if self.deferred.len() >= self.limit {
             self.flush(target);
@@ -413,11 +421,15 @@ impl<const N: usize> Batch<N> {
 
         let mut failed = 0;
         for (i, s) in self.slots.iter().enumerate() {
+            if let Slot::Uvm { .. } = s {
+                self.stats.update_va_mappings += 1;
+            }
+            let r = self.results[i];
+            if r.rc == 0 {
+                continue;
+            }
             let (kind, tags): (CallKind, &[Tag]) = match s {
-                Slot::Uvm { tag, .. } => {
-                    self.stats.update_va_mappings += 1;
-                    (CallKind::UpdateVaMapping, core::slice::from_ref(tag))
-                }
+                Slot::Uvm { tag, .. } => (CallKind::UpdateVaMapping, core::slice::from_ref(tag)),
                 Slot::Mmu { start, count } => (
                     CallKind::MmuUpdate,
                     &self.update_tags[*start as usize..(*start + *count) as usize],
@@ -427,10 +439,6 @@ impl<const N: usize> Batch<N> {
                     &self.ext_tags[*start as usize..(*start + *count) as usize],
                 ),
             };
-            let r = self.results[i];
-            if r.rc == 0 {
-                continue;
-            }
             failed += 1;
             // A backend that reports nonsense (`done` past the end) is
             // clamped: at least the last request is taken to have failed.
@@ -451,8 +459,10 @@ impl<const N: usize> Batch<N> {
     }
 
     fn run_callbacks<T: FlushTarget + ?Sized>(&mut self, target: &T) {
-        for d in core::mem::take(&mut self.deferred) {
-            self.stats.callbacks += 1;
+        // By index, then cleared: no copy of the whole callback array.
+        self.stats.callbacks += self.deferred.len() as u64;
+        for i in 0..self.deferred.len() {
+            let d = self.deferred[i];
             match d {
                 Deferred::UnlockPte { pfn, watch } => {
                     if watch != NO_TAG && self.not_applied.contains(&watch) {
@@ -467,6 +477,7 @@ impl<const N: usize> Batch<N> {
                 Deferred::Call { f, data } => f(data),
             }
         }
+        self.deferred.clear();
     }
 }
 

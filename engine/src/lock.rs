@@ -109,6 +109,39 @@ unsafe impl RawLock for ParkingLock {
     }
 }
 
+/// Busy-wait rounds [`lock_spin_first`] spends on a held lock before it
+/// falls back to [`RawLock::lock`] (which may park the thread).
+pub const SPIN_ROUNDS: u32 = 4096;
+
+/// Take a lock that is only ever held briefly (a PTE-page lock: held from a
+/// page's read-only remap until its batch is flushed, or for one entry
+/// write), spinning while it is held before falling back to
+/// [`RawLock::lock`]. With a parking lock this keeps a writer that meets a
+/// PTE page mid-pin from sleeping (and the pinner from paying a wake-up
+/// on every unlock), as Linux's PTE spinlocks do; after [`SPIN_ROUNDS`]
+/// busy-wait rounds it parks as before.
+#[inline]
+pub fn lock_spin_first<L: RawLock>(l: &L) {
+    #[cfg(not(any(loom, shuttle)))]
+    {
+        if l.try_lock() {
+            return;
+        }
+        let mut rounds = 0;
+        while rounds < SPIN_ROUNDS {
+            while l.is_locked() && rounds < SPIN_ROUNDS {
+                spin_hint();
+                rounds += 1;
+            }
+            if l.try_lock() {
+                return;
+            }
+            rounds += 1;
+        }
+    }
+    l.lock();
+}
+
 /// The default raw lock: parking_lot's with `std`, [`SpinLock`] without.
 #[cfg(all(feature = "std", not(any(loom, shuttle))))]
 pub type DefaultRawLock = ParkingLock;

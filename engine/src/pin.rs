@@ -31,7 +31,7 @@ enum Action {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Step {
+pub(crate) struct Step {
     pfn: Pfn,
     action: Action,
     /// The page is an L1 under the split policy: its lock must be held while
@@ -40,17 +40,49 @@ struct Step {
 }
 
 /// The journal of one pin or unpin.
+///
+/// Its step buffer is borrowed from the batch (a per-context object) for
+/// the operation and handed back after, so a pin allocates only while the
+/// buffer grows to the largest space the context has pinned.
 #[derive(Default)]
 struct Journal {
     steps: Vec<Step>,
     /// The batch's flush count when the operation started, so failures are
     /// reported relative to the operation.
     flush_base: u64,
+    /// Remap steps queued (the operation's `PinStats::tables`).
+    remaps: usize,
+    /// Separate L1 pin / unpin steps queued (`PinStats::l1_ops`).
+    l1_ops: usize,
 }
 
 impl Journal {
+    /// A journal over `b`'s reusable step buffer.
+    #[inline]
+    fn borrow<const N: usize>(b: &mut Batch<N>) -> Self {
+        let mut steps = core::mem::take(&mut b.journal);
+        steps.clear();
+        Journal {
+            steps,
+            flush_base: b.stats().flushes,
+            remaps: 0,
+            l1_ops: 0,
+        }
+    }
+
+    /// Hand the step buffer back to `b` for the next operation.
+    #[inline]
+    fn give_back<const N: usize>(self, b: &mut Batch<N>) {
+        b.journal = self.steps;
+    }
+
     #[inline]
     fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool) -> Tag {
+        match action {
+            Action::RemapRo | Action::RemapRw => self.remaps += 1,
+            Action::Pin(Level::L1) | Action::Unpin(Level::L1) => self.l1_ops += 1,
+            _ => {}
+        }
         self.steps.push(Step {
             pfn,
             action,
@@ -142,8 +174,19 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn take_lock<const N: usize>(&self, b: &mut Batch<N>, pfn: Pfn) -> Result<(), Error> {
         b.preempt_mut().acquire()?;
         if let Some(m) = self.store.meta(pfn) {
-            m.lock().lock();
+            crate::lock::lock_spin_first(m.lock());
         }
+        Ok(())
+    }
+
+    /// [`Self::take_lock`] for a page whose metadata is at hand.
+    #[inline]
+    fn take_meta_lock<const N: usize>(
+        b: &mut Batch<N>,
+        meta: &crate::frame::FrameMeta<P::Lock>,
+    ) -> Result<(), Error> {
+        b.preempt_mut().acquire()?;
+        meta.lock().lock();
         Ok(())
     }
 
@@ -164,11 +207,21 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if meta.test_and_set_pinned() {
             return Ok(Descend::No);
         }
-        j.push(pfn, Action::FlagSet, false);
         // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
         let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
-        if split_l1 {
-            self.take_lock(b, pfn)?;
+        if split_l1 && b.preempt().held() < crate::lock::PREEMPT_LIMIT {
+            // The lock right after the flag, before the journal and batch
+            // stores: two locked instructions back to back, not each
+            // waiting for a queue of stores to drain.
+            crate::lock::lock_spin_first(meta.lock());
+            j.push(pfn, Action::FlagSet, false);
+            b.preempt_mut().acquire()?;
+        } else {
+            j.push(pfn, Action::FlagSet, false);
+            if split_l1 {
+                // Refused (PreemptOverflow), nothing taken.
+                Self::take_meta_lock(b, meta)?;
+            }
         }
         self.queue_remap(b, j, pfn, true, flush, split_l1);
         if split_l1 {
@@ -205,10 +258,19 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if !meta.test_and_clear_pinned() {
             return Ok(Descend::No);
         }
-        j.push(pfn, Action::FlagCleared, false);
         let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
+        if split_l1 && b.preempt().held() < crate::lock::PREEMPT_LIMIT {
+            // As in pin_page: the lock right after the flag.
+            crate::lock::lock_spin_first(meta.lock());
+            j.push(pfn, Action::FlagCleared, false);
+            b.preempt_mut().acquire()?;
+        } else {
+            j.push(pfn, Action::FlagCleared, false);
+            if split_l1 {
+                Self::take_meta_lock(b, meta)?;
+            }
+        }
         if split_l1 {
-            self.take_lock(b, pfn)?;
             self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true);
         }
         let tag = j.steps.len() as Tag;
@@ -280,28 +342,32 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn run<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
         // Failures from before this operation are the caller's business.
         let _ = b.take_failures();
-        let mut j = Journal {
-            flush_base: b.stats().flushes,
-            ..Default::default()
-        };
+        let mut j = Journal::borrow(b);
+        let r = self.run_journal(b, &mut j, dir);
+        j.give_back(b);
+        r
+    }
+
+    fn run_journal<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        dir: Dir,
+    ) -> Result<PinStats, Error> {
         let walked = match dir {
-            Dir::Pin => self.pin_steps(b, &mut j),
-            Dir::Unpin => self.unpin_steps(b, &mut j),
+            Dir::Pin => self.pin_steps(b, j),
+            Dir::Unpin => self.unpin_steps(b, j),
         };
         // Issue whatever is still queued so every step has an outcome.
         b.flush(&self.target());
-        let first = b.failures().first().map(|f| Self::failure_of(&j, f));
+        let first = b.failures().first().map(|f| Self::failure_of(j, f));
         if let (Ok(()), None) = (&walked, first) {
             let _ = b.take_failures();
-            let mut stats = PinStats::default();
-            for s in &j.steps {
-                match s.action {
-                    Action::RemapRo | Action::RemapRw => stats.tables += 1,
-                    Action::Pin(Level::L1) | Action::Unpin(Level::L1) => stats.l1_ops += 1,
-                    _ => {}
-                }
-            }
-            return Ok(stats);
+            return Ok(PinStats {
+                tables: j.remaps,
+                l1_ops: j.l1_ops,
+                max_locks_held: 0,
+            });
         }
         // A recorded hypercall failure is the cause even when the walk
         // stopped because of it.
@@ -310,7 +376,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             (Err(e), None) => e,
             (Ok(()), None) => return Err(Error::NotPinned),
         };
-        self.rollback(b, &j)?;
+        self.rollback(b, j)?;
         Err(err)
     }
 

@@ -494,7 +494,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_, P::Lock>> {
         if P::SPLIT_PTE_LOCKS && level == Level::L1 {
             let l = self.store.meta(pfn)?.lock();
-            l.lock();
+            crate::lock::lock_spin_first(l);
             Some(PteLockGuard { lock: l })
         } else {
             None
@@ -612,7 +612,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     va,
                     level: Level::L1,
                 })?;
-                meta.lock().lock();
+                crate::lock::lock_spin_first(meta.lock());
                 let _pte = PteLockGuard { lock: meta.lock() };
                 // Re-check under the lock: a release unlinks the table while
                 // holding this lock, so if it is still linked it stays linked.
