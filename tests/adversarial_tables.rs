@@ -17,14 +17,13 @@
 
 mod native_support;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use native_support::{random_space, Rng, Shape, STORE_BASE_PFN};
-use pagepin::backend::ExtCmd;
-use pagepin::backends::mock::{MockBackend, Recorded, RecordedBatch};
+use pagepin::backends::mock::{MockBackend, NetEffect, RecordedBatch};
 use pagepin::{
     AddressSpace, Batch, EntryFlags, Error, Level, PageSize, PageTableEntry, PagingMode, Pfn,
     Split, X86_64,
@@ -197,34 +196,10 @@ fn state(space: &Space) -> State {
 }
 
 /// The net effect of the calls the mock accepted: the last read-only state
-/// of each remapped address, and the pin balance of each frame.
-fn net_effect(batches: &[RecordedBatch]) -> (HashMap<u64, bool>, HashMap<u64, i64>) {
-    let mut ro = HashMap::new();
-    let mut pins: HashMap<u64, i64> = HashMap::new();
-    for b in batches {
-        for (call, res) in b.calls.iter().zip(&b.results) {
-            match call {
-                Recorded::UpdateVaMapping { pte, .. } if res.rc == 0 => {
-                    // Keyed by the table frame the remapped entry maps
-                    // (the mock's p2m is the identity).
-                    let frame = PageTableEntry::from_bits(*pte).frame();
-                    ro.insert(frame, pte & EntryFlags::WRITABLE.bits() == 0);
-                }
-                Recorded::MmuExtOp(ops) => {
-                    for op in &ops[..res.done as usize] {
-                        match op.cmd {
-                            c if c.pin_level().is_some() => *pins.entry(op.arg1).or_default() += 1,
-                            ExtCmd::UnpinTable => *pins.entry(op.arg1).or_default() -= 1,
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    pins.retain(|_, n| *n != 0);
-    (ro, pins)
+/// of each remapped frame, and the pin balance of each frame.
+fn net_effect(batches: &[RecordedBatch]) -> (BTreeMap<u64, bool>, BTreeMap<u64, i64>) {
+    let n = NetEffect::replay(batches);
+    (n.remapped, n.pins)
 }
 
 // ---------------------------------------------------------------- corruption

@@ -4,13 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use pagepin::backend::uvmf;
-use pagepin::backends::mock::{MockBackend, Recorded, RecordedBatch};
-use pagepin::{AddressSpace, ExtCmd, FrameStore, LockPolicy, PagingMode, Pfn, RawLock};
+use pagepin::backends::mock::{MockBackend, NetEffect, RecordedBatch};
+use pagepin::{AddressSpace, FrameStore, LockPolicy, PagingMode, Pfn, RawLock};
 
-/// The net effect of the calls a mock recorded, replayed on a tiny model:
-/// which direct-map addresses are read-only, how many pins each frame has,
-/// how many full TLB flushes were requested.
+/// The net effect of the calls a mock recorded: which frames are left
+/// read-only, how many pins each frame has, how many full TLB flushes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Replay {
     pub read_only: BTreeSet<u64>,
@@ -19,45 +17,12 @@ pub struct Replay {
 }
 
 pub fn replay(batches: &[RecordedBatch]) -> Replay {
-    let mut r = Replay::default();
-    for b in batches {
-        for (call, res) in b.calls.iter().zip(&b.results) {
-            let done = if res.rc == 0 {
-                usize::MAX
-            } else {
-                res.done as usize
-            };
-            match call {
-                Recorded::UpdateVaMapping { va, pte, flags } => {
-                    if done == 0 {
-                        continue;
-                    }
-                    if pte & 2 == 0 {
-                        r.read_only.insert(*va);
-                    } else {
-                        r.read_only.remove(va);
-                    }
-                    if flags & uvmf::FLUSHTYPE_MASK == uvmf::TLB_FLUSH {
-                        r.flushes += 1;
-                    }
-                }
-                Recorded::MmuExtOp(ops) => {
-                    for op in ops.iter().take(done) {
-                        match op.cmd {
-                            ExtCmd::UnpinTable => *r.pins.entry(op.arg1).or_default() -= 1,
-                            c if c.pin_level().is_some() => {
-                                *r.pins.entry(op.arg1).or_default() += 1
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                Recorded::MmuUpdate(_) => {}
-            }
-        }
+    let n = NetEffect::replay(batches);
+    Replay {
+        read_only: n.read_only(),
+        pins: n.pins,
+        flushes: n.flushes,
     }
-    r.pins.retain(|_, v| *v != 0);
-    r
 }
 
 /// Everything about the store that an operation could change: entries,

@@ -10,6 +10,7 @@
 //! scenarios!(my_backend, MyPlatform);
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -59,39 +60,11 @@ struct MockPlatform {
 }
 
 impl MockPlatform {
-    /// Read-only state of each direct-map address and pin balance of each
+    /// Read-only state of each remapped frame and pin balance of each
     /// frame, from the calls recorded so far.
-    fn net(
-        &self,
-    ) -> (
-        std::collections::HashMap<u64, bool>,
-        std::collections::HashMap<u64, i64>,
-    ) {
-        let mut ro = std::collections::HashMap::new();
-        let mut pins = std::collections::HashMap::new();
-        for b in self.backend.batches() {
-            for (c, r) in b.calls.iter().zip(&b.results) {
-                match c {
-                    Recorded::UpdateVaMapping { pte, .. } if r.rc == 0 => {
-                        // Keyed by the frame the remapped entry maps (the
-                        // table frame; the mock's p2m is the identity).
-                        let frame = PageTableEntry::from_bits(*pte).frame();
-                        ro.insert(frame, pte & EntryFlags::WRITABLE.bits() == 0);
-                    }
-                    Recorded::MmuExtOp(ops) => {
-                        for op in &ops[..r.done as usize] {
-                            if op.cmd.pin_level().is_some() {
-                                *pins.entry(op.arg1).or_insert(0) += 1;
-                            } else if op.cmd == ExtCmd::UnpinTable {
-                                *pins.entry(op.arg1).or_insert(0) -= 1;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        (ro, pins)
+    fn net(&self) -> (BTreeMap<u64, bool>, BTreeMap<u64, i64>) {
+        let n = self.backend.net_effect();
+        (n.remapped, n.pins)
     }
 }
 

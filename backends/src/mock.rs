@@ -3,10 +3,14 @@
 //! [`NullBackend`], which accepts everything and does nothing (the floor for
 //! benchmarks).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pagepin_engine::backend::{Backend, Call, CallResult, MmuExtOp, MmuUpdate, StoreFault};
+use pagepin_engine::backend::{
+    uvmf, Backend, Call, CallResult, ExtCmd, MmuExtOp, MmuUpdate, StoreFault,
+};
+use pagepin_engine::entry::{EntryFlags, PageTableEntry};
 use pagepin_engine::frame::{Mfn, Pfn, TableMemory};
 use parking_lot::Mutex;
 
@@ -35,6 +39,76 @@ pub struct RecordedBatch {
     pub calls: Vec<Recorded>,
     /// The result given for each call.
     pub results: Vec<CallResult>,
+}
+
+/// The net effect of the calls a mock accepted, replayed on a tiny model of
+/// a hypervisor: what a pin or unpin left behind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetEffect {
+    /// For every frame whose direct-map mapping was changed: whether the
+    /// last accepted change made it read-only. Keyed by the frame the
+    /// remapped entry maps (the mock's p2m is the identity).
+    pub remapped: BTreeMap<u64, bool>,
+    /// Pin balance (pins minus unpins accepted) of every frame whose
+    /// balance is not 0.
+    pub pins: BTreeMap<u64, i64>,
+    /// Accepted remaps that requested a full TLB flush.
+    pub flushes: usize,
+}
+
+impl NetEffect {
+    /// Replay `batches`: a call that failed counts only for the requests
+    /// before its failing one (`done`).
+    pub fn replay(batches: &[RecordedBatch]) -> Self {
+        let mut n = NetEffect::default();
+        for b in batches {
+            for (call, res) in b.calls.iter().zip(&b.results) {
+                let done = if res.rc == 0 {
+                    usize::MAX
+                } else {
+                    res.done as usize
+                };
+                match call {
+                    Recorded::UpdateVaMapping { pte, flags, .. } if done > 0 => {
+                        let frame = PageTableEntry::from_bits(*pte).frame();
+                        n.remapped
+                            .insert(frame, pte & EntryFlags::WRITABLE.bits() == 0);
+                        if flags & uvmf::FLUSHTYPE_MASK == uvmf::TLB_FLUSH {
+                            n.flushes += 1;
+                        }
+                    }
+                    Recorded::MmuExtOp(ops) => {
+                        for op in ops.iter().take(done) {
+                            match op.cmd {
+                                ExtCmd::UnpinTable => *n.pins.entry(op.arg1).or_default() -= 1,
+                                c if c.pin_level().is_some() => {
+                                    *n.pins.entry(op.arg1).or_default() += 1
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        n.pins.retain(|_, v| *v != 0);
+        n
+    }
+
+    /// Frames left read-only.
+    pub fn read_only(&self) -> BTreeSet<u64> {
+        self.remapped
+            .iter()
+            .filter(|(_, ro)| **ro)
+            .map(|(f, _)| *f)
+            .collect()
+    }
+
+    /// Nothing left read-only and nothing left pinned.
+    pub fn is_neutral(&self) -> bool {
+        self.pins.is_empty() && self.remapped.values().all(|ro| !ro)
+    }
 }
 
 /// One recorded guest store.
@@ -158,6 +232,11 @@ impl MockBackend {
             .iter()
             .flat_map(|b| b.calls.iter().cloned())
             .collect()
+    }
+
+    /// The net effect of everything recorded (see [`NetEffect::replay`]).
+    pub fn net_effect(&self) -> NetEffect {
+        NetEffect::replay(&self.state.lock().batches)
     }
 
     /// Number of batches recorded.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pagepin::backends::mock::{MockBackend, Recorded};
+use pagepin::backends::mock::MockBackend;
 use pagepin::backends::native::NativeBackend;
 use pagepin::backends::xen::{xen_env, XenBackend, XenSim};
 use pagepin::{Backend, DefaultRawLock, FrameStore, PagingMode, Pfn};
@@ -70,40 +70,9 @@ impl Platform for MockBackend {
         }
     }
     fn leaked_frames(&self, _: &FrameStore<DefaultRawLock>) -> usize {
-        // Replay what the mock accepted: pages left read-only or pinned.
-        let mut ro = std::collections::BTreeSet::new();
-        let mut pins = std::collections::BTreeMap::<u64, i64>::new();
-        for b in self.batches() {
-            for (c, r) in b.calls.iter().zip(&b.results) {
-                if r.rc != 0 {
-                    continue;
-                }
-                match c {
-                    Recorded::UpdateVaMapping { va, pte, .. } => {
-                        if pte & 2 == 0 {
-                            ro.insert(*va);
-                        } else {
-                            ro.remove(va);
-                        }
-                    }
-                    Recorded::MmuExtOp(ops) => {
-                        for op in ops {
-                            match op.cmd {
-                                pagepin::ExtCmd::UnpinTable => {
-                                    *pins.entry(op.arg1).or_default() -= 1
-                                }
-                                c if c.pin_level().is_some() => {
-                                    *pins.entry(op.arg1).or_default() += 1
-                                }
-                                _ => {}
-                            }
-                        }
-                    }
-                    Recorded::MmuUpdate(_) => {}
-                }
-            }
-        }
-        ro.len() + pins.values().filter(|v| **v != 0).count()
+        // What the mock accepted, replayed: frames left read-only or pinned.
+        let n = self.net_effect();
+        n.read_only().len() + n.pins.len()
     }
 }
 
