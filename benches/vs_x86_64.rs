@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use pagepin::backends::mock::NullBackend;
+use pagepin::frame::read_guard;
 use pagepin::{
     AddressSpace, DefaultRawLock, EntryFlags, FrameStore, Global, LockPolicy, PageSize,
     SpaceOptions, Split, X86_64,
@@ -32,8 +33,11 @@ const DATA_BASE_PFN: u64 = 0x10_0000;
 
 /// Returns the space too, so it is dropped outside the timed part (as
 /// the crate's buffer is).
+/// With `one_section`, the translations run in one read section
+/// (`translate_in`) instead of entering one per call (`translate`).
 fn pagepin_run<P: LockPolicy<Lock = DefaultRawLock>>(
     s: AddressSpace<X86_64, P, NullBackend>,
+    one_section: bool,
 ) -> (u64, AddressSpace<X86_64, P, NullBackend>) {
     let flags = EntryFlags::PRESENT | EntryFlags::WRITABLE;
     for i in 0..PAGES {
@@ -46,8 +50,17 @@ fn pagepin_run<P: LockPolicy<Lock = DefaultRawLock>>(
         .expect("map");
     }
     let mut sum = 0u64;
-    for i in 0..PAGES {
-        sum = sum.wrapping_add(s.translate(BASE_VA + (i << 12) + 8).expect("mapped").phys);
+    if one_section {
+        let guard = read_guard();
+        for i in 0..PAGES {
+            let t = s.translate_in(&guard, BASE_VA + (i << 12) + 8);
+            sum = sum.wrapping_add(t.expect("mapped").phys);
+        }
+    } else {
+        for i in 0..PAGES {
+            let t = s.translate(BASE_VA + (i << 12) + 8);
+            sum = sum.wrapping_add(t.expect("mapped").phys);
+        }
     }
     (sum, s)
 }
@@ -114,20 +127,29 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(4));
-    g.bench_function(BenchmarkId::from_parameter("pagepin_split"), |b| {
-        b.iter_batched(
-            pagepin_space::<Split<DefaultRawLock>>,
-            |s| black_box(pagepin_run(s)),
-            BatchSize::PerIteration,
-        )
-    });
-    g.bench_function(BenchmarkId::from_parameter("pagepin_global"), |b| {
-        b.iter_batched(
-            pagepin_space::<Global<DefaultRawLock>>,
-            |s| black_box(pagepin_run(s)),
-            BatchSize::PerIteration,
-        )
-    });
+    for one_section in [false, true] {
+        let sfx = if one_section { "_one_read_section" } else { "" };
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("pagepin_split{sfx}")),
+            |b| {
+                b.iter_batched(
+                    pagepin_space::<Split<DefaultRawLock>>,
+                    |s| black_box(pagepin_run(s, one_section)),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("pagepin_global{sfx}")),
+            |b| {
+                b.iter_batched(
+                    pagepin_space::<Global<DefaultRawLock>>,
+                    |s| black_box(pagepin_run(s, one_section)),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+    }
     g.bench_function(BenchmarkId::from_parameter("x86_64_crate"), |b| {
         b.iter_batched(
             || {

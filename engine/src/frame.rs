@@ -82,28 +82,27 @@ mod state {
     pub const DATA: u8 = 1 << 2;
 }
 
-/// Metadata kept for each frame: a few bytes (see [`FrameStore::meta_size`]).
-pub struct FrameMeta<L: RawLock> {
+/// The metadata of one frame (see [`FrameStore::meta_size`]): its PTE-page
+/// lock, its level and its state bits.
+///
+/// The store keeps each kind in its own array, so the levels that lock-free
+/// walkers and writers read every time are not on the cache lines that a
+/// pinner on another CPU keeps writing (pinned flags, PTE locks). This is a
+/// handle onto the three.
+pub struct FrameMeta<'a, L: RawLock> {
     /// The PTE-page lock (used under the split policy).
-    lock: L,
+    lock: &'a L,
     /// Level the frame serves at (0: none).
-    level: AtomicU8,
+    level: &'a AtomicU8,
     /// `state::*` bits.
-    state: AtomicU8,
+    state: &'a AtomicU8,
 }
 
-impl<L: RawLock> FrameMeta<L> {
-    fn new() -> Self {
-        FrameMeta {
-            lock: L::new(),
-            level: AtomicU8::new(0),
-            state: AtomicU8::new(0),
-        }
-    }
+impl<'a, L: RawLock> FrameMeta<'a, L> {
     /// The PTE-page lock.
     #[inline]
-    pub fn lock(&self) -> &L {
-        &self.lock
+    pub fn lock(&self) -> &'a L {
+        self.lock
     }
     /// The level this frame serves at, if it is an allocated table.
     #[inline]
@@ -167,7 +166,12 @@ pub trait TableMemory: Send + Sync {
 /// allocator and per-frame metadata.
 pub struct FrameStore<L: RawLock> {
     storage: Storage,
-    meta: Box<[FrameMeta<L>]>,
+    /// Per-frame PTE-page locks.
+    locks: Box<[L]>,
+    /// Per-frame levels (read by every walk; written on alloc / free).
+    levels: Box<[AtomicU8]>,
+    /// Per-frame state bits (pinned flag: written by pin and unpin).
+    states: Box<[AtomicU8]>,
     base_pfn: u64,
     free_lock: L,
     /// Free frame indices, guarded by `free_lock`.
@@ -217,12 +221,16 @@ impl<L: RawLock> FrameStore<L> {
 
     fn with_storage(storage: Storage, base_pfn: u64) -> Self {
         let n = storage.frames().len();
-        let meta: Box<[FrameMeta<L>]> = (0..n).map(|_| FrameMeta::new()).collect();
+        let locks: Box<[L]> = (0..n).map(|_| L::new()).collect();
+        let levels: Box<[AtomicU8]> = (0..n).map(|_| AtomicU8::new(0)).collect();
+        let states: Box<[AtomicU8]> = (0..n).map(|_| AtomicU8::new(0)).collect();
         // Hand out low frames first: pop from the end.
         let free: Vec<u32> = (0..n as u32).rev().collect();
         FrameStore {
             storage,
-            meta,
+            locks,
+            levels,
+            states,
             base_pfn,
             free_lock: L::new(),
             free: core::cell::UnsafeCell::new(free),
@@ -233,19 +241,19 @@ impl<L: RawLock> FrameStore<L> {
 
     /// Bytes of metadata per frame.
     pub const fn meta_size() -> usize {
-        core::mem::size_of::<FrameMeta<L>>()
+        core::mem::size_of::<L>() + 2 * core::mem::size_of::<AtomicU8>()
     }
 
     /// Number of frames.
     #[inline]
     pub fn len(&self) -> usize {
-        self.meta.len()
+        self.levels.len()
     }
 
     /// Whether the store has no frames (never true for a constructed store).
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.meta.is_empty()
+        self.levels.is_empty()
     }
 
     /// Frames allocated now.
@@ -263,7 +271,7 @@ impl<L: RawLock> FrameStore<L> {
     #[inline]
     pub fn index_of(&self, pfn: Pfn) -> Option<usize> {
         let idx = pfn.0.checked_sub(self.base_pfn)?;
-        if idx < self.meta.len() as u64 {
+        if idx < self.levels.len() as u64 {
             Some(idx as usize)
         } else {
             None
@@ -284,8 +292,12 @@ impl<L: RawLock> FrameStore<L> {
 
     /// The metadata of `pfn`.
     #[inline]
-    pub fn meta(&self, pfn: Pfn) -> Option<&FrameMeta<L>> {
-        self.index_of(pfn).map(|i| &self.meta[i])
+    pub fn meta(&self, pfn: Pfn) -> Option<FrameMeta<'_, L>> {
+        self.index_of(pfn).map(|i| FrameMeta {
+            lock: &self.locks[i],
+            level: &self.levels[i],
+            state: &self.states[i],
+        })
     }
 
     /// The entry `index` of frame `pfn`.
@@ -306,13 +318,12 @@ impl<L: RawLock> FrameStore<L> {
 
     fn alloc_with(&self, level: u8, bits: u8) -> Option<Pfn> {
         let idx = self.pop_free()? as usize;
-        let m = &self.meta[idx];
         // Zero it before it becomes visible at its level.
         for e in self.storage.frames()[idx].entries.iter() {
             e.store(0, Ordering::Relaxed);
         }
-        m.level.store(level, Ordering::Release);
-        m.state.store(state::ALLOCATED | bits, Ordering::Release);
+        self.levels[idx].store(level, Ordering::Release);
+        self.states[idx].store(state::ALLOCATED | bits, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx as u64))
     }
@@ -354,11 +365,10 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return false;
         };
-        let m = &self.meta[idx];
-        if m.state.swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
+        if self.states[idx].swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
         }
-        m.level.store(0, Ordering::Release);
+        self.levels[idx].store(0, Ordering::Release);
         self.allocated.fetch_sub(1, Ordering::Relaxed);
         self.with_free(|free, _| free.push(idx as u32));
         true
@@ -374,7 +384,7 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return;
         };
-        self.meta[idx].level.store(0, Ordering::Release);
+        self.levels[idx].store(0, Ordering::Release);
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         {
             let store = alloc::sync::Arc::clone(self);

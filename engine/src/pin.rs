@@ -50,10 +50,11 @@ struct Journal {
     /// The batch's flush count when the operation started, so failures are
     /// reported relative to the operation.
     flush_base: u64,
-    /// Remap steps queued (the operation's `PinStats::tables`).
-    remaps: usize,
-    /// Separate L1 pin / unpin steps queued (`PinStats::l1_ops`).
-    l1_ops: usize,
+    /// Remap steps queued (the operation's `PinStats::tables`) in the low
+    /// 32 bits, separate L1 pin / unpin steps (`PinStats::l1_ops`) in the
+    /// high 32: one scalar add per step (two adjacent counters were
+    /// combined into one vector add whose load stalled on the store before).
+    counts: u64,
 }
 
 impl Journal {
@@ -65,8 +66,7 @@ impl Journal {
         Journal {
             steps,
             flush_base: b.stats().flushes,
-            remaps: 0,
-            l1_ops: 0,
+            counts: 0,
         }
     }
 
@@ -78,11 +78,11 @@ impl Journal {
 
     #[inline]
     fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool) -> Tag {
-        match action {
-            Action::RemapRo | Action::RemapRw => self.remaps += 1,
-            Action::Pin(Level::L1) | Action::Unpin(Level::L1) => self.l1_ops += 1,
-            _ => {}
-        }
+        self.counts += match action {
+            Action::RemapRo | Action::RemapRw => 1,
+            Action::Pin(Level::L1) | Action::Unpin(Level::L1) => 1 << 32,
+            _ => 0,
+        };
         self.steps.push(Step {
             pfn,
             action,
@@ -183,7 +183,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     #[inline]
     fn take_meta_lock<const N: usize>(
         b: &mut Batch<N>,
-        meta: &crate::frame::FrameMeta<P::Lock>,
+        meta: &crate::frame::FrameMeta<'_, P::Lock>,
     ) -> Result<(), Error> {
         b.preempt_mut().acquire()?;
         meta.lock().lock();
@@ -220,7 +220,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             j.push(pfn, Action::FlagSet, false);
             if split_l1 {
                 // Refused (PreemptOverflow), nothing taken.
-                Self::take_meta_lock(b, meta)?;
+                Self::take_meta_lock(b, &meta)?;
             }
         }
         self.queue_remap(b, j, pfn, true, flush, split_l1);
@@ -267,7 +267,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         } else {
             j.push(pfn, Action::FlagCleared, false);
             if split_l1 {
-                Self::take_meta_lock(b, meta)?;
+                Self::take_meta_lock(b, &meta)?;
             }
         }
         if split_l1 {
@@ -364,8 +364,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if let (Ok(()), None) = (&walked, first) {
             let _ = b.take_failures();
             return Ok(PinStats {
-                tables: j.remaps,
-                l1_ops: j.l1_ops,
+                tables: (j.counts & 0xffff_ffff) as usize,
+                l1_ops: (j.counts >> 32) as usize,
                 max_locks_held: 0,
             });
         }

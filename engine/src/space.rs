@@ -8,7 +8,7 @@ use crate::backend::{Backend, Call, CallResult, MmuUpdate};
 use crate::batch::{Batch, Deferred, FlushTarget, NO_TAG};
 use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::{Error, HypercallFailure, StepKind};
-use crate::frame::{read_guard, FrameStore, Mfn, Pfn};
+use crate::frame::{read_guard, FrameStore, Mfn, Pfn, ReadGuard};
 use crate::lock::{LockPolicy, RawLock};
 use crate::mode::{Level, PageSize, PagingMode};
 use crate::sync::{AtomicBool, Ordering};
@@ -342,10 +342,20 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Translate `va` without taking any lock.
     pub fn translate(&self, va: u64) -> Option<Translation> {
+        let guard = read_guard();
+        self.translate_in(&guard, va)
+    }
+
+    /// Translate `va` inside a read section the caller holds: the same as
+    /// [`Self::translate`], without entering a read section per call (a
+    /// caller translating many addresses enters one, as an RCU reader
+    /// would, and table frames released meanwhile are not reused until it
+    /// is dropped).
+    pub fn translate_in(&self, guard: &ReadGuard, va: u64) -> Option<Translation> {
+        let _ = guard;
         if !M::is_canonical(va) {
             return None;
         }
-        let _guard = read_guard();
         let mut pfn = self.root;
         let mut level = M::ROOT_LEVEL;
         loop {
