@@ -15,5 +15,7 @@ extern crate alloc;
 pub mod mock;
 #[cfg(feature = "native")]
 pub mod native;
+#[cfg(all(feature = "xen", feature = "std"))]
+mod sync;
 #[cfg(feature = "xen")]
 pub mod xen;

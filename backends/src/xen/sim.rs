@@ -48,7 +48,6 @@
 
 use std::cell::Cell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,7 +56,12 @@ use pagepin_engine::entry::{EntryFlags, PageTableEntry};
 use pagepin_engine::frame::{FrameStore, Mfn, Pfn, TableMemory, ENTRIES_PER_FRAME};
 use pagepin_engine::lock::RawLock;
 use pagepin_engine::mode::{Level, PagingMode};
-use parking_lot::Mutex;
+
+// Shared state comes from the crate's sync facade (model checkers' types
+// under cfg(loom) / cfg(shuttle)); table entries are the engine's memory
+// and stay core atomics (`EntryWord`).
+use crate::sync::{backoff, thread_local, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
+use core::sync::atomic::AtomicU64 as EntryWord;
 
 use super::abi::{hypercall, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, DOMID_SELF};
 use super::backend::{P2m, XenBackend};
@@ -302,7 +306,11 @@ counters! {
 
 /// Counter shards: each thread adds to its own (cache-line aligned) shard,
 /// so threads trapping in parallel do not contend on the counters.
+#[cfg(not(any(loom, shuttle)))]
 const SHARDS: usize = 8;
+/// Under a model checker: one shard (no thread-local shard index).
+#[cfg(any(loom, shuttle))]
+const SHARDS: usize = 1;
 
 #[repr(align(128))]
 #[derive(Default)]
@@ -317,15 +325,22 @@ struct Stats {
     shards: [Shard; SHARDS],
 }
 
+#[cfg(not(any(loom, shuttle)))]
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
-thread_local! {
+#[cfg(not(any(loom, shuttle)))]
+std::thread_local! {
     static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
 }
 
 impl Stats {
+    #[cfg(not(any(loom, shuttle)))]
     fn shard(&self) -> &Counters {
         &self.shards[SHARD.with(|s| *s)].0
+    }
+    #[cfg(any(loom, shuttle))]
+    fn shard(&self) -> &Counters {
+        &self.shards[0].0
     }
     fn merge(&self, l: &Local) {
         self.shard().merge(l);
@@ -397,16 +412,6 @@ fn spin_lock(l: &AtomicBool) {
 
 fn spin_unlock(l: &AtomicBool) {
     l.store(false, Ordering::Release);
-}
-
-#[inline]
-fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 64 {
-        std::hint::spin_loop();
-    } else {
-        std::thread::yield_now();
-    }
 }
 
 /// A held spin lock, released on drop.
@@ -1025,7 +1030,7 @@ impl XenSim {
         level: Level,
         index: usize,
         new: u64,
-        slot: &AtomicU64,
+        slot: &EntryWord,
         l: &mut Local,
     ) -> R {
         let (n, hole) = self.table_slots(level);
@@ -1386,7 +1391,7 @@ impl XenSim {
     /// The guest store logic (rule 10).
     fn store(
         &self,
-        slot: &AtomicU64,
+        slot: &EntryWord,
         mfn: Mfn,
         index: usize,
         value: u64,
@@ -1564,7 +1569,7 @@ impl XenHypercalls for XenSim {
 
     fn guest_store(
         &self,
-        slot: &AtomicU64,
+        slot: &EntryWord,
         mfn: Mfn,
         index: usize,
         value: u64,
