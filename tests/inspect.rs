@@ -629,3 +629,103 @@ fn bad_input_is_a_clear_error() {
         assert!(e.to_string().contains("0x700000000"), "{e}");
     }
 }
+
+/// `--pin-report`'s verdict comes from the simulated hypervisor (XenSim
+/// pinning a copy through the engine); the hand-written checks name the
+/// same entry and explain it.
+#[test]
+fn pin_report_verdict_is_the_simulators() {
+    use pagepin::dump::pin::sim_check;
+    let io = XenOptions {
+        io_privileged: true,
+    };
+    // Clean: accepted by both.
+    let b = build::<Split>(false);
+    let raw = write_raw(&b.store, "sim-clean.raw", 0x14_0000);
+    let dump = Dump::open_raw(&raw).unwrap();
+    let w = Walker::new(&dump.mem, root_cr3(&b)).unwrap();
+    let v = sim_check(&w, XenOptions::default(), true, 32).unwrap();
+    assert!(v.accepted(), "{v:?}");
+    assert!(v.hypercalls > 0);
+
+    // Full: the 4K PAT leaf (domU), then (with I/O resources) the 2M PS.
+    let b = build::<Split>(true);
+    let raw = write_raw(&b.store, "sim-full.raw", 0x14_0000);
+    let dump = Dump::open_raw(&raw).unwrap();
+    let w = Walker::new(&dump.mem, root_cr3(&b)).unwrap();
+    for (opts, want) in [
+        (XenOptions::default(), (1u8, 2usize, 0x40_2000u64)),
+        (io, (2, 0, 0x4000_0000)),
+    ] {
+        let r = sim_check(&w, opts, true, 32).unwrap().refused.unwrap();
+        assert_eq!(r.errno, 22, "{r:?}");
+        let (level, index, pa, _, va) = r.entry.unwrap();
+        assert_eq!((level, index, va), want, "{r:?}");
+        let brk = xen_check(&w, opts).unwrap().broken.unwrap();
+        assert_eq!((brk.entry_pa, brk.errno), (pa, r.errno));
+    }
+
+    // A user leaf on I/O memory (outside the dump's RAM): -EPERM for a
+    // domain without I/O resources (Xen's get_page_from_l1e), accepted with.
+    let b = build::<Split>(false);
+    b.space
+        .map(0x60_0000, 0xfee0_0000, PageSize::Size4K, P | U | W)
+        .unwrap();
+    let raw = write_raw(&b.store, "sim-mmio.raw", 0x14_0000);
+    let dump = Dump::open_raw(&raw).unwrap();
+    let w = Walker::new(&dump.mem, root_cr3(&b)).unwrap();
+    let r = sim_check(&w, XenOptions::default(), true, 32)
+        .unwrap()
+        .refused
+        .unwrap();
+    assert_eq!(r.errno, 1, "{r:?}");
+    assert_eq!(r.entry.unwrap().4, 0x60_0000);
+    let brk = xen_check(&w, XenOptions::default())
+        .unwrap()
+        .broken
+        .unwrap();
+    assert_eq!((brk.errno, brk.va), (1, 0x60_0000));
+    assert!(sim_check(&w, io, true, 32).unwrap().accepted());
+
+    // A table frame mapped writable by a user leaf: refused by the
+    // simulator at the entry the checks name (rule 2).
+    let b = build::<Split>(false);
+    let l1 = b
+        .space
+        .table_frames()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.1 == pagepin::Level::L1)
+        .unwrap()
+        .0;
+    b.space
+        .map(0x60_0000, l1.0 << 12, PageSize::Size4K, P | U | W)
+        .unwrap();
+    let raw = write_raw(&b.store, "sim-rule2.raw", 0x14_0000);
+    let dump = Dump::open_raw(&raw).unwrap();
+    let w = Walker::new(&dump.mem, root_cr3(&b)).unwrap();
+    let r = sim_check(&w, XenOptions::default(), true, 32)
+        .unwrap()
+        .refused
+        .unwrap();
+    let brk = xen_check(&w, XenOptions::default())
+        .unwrap()
+        .broken
+        .unwrap();
+    assert_eq!(brk.rule, 2);
+    assert_eq!(
+        (r.errno, r.entry.unwrap().2),
+        (brk.errno, brk.entry_pa),
+        "{r:?}"
+    );
+    let out = run(&[
+        "--raw",
+        raw.to_str().unwrap(),
+        "--cr3",
+        &format!("{:#x}", root_cr3(&b)),
+        "--pin-report",
+    ])
+    .unwrap();
+    assert!(out.contains("xen: REFUSED: rule 2"), "{out}");
+    assert!(out.contains("simulator: hypercall failed"), "{out}");
+}

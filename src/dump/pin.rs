@@ -14,7 +14,7 @@
 //!   bit 62 (Xen's grant-table marker) never; refused flags are `-EINVAL`;
 //! - frame ownership (rule 3): a leaf must map a frame of the guest (here:
 //!   inside the dump's RAM); an MMIO frame only for an I/O-privileged
-//!   domain (`-EINVAL` otherwise);
+//!   domain (`-EPERM` otherwise, as Xen's `get_page_from_l1e`);
 //! - types (rules 1 and 2): a frame has one type: a table is reached at one
 //!   level only (`-EINVAL`), a frame mapped writable cannot become a table
 //!   (`-EINVAL`) and a table frame cannot be mapped writable (`-EBUSY`).
@@ -22,6 +22,10 @@
 //! Writable mappings of table frames in the *kernel* half (the direct map)
 //! are counted separately: they are what the pin protocol's read-only
 //! remaps remove, not a reason to refuse.
+//!
+//! `inspect --pin-report` takes its verdict from [`sim_check`], which pins a
+//! copy of the user half on the simulated hypervisor (`XenSim`) through
+//! the engine; [`xen_check`] explains it (rule number, in words).
 //!
 //! [`engine_count`] copies the user half's tables into a [`FrameStore`],
 //! pins the copy with the engine against a backend that accepts and counts
@@ -32,7 +36,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+#[cfg(feature = "xen")]
+use pagepin_backends::xen::{P2m, SimConfig, XenBackend, XenSim};
 use pagepin_engine::backend::errno;
+#[cfg(feature = "xen")]
+use pagepin_engine::TableMemory;
 use pagepin_engine::{
     AddressSpace, Backend, Batch, Call, CallResult, DefaultRawLock, Error, FrameStore, Global,
     Level, LockPolicy, PageTableEntry, Pfn, SpaceOptions, Split, X86_64,
@@ -251,7 +259,7 @@ impl Checker<'_, '_> {
                     continue;
                 }
                 return Ok(Err(self.brk(
-                    (3, errno::EINVAL),
+                    (3, errno::EPERM),
                     level,
                     table,
                     i,
@@ -508,4 +516,214 @@ pub fn engine_count(w: &Walker<'_>, user_root: bool, batch: usize) -> Result<Pin
         pin_copy::<Split<DefaultRawLock>>(w, &tables, user_root, batch, "split"),
         pin_copy::<Global<DefaultRawLock>>(w, &tables, user_root, batch, "global"),
     ))
+}
+
+#[cfg(feature = "xen")]
+pub use sim::sim_check;
+
+/// The simulated hypervisor's verdict on pinning the user half of a
+/// dumped table (see [`sim_check`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimVerdict {
+    /// `None`: the simulator pinned (and unpinned) the table.
+    pub refused: Option<SimRefusal>,
+    /// Machine frames the simulated domain had (the dump's frame numbers
+    /// up to the highest one the user half references, then the tables).
+    pub nr_pages: usize,
+    /// Hypercalls the pin (and unpin) trapped with.
+    pub hypercalls: u64,
+}
+
+impl SimVerdict {
+    /// Whether the simulator accepted the pin.
+    pub fn accepted(&self) -> bool {
+        self.refused.is_none()
+    }
+}
+
+/// Why the simulator refused the pin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimRefusal {
+    /// The errno (positive).
+    pub errno: i32,
+    /// The engine's error: the failing hypercall, or the engine's own
+    /// refusal of the table (then no errno: 0).
+    pub call: String,
+    /// The entry the simulator's validation refused, in dump terms:
+    /// (level, index, guest-physical address of the entry, entry, first
+    /// VA it covers); `None` when the failure was not inside a validation.
+    pub entry: Option<(u8, usize, u64, u64, u64)>,
+}
+
+#[cfg(feature = "xen")]
+mod sim {
+    use super::*;
+    use super::{SimRefusal, SimVerdict};
+
+    /// Pin the user half of the table under `w` on the simulated Xen
+    /// hypervisor ([`XenSim`]), through the engine and [`XenBackend`] under the
+    /// global policy (one `MMUEXT_PIN_L4_TABLE` validates the whole table
+    /// recursively, in Xen's order), and report the first entry it refuses.
+    ///
+    /// The simulated domain uses an identity p2m, so the dump's frame numbers
+    /// are its machine frames: leaves keep their frames (RAM frames are owned;
+    /// frames outside the dump's RAM are I/O memory). The user half's tables
+    /// are copied above every referenced frame (the engine's frame store holds
+    /// them there); table pointers, and L1 leaves that map a table frame, are
+    /// retargeted to the copies, and refusals are translated back.
+    pub fn sim_check(
+        w: &Walker<'_>,
+        opts: XenOptions,
+        user_root: bool,
+        batch: usize,
+    ) -> Result<SimVerdict, DumpError> {
+        if !(1..=MAX_BATCH).contains(&batch) {
+            return Err(DumpError::BadArgument(format!(
+                "batch size {batch} outside 1..={MAX_BATCH}"
+            )));
+        }
+        let tables = user_tables(w)?;
+        // First VA each table covers (for messages), and the highest frame the
+        // user half references.
+        let mut first_va: HashMap<u64, u64> = HashMap::new();
+        let max_frame = std::cell::Cell::new(w.root() >> 12);
+        w.walk(
+            0..256,
+            &mut |_, pa, va| {
+                first_va.entry(pa).or_insert(va);
+                max_frame.set(max_frame.get().max(pa >> 12));
+            },
+            &mut |l| max_frame.set(max_frame.get().max(l.phys >> 12)),
+        )?;
+        let max_frame = max_frame.get();
+        let base = max_frame + 1;
+        let frames = tables.len() + 2;
+        let nr_pages = usize::try_from(base)
+            .ok()
+            .and_then(|b| b.checked_add(frames))
+            .filter(|&n| n <= u32::MAX as usize)
+            .ok_or_else(|| {
+                DumpError::BadArgument(format!(
+                    "frame {max_frame:#x} is beyond what the simulator models"
+                ))
+            })?;
+        // I/O memory: frames below `base` outside the dump's RAM.
+        let mut io_frames = Vec::new();
+        let mut next = 0u64;
+        let mut ram: Vec<(u64, u64)> = w
+            .mem()
+            .regions()
+            .iter()
+            .map(|r| (r.paddr >> 12, (r.paddr + r.len) >> 12))
+            .collect();
+        ram.sort_unstable();
+        for (s, e) in ram {
+            if s > next {
+                io_frames.push(next.min(base)..s.min(base));
+            }
+            next = next.max(e);
+        }
+        if next < base {
+            io_frames.push(next..base);
+        }
+        io_frames.retain(|r| !r.is_empty());
+
+        let store = Arc::new(FrameStore::<DefaultRawLock>::new(frames, base));
+        let mut cfg = SimConfig::for_mode::<X86_64>(nr_pages, 0);
+        cfg.identity_p2m = true;
+        cfg.io_privileged = opts.io_privileged;
+        cfg.io_frames = io_frames;
+        let mem: Arc<dyn TableMemory> = store.clone();
+        let sim = Arc::new(
+            XenSim::new(cfg, mem)
+                .map_err(|e| DumpError::BadArgument(format!("simulator setup: {e:?}")))?,
+        );
+        let backend = Arc::new(XenBackend::new(sim.clone(), P2m::identity(nr_pages)));
+        let space: AddressSpace<X86_64, Global<DefaultRawLock>, _> =
+            AddressSpace::new(store.clone(), backend, SpaceOptions { user_root })
+                .map_err(|e| DumpError::BadArgument(format!("engine: {e}")))?;
+        // Dump table address -> copy pfn, and back.
+        let mut pfn_of: HashMap<u64, Pfn> = HashMap::new();
+        pfn_of.insert(w.root(), space.root());
+        for &(pa, level) in &tables {
+            if let std::collections::hash_map::Entry::Vacant(v) = pfn_of.entry(pa) {
+                let pfn = store
+                    .alloc_table(level)
+                    .ok_or_else(|| DumpError::BadArgument("frame store exhausted".into()))?;
+                v.insert(pfn);
+            }
+        }
+        let mut dump_of: HashMap<u64, u64> = pfn_of.iter().map(|(&pa, p)| (p.0, pa)).collect();
+        let mut roots = vec![space.root()];
+        roots.extend(space.user_root());
+        for &r in &roots {
+            dump_of.insert(r.0, w.root());
+        }
+        let retarget = |e: u64| match pfn_of.get(&(e & PageTableEntry::ADDR_MASK)) {
+            Some(p) => (e & !PageTableEntry::ADDR_MASK) | (p.0 << 12),
+            None => e,
+        };
+        let copy = |src: u64, dst: Pfn, level: Level, slots: usize| {
+            for i in 0..slots {
+                let e = w.entry(src, i);
+                let present = e & 1 != 0;
+                let points_at_frame =
+                    present && (level == Level::L4 || level == Level::L1 || e & (1 << 7) == 0);
+                let v = if points_at_frame { retarget(e) } else { e };
+                if let Some(slot) = store.entry(dst, i) {
+                    slot.store(v, Ordering::Release);
+                }
+            }
+        };
+        for &r in &roots {
+            copy(w.root(), r, Level::L4, 256);
+        }
+        for &(pa, level) in &tables {
+            if let Some(&p) = pfn_of.get(&pa) {
+                copy(pa, p, level, 512);
+            }
+        }
+
+        sim.take_refusal();
+        let mut b: Batch<MAX_BATCH> = Batch::with_limit(batch);
+        let result = space.pin(&mut b);
+        let refused = match result {
+            Ok(_) => {
+                space
+                    .unpin(&mut Batch::<MAX_BATCH>::with_limit(batch))
+                    .map_err(|e| DumpError::BadArgument(format!("unpin after pin: {e}")))?;
+                None
+            }
+            Err(e) => {
+                let errno = match &e {
+                    Error::Hypercall(h) | Error::RollbackFailed { first: h, .. } => h.errno,
+                    _ => 0,
+                };
+                let entry = sim.take_refusal().and_then(|r| {
+                    let table = *dump_of.get(&r.mfn.0)?;
+                    let va = first_va.get(&table).copied().unwrap_or(0)
+                        | (r.index as u64) << r.level.shift();
+                    // The dump's entry (a retargeted copy reads differently).
+                    let raw = w.entry(table, r.index);
+                    Some((
+                        r.level.number(),
+                        r.index,
+                        table + r.index as u64 * 8,
+                        raw,
+                        canonical(va),
+                    ))
+                });
+                Some(SimRefusal {
+                    errno,
+                    call: e.to_string(),
+                    entry,
+                })
+            }
+        };
+        Ok(SimVerdict {
+            refused,
+            nr_pages,
+            hypercalls: sim.stats().hypercalls,
+        })
+    }
 }

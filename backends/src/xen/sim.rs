@@ -142,11 +142,27 @@ const FAST_PATH_BITS: u64 = EntryFlags::ACCESSED.bits()
     | EntryFlags::GLOBAL.bits()
     | EntryFlags::AVAILABLE.bits();
 
-/// Bits an L1 entry may carry besides its frame.
-const L1_ALLOWED: u64 = 0x1ff | EntryFlags::AVAILABLE.bits() | EntryFlags::NO_EXECUTE.bits();
-/// Bits an L2..L4 entry may carry besides its frame (no PS, no G).
-const TABLE_ALLOWED: u64 = (0x7f | EntryFlags::AVAILABLE.bits() | EntryFlags::NO_EXECUTE.bits())
-    & !EntryFlags::HUGE.bits();
+/// Flags a guest may set in any entry: Xen's `base_disallow_mask`
+/// complement (P, RW, U, A, D, available bits 9..=11 and 52..=62, NX).
+const BASE_ALLOWED: u64 = EntryFlags::PRESENT.bits()
+    | EntryFlags::WRITABLE.bits()
+    | EntryFlags::USER.bits()
+    | EntryFlags::ACCESSED.bits()
+    | EntryFlags::DIRTY.bits()
+    | (0b111 << 9)
+    | (0x7ff << 52)
+    | EntryFlags::NO_EXECUTE.bits();
+/// Bit 62, Xen's `_PAGE_GNTTAB`: never allowed in an L1 entry.
+const GNTTAB: u64 = 1 << 62;
+/// Cache attributes (PWT, PCD, PAT): in L1 entries only for a domain with
+/// I/O resources (Xen's `l1_disallow_mask`).
+const CACHE_ATTRS: u64 =
+    EntryFlags::PWT.bits() | EntryFlags::PCD.bits() | EntryFlags::PAT_4K.bits();
+/// Bits an L1 entry may carry besides its frame (Xen's `L1_DISALLOW_MASK`
+/// complement: GLOBAL allowed, GNTTAB not), without I/O resources.
+const L1_ALLOWED: u64 = (BASE_ALLOWED | EntryFlags::GLOBAL.bits()) & !GNTTAB;
+/// Bits an L2..L4 entry may carry besides its frame: no PWT, PCD, PS, G.
+const TABLE_ALLOWED: u64 = BASE_ALLOWED;
 /// Bits a PAE root (L3) entry may carry: present, PWT, PCD, available.
 const PAE_ROOT_ALLOWED: u64 =
     EntryFlags::PRESENT.bits() | EntryFlags::PWT.bits() | EntryFlags::PCD.bits() | ((0b111) << 9);
@@ -174,6 +190,16 @@ pub struct SimConfig {
     pub trap_cost_ns: u64,
     /// Virtual CPUs (each has a base pointer and a user base pointer).
     pub vcpus: usize,
+    /// Identity p2m (pfn = mfn) instead of the seeded permutation: for
+    /// tables whose frame numbers come from elsewhere (a memory dump).
+    pub identity_p2m: bool,
+    /// The domain has I/O resources (dom0, passthrough): cache attributes
+    /// are allowed in L1 entries and L1 entries may map [`Self::io_frames`].
+    pub io_privileged: bool,
+    /// Machine frames below `nr_pages` that are not the domain's RAM (MMIO,
+    /// holes): an L1 entry mapping one is `-EPERM` without
+    /// [`Self::io_privileged`] and takes no reference with it.
+    pub io_frames: Vec<Range<u64>>,
 }
 
 impl SimConfig {
@@ -188,6 +214,9 @@ impl SimConfig {
             direct_map_base: M::DIRECT_MAP_BASE,
             trap_cost_ns: 0,
             vcpus: 4,
+            identity_p2m: false,
+            io_privileged: false,
+            io_frames: Vec::new(),
         }
     }
 }
@@ -441,6 +470,22 @@ thread_local! {
 /// Result type of internal checks: `Err(errno)` (positive).
 type R<T = ()> = Result<T, i32>;
 
+/// The entry a table validation refused (see [`XenSim::take_refusal`]):
+/// what Xen's log names when a pin fails deep inside a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The table holding the entry.
+    pub mfn: Mfn,
+    /// Its level.
+    pub level: Level,
+    /// The entry's index.
+    pub index: usize,
+    /// The entry.
+    pub entry: u64,
+    /// The errno (positive).
+    pub errno: i32,
+}
+
 /// The simulated hypervisor.
 pub struct XenSim {
     cfg: SimConfig,
@@ -461,6 +506,8 @@ pub struct XenSim {
     /// Entries per trap, when logging is on.
     trap_log: Mutex<Vec<usize>>,
     log_traps: AtomicBool,
+    /// The innermost entry refused by a validation since the last take.
+    refusal: Mutex<Option<Refusal>>,
 }
 
 /// Errors constructing a simulator.
@@ -487,7 +534,8 @@ impl XenSim {
         // maps to itself (for n > 1).
         let mut p2m: Vec<u64> = (0..n as u64).collect();
         let mut rng = cfg.seed ^ 0x9e37_79b9_7f4a_7c15;
-        for i in (1..n).rev() {
+        let shuffled = if cfg.identity_p2m { 0 } else { n };
+        for i in (1..shuffled).rev() {
             let j = (splitmix(&mut rng) % i as u64) as usize;
             p2m.swap(i, j);
         }
@@ -528,6 +576,7 @@ impl XenSim {
             has_injections: AtomicUsize::new(0),
             trap_log: Mutex::new(Vec::new()),
             log_traps: AtomicBool::new(false),
+            refusal: Mutex::new(None),
         })
     }
 
@@ -613,6 +662,12 @@ impl XenSim {
         if self.log_traps.load(Ordering::Relaxed) {
             self.trap_log.lock().push(entries);
         }
+    }
+    /// The first entry a table validation refused since the last call
+    /// (the innermost one: a pin's failure propagates up through the
+    /// parents, which are not recorded), and forget it.
+    pub fn take_refusal(&self) -> Option<Refusal> {
+        self.refusal.lock().take()
     }
     /// The counters.
     pub fn stats(&self) -> SimStats {
@@ -918,6 +973,13 @@ impl XenSim {
                 continue;
             }
             if let Err(e) = self.get_entry_refs(level, snap[i], false, l) {
+                self.refusal.lock().get_or_insert(Refusal {
+                    mfn: Mfn(mfn),
+                    level,
+                    index: i,
+                    entry: snap[i],
+                    errno: e,
+                });
                 for j in (0..i).rev() {
                     if !hole.contains(&j) {
                         self.put_entry_refs(level, snap[j], l);
@@ -952,16 +1014,25 @@ impl XenSim {
             return Err(errno::EINVAL);
         }
         let mfn = pte.frame();
+        let flags = e & !PageTableEntry::ADDR_MASK;
+        if level == Level::L1 {
+            // Flags first, as Xen's get_page_from_l1e.
+            self.check_flags_only(level, e)?;
+            if self.is_io_frame(mfn) {
+                // I/O memory: mapped without references, if permitted.
+                return if self.cfg.io_privileged {
+                    Ok(())
+                } else {
+                    Err(errno::EPERM)
+                };
+            }
+        }
         if self.pfn_of(Mfn(mfn)).is_none() {
             // Not owned by the domain.
             return Err(errno::EINVAL);
         }
-        let flags = e & !PageTableEntry::ADDR_MASK;
         match level {
             Level::L1 => {
-                if flags & !L1_ALLOWED != 0 {
-                    return Err(errno::EINVAL);
-                }
                 if pte.is_writable() {
                     self.get_type(mfn, FrameType::Writable, direct, l)?;
                 }
@@ -989,9 +1060,14 @@ impl XenSim {
             return;
         }
         match level {
-            Level::L1 if !pte.is_writable() => {}
+            Level::L1 if !pte.is_writable() || self.is_io_frame(pte.frame()) => {}
             _ => self.put_type(pte.frame(), l),
         }
+    }
+
+    /// Whether `mfn` is I/O memory of the domain's range (not its RAM).
+    fn is_io_frame(&self, mfn: u64) -> bool {
+        !self.cfg.io_frames.is_empty() && self.cfg.io_frames.iter().any(|r| r.contains(&mfn))
     }
 
     /// What a 64-bit PV guest's new entry becomes before Xen checks and
@@ -1066,6 +1142,7 @@ impl XenSim {
     fn check_flags_only(&self, level: Level, e: u64) -> R {
         let flags = e & !PageTableEntry::ADDR_MASK;
         let allowed = match level {
+            Level::L1 if self.cfg.io_privileged => L1_ALLOWED | CACHE_ATTRS,
             Level::L1 => L1_ALLOWED,
             _ if level == self.cfg.root_level && self.cfg.root_entries == 4 => PAE_ROOT_ALLOWED,
             _ => TABLE_ALLOWED,
