@@ -190,6 +190,34 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(())
     }
 
+    /// Journal the flag change of a page just claimed by its test-and-set
+    /// and, for a split L1, take its lock: right after the flag, before the
+    /// journal and batch stores, so the two locked instructions come back
+    /// to back instead of each waiting for a queue of stores to drain. A
+    /// lock past the preempt limit is refused (`PreemptOverflow`) with
+    /// nothing taken.
+    #[inline]
+    fn claim_page<const N: usize>(
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        meta: &crate::frame::FrameMeta<'_, P::Lock>,
+        pfn: Pfn,
+        flag: Action,
+        split_l1: bool,
+    ) -> Result<(), Error> {
+        if split_l1 && b.preempt().held() < crate::lock::PREEMPT_LIMIT {
+            crate::lock::lock_spin_first(meta.lock());
+            j.push(pfn, flag, false);
+            b.preempt_mut().acquire()
+        } else {
+            j.push(pfn, flag, false);
+            if split_l1 {
+                Self::take_meta_lock(b, meta)?;
+            }
+            Ok(())
+        }
+    }
+
     /// Pin one page: test-and-set its flag, (split L1) lock it, remap it
     /// read-only, (split L1) pin it and release the lock after the batch.
     fn pin_page<const N: usize>(
@@ -209,20 +237,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         }
         // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
         let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
-        if split_l1 && b.preempt().held() < crate::lock::PREEMPT_LIMIT {
-            // The lock right after the flag, before the journal and batch
-            // stores: two locked instructions back to back, not each
-            // waiting for a queue of stores to drain.
-            crate::lock::lock_spin_first(meta.lock());
-            j.push(pfn, Action::FlagSet, false);
-            b.preempt_mut().acquire()?;
-        } else {
-            j.push(pfn, Action::FlagSet, false);
-            if split_l1 {
-                // Refused (PreemptOverflow), nothing taken.
-                Self::take_meta_lock(b, &meta)?;
-            }
-        }
+        Self::claim_page(b, j, &meta, pfn, Action::FlagSet, split_l1)?;
         self.queue_remap(b, j, pfn, true, flush, split_l1);
         if split_l1 {
             if self.sabotage.unlock_before_pin {
@@ -259,17 +274,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             return Ok(Descend::No);
         }
         let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
-        if split_l1 && b.preempt().held() < crate::lock::PREEMPT_LIMIT {
-            // As in pin_page: the lock right after the flag.
-            crate::lock::lock_spin_first(meta.lock());
-            j.push(pfn, Action::FlagCleared, false);
-            b.preempt_mut().acquire()?;
-        } else {
-            j.push(pfn, Action::FlagCleared, false);
-            if split_l1 {
-                Self::take_meta_lock(b, &meta)?;
-            }
-        }
+        Self::claim_page(b, j, &meta, pfn, Action::FlagCleared, split_l1)?;
         if split_l1 {
             self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true);
         }
