@@ -1167,6 +1167,20 @@ impl XenSim {
         self.traps.0.fetch_add(1, Ordering::AcqRel)
     }
 
+    /// One direct (non-multicall) hypercall: a trap with its cost, log
+    /// entry, injection and counters around `op`.
+    fn direct_trap(&self, op: impl FnOnce(Option<Injection>, &mut Local) -> i64) -> i64 {
+        let trap = self.trap_begin();
+        self.log_trap(1);
+        let mut l = Local {
+            hypercalls: 1,
+            ..Local::default()
+        };
+        let rc = op(self.injection(trap, 0), &mut l);
+        self.stats.merge(&l);
+        rc
+    }
+
     fn injection(&self, trap: u64, entry: usize) -> Option<Injection> {
         if self.has_injections.load(Ordering::Acquire) == 0 {
             return None;
@@ -1598,17 +1612,10 @@ impl XenHypercalls for XenSim {
         done: *mut u32,
         domid: u16,
     ) -> i64 {
-        let trap = self.trap_begin();
-        self.log_trap(1);
-        let mut l = Local {
-            hypercalls: 1,
-            ..Local::default()
-        };
-        let inj = self.injection(trap, 0);
         // SAFETY: forwarded contract.
-        let rc = unsafe { self.mmu_update_inner(reqs, count, done, domid, inj, &mut l) };
-        self.stats.merge(&l);
-        rc
+        self.direct_trap(|inj, l| unsafe {
+            self.mmu_update_inner(reqs, count, done, domid, inj, l)
+        })
     }
 
     unsafe fn mmuext_op(
@@ -1618,30 +1625,12 @@ impl XenHypercalls for XenSim {
         done: *mut u32,
         domid: u16,
     ) -> i64 {
-        let trap = self.trap_begin();
-        self.log_trap(1);
-        let mut l = Local {
-            hypercalls: 1,
-            ..Local::default()
-        };
-        let inj = self.injection(trap, 0);
         // SAFETY: forwarded contract.
-        let rc = unsafe { self.mmuext_inner(ops, count, done, domid, inj, &mut l) };
-        self.stats.merge(&l);
-        rc
+        self.direct_trap(|inj, l| unsafe { self.mmuext_inner(ops, count, done, domid, inj, l) })
     }
 
     fn update_va_mapping(&self, va: u64, pte: u64, flags: u64) -> i64 {
-        let trap = self.trap_begin();
-        self.log_trap(1);
-        let mut l = Local {
-            hypercalls: 1,
-            ..Local::default()
-        };
-        let inj = self.injection(trap, 0);
-        let rc = self.uvm_inner(va, pte, flags, inj, &mut l);
-        self.stats.merge(&l);
-        rc
+        self.direct_trap(|inj, l| self.uvm_inner(va, pte, flags, inj, l))
     }
 
     fn guest_store(
