@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use loom::sync::{Condvar, Mutex};
 use loom::thread;
 
 use pagepin_backends::xen::{xen_env, XenBackend, XenEnv, XenSim};
@@ -33,45 +32,10 @@ use pagepin_engine::{
     SpaceOptions, WritePath, X86_64,
 };
 
-/// A blocking lock for the engine under loom (as in the engine's model,
-/// `engine/tests/model`): waiters sleep on a condition variable instead
-/// of spinning, so loom need not explore every spin of a busy-wait.
-pub struct ModelLock {
-    held: Mutex<bool>,
-    freed: Condvar,
-}
+#[path = "../../engine/tests/model/lock.rs"]
+mod lock;
+use lock::{GlobalM, ModelLock, SplitM};
 
-// SAFETY: `held` is only changed under loom's mutex; `lock` waits until it
-// is false and sets it, `unlock` clears it, so one holder at a time.
-unsafe impl RawLock for ModelLock {
-    fn new() -> Self {
-        ModelLock {
-            held: Mutex::new(false),
-            freed: Condvar::new(),
-        }
-    }
-    fn lock(&self) {
-        let mut held = self.held.lock().unwrap();
-        while *held {
-            held = self.freed.wait(held).unwrap();
-        }
-        *held = true;
-    }
-    fn try_lock(&self) -> bool {
-        let mut held = self.held.lock().unwrap();
-        !std::mem::replace(&mut *held, true)
-    }
-    unsafe fn unlock(&self) {
-        *self.held.lock().unwrap() = false;
-        self.freed.notify_one();
-    }
-    fn is_locked(&self) -> bool {
-        *self.held.lock().unwrap()
-    }
-}
-
-type SplitM = pagepin_engine::Split<ModelLock>;
-type GlobalM = pagepin_engine::Global<ModelLock>;
 type Space<P> = AddressSpace<X86_64, P, XenBackend<Arc<XenSim>>>;
 
 /// Table memory: root, L3, L2 and two L1s (and spares) at pfns 8..16.

@@ -13,11 +13,11 @@
 use std::sync::atomic::Ordering as StdOrdering;
 
 #[cfg(loom)]
-pub use loom::sync::{Arc, Condvar, Mutex};
+pub use loom::sync::{Arc, Mutex};
 #[cfg(loom)]
 pub use loom::thread;
 #[cfg(all(shuttle, not(loom)))]
-pub use shuttle::sync::{Arc, Condvar, Mutex};
+pub use shuttle::sync::{Arc, Mutex};
 #[cfg(all(shuttle, not(loom)))]
 pub use shuttle::thread;
 
@@ -28,48 +28,8 @@ use pagepin_engine::{
     RawLock, SpaceOptions, WritePath, X86_64,
 };
 
-/// A blocking lock for the engine under a model checker: waiters sleep on a
-/// condition variable instead of spinning, so the checker does not have to
-/// explore every spin of a busy-wait. This is the `RawLock` a kernel would
-/// plug in, swapped for the model checker's primitives.
-pub struct ModelLock {
-    held: Mutex<bool>,
-    freed: Condvar,
-}
-
-// SAFETY: `held` is only changed under the model checker's mutex; `lock`
-// waits until it is false and sets it, `unlock` clears it.
-unsafe impl RawLock for ModelLock {
-    fn new() -> Self {
-        ModelLock {
-            held: Mutex::new(false),
-            freed: Condvar::new(),
-        }
-    }
-    fn lock(&self) {
-        let mut held = self.held.lock().unwrap();
-        while *held {
-            held = self.freed.wait(held).unwrap();
-        }
-        *held = true;
-    }
-    fn try_lock(&self) -> bool {
-        let mut held = self.held.lock().unwrap();
-        !std::mem::replace(&mut *held, true)
-    }
-    unsafe fn unlock(&self) {
-        *self.held.lock().unwrap() = false;
-        self.freed.notify_one();
-    }
-    fn is_locked(&self) -> bool {
-        *self.held.lock().unwrap()
-    }
-}
-
-/// The policies under test, over the model lock.
-pub type SplitM = pagepin_engine::Split<ModelLock>;
-/// The global policy over the model lock.
-pub type GlobalM = pagepin_engine::Global<ModelLock>;
+mod lock;
+pub use lock::{GlobalM, SplitM};
 
 pub const EINVAL: i32 = 22;
 pub const EBUSY: i32 = 16;
