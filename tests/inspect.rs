@@ -177,6 +177,25 @@ fn run(args: &[&str]) -> Result<String, DumpError> {
     cli::run(&args, &mut out).map(|()| String::from_utf8(out).unwrap())
 }
 
+/// A space with a user leaf that maps one of its own PTE pages writable
+/// (what Xen's rule 2 refuses), written out as a raw image.
+fn table_mapped_writable(name: &str) -> (Built<Split>, PathBuf) {
+    let b = build::<Split>(false);
+    let l1 = b
+        .space
+        .table_frames()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.1 == pagepin::Level::L1)
+        .unwrap()
+        .0;
+    b.space
+        .map(0x60_0000, l1.0 << 12, PageSize::Size4K, P | U | W)
+        .unwrap();
+    let raw = write_raw(&b.store, name, 0x14_0000);
+    (b, raw)
+}
+
 fn root_cr3<P: LockPolicy>(b: &Built<P>) -> u64 {
     b.space.root().0 << 12
 }
@@ -459,19 +478,7 @@ fn xen_rules_over_the_user_half() {
     assert!(out.contains("engine, global"), "{out}");
 
     // A user mapping that makes a table frame writable: rule 2.
-    let b = build::<Split>(false);
-    let l1 = b
-        .space
-        .table_frames()
-        .unwrap()
-        .into_iter()
-        .find(|t| t.1 == pagepin::Level::L1)
-        .unwrap()
-        .0;
-    b.space
-        .map(0x60_0000, l1.0 << 12, PageSize::Size4K, P | U | W)
-        .unwrap();
-    let raw = write_raw(&b.store, "xen-rule2.raw", 0x14_0000);
+    let (b, raw) = table_mapped_writable("xen-rule2.raw");
     let dump = Dump::open_raw(&raw).unwrap();
     let w = Walker::new(&dump.mem, root_cr3(&b)).unwrap();
     let brk = xen_check(&w, XenOptions::default())
@@ -689,19 +696,7 @@ fn pin_report_verdict_is_the_simulators() {
 
     // A table frame mapped writable by a user leaf: refused by the
     // simulator at the entry the checks name (rule 2).
-    let b = build::<Split>(false);
-    let l1 = b
-        .space
-        .table_frames()
-        .unwrap()
-        .into_iter()
-        .find(|t| t.1 == pagepin::Level::L1)
-        .unwrap()
-        .0;
-    b.space
-        .map(0x60_0000, l1.0 << 12, PageSize::Size4K, P | U | W)
-        .unwrap();
-    let raw = write_raw(&b.store, "sim-rule2.raw", 0x14_0000);
+    let (b, raw) = table_mapped_writable("sim-rule2.raw");
     let dump = Dump::open_raw(&raw).unwrap();
     let w = Walker::new(&dump.mem, root_cr3(&b)).unwrap();
     let r = sim_check(&w, XenOptions::default(), true, 32)

@@ -323,23 +323,27 @@ fn allocating_into_a_pinned_space_pins_before_linking() {
     spread(&s, 2);
     let mut b: Batch<32> = Batch::new();
     s.pin(&mut b).unwrap();
+    // The calls since `mark`, by what they do.
+    let kinds_since = |mark: usize| -> Vec<&'static str> {
+        s.backend().calls()[mark..]
+            .iter()
+            .map(|c| match c {
+                Recorded::UpdateVaMapping { pte, .. } if pte & 2 == 0 => "ro",
+                Recorded::UpdateVaMapping { .. } => "rw",
+                Recorded::MmuExtOp(ops) if ops[0].cmd == pagepin::ExtCmd::UnpinTable => "unpin",
+                Recorded::MmuExtOp(_) => "pin",
+                Recorded::MmuUpdate(reqs) if reqs[0].val == 0 => "unlink",
+                Recorded::MmuUpdate(_) => "link",
+            })
+            .collect()
+    };
     let mark = s.backend().calls().len();
     // A fresh 2 MiB region needs a new PTE page.
     s.map(0x4000_0000, 0x9000_0000, PageSize::Size4K, RW)
         .unwrap();
-    let calls = s.backend().calls()[mark..].to_vec();
     // New L2 and L1: each remapped RO (L1 pinned) before its parent entry is
     // written through mmu_update.
-    let kinds: Vec<&str> = calls
-        .iter()
-        .map(|c| match c {
-            Recorded::UpdateVaMapping { pte, .. } if pte & 2 == 0 => "ro",
-            Recorded::UpdateVaMapping { .. } => "rw",
-            Recorded::MmuExtOp(_) => "pin",
-            Recorded::MmuUpdate(_) => "link",
-        })
-        .collect();
-    assert_eq!(kinds, ["ro", "link", "ro", "pin", "link"]);
+    assert_eq!(kinds_since(mark), ["ro", "link", "ro", "pin", "link"]);
     // The leaf itself is a plain store into the (pinned) L1: emulated on Xen.
     let stores = s.backend().stores();
     assert_eq!(
@@ -350,17 +354,7 @@ fn allocating_into_a_pinned_space_pins_before_linking() {
     s.unmap(0x4000_0000).unwrap();
     let mark = s.backend().calls().len();
     s.release_table(0x4000_0000, Level::L1).unwrap();
-    let calls = s.backend().calls()[mark..].to_vec();
-    let kinds: Vec<&str> = calls
-        .iter()
-        .map(|c| match c {
-            Recorded::UpdateVaMapping { pte, .. } if pte & 2 == 0 => "ro",
-            Recorded::UpdateVaMapping { .. } => "rw",
-            Recorded::MmuExtOp(_) => "unpin",
-            Recorded::MmuUpdate(_) => "unlink",
-        })
-        .collect();
-    assert_eq!(kinds, ["unlink", "unpin", "rw"]);
+    assert_eq!(kinds_since(mark), ["unlink", "unpin", "rw"]);
     s.unpin(&mut b).unwrap();
     assert_clean(&s);
 }

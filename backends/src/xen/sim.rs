@@ -1409,22 +1409,12 @@ impl XenSim {
         inj: Option<Injection>,
         l: &mut Local,
     ) -> i64 {
-        if domid != DOMID_SELF || (reqs.is_null() && count != 0) {
-            l.errors += 1;
-            return -(errno::EINVAL as i64);
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.run_array(reqs, count, done, domid, inj, l, |s, r, l| {
+                s.do_mmu_update(r, l)
+            })
         }
-        let slice = if count == 0 {
-            &[][..]
-        } else {
-            // SAFETY: the caller guarantees `count` readable requests at `reqs`.
-            unsafe { std::slice::from_raw_parts(reqs, count) }
-        };
-        let (rc, n) = self.run_many(slice, inj, l, |s, r, l| s.do_mmu_update(r, l));
-        if !done.is_null() {
-            // SAFETY: the caller guarantees `done` is null or writable.
-            unsafe { done.write(n) };
-        }
-        rc
     }
 
     /// # Safety
@@ -1438,17 +1428,38 @@ impl XenSim {
         inj: Option<Injection>,
         l: &mut Local,
     ) -> i64 {
-        if domid != DOMID_SELF || (ops.is_null() && count != 0) {
+        // SAFETY: forwarded contract.
+        unsafe { self.run_array(ops, count, done, domid, inj, l, |s, o, l| s.do_mmuext(o, l)) }
+    }
+
+    /// Decode a guest request array (`mmu_update` / `mmuext_op`), run it
+    /// until the first failure, and write back how many requests were done.
+    ///
+    /// # Safety
+    /// `items` must be valid for reading `count` requests (or `count` 0),
+    /// and `done` null or valid for a write, for the call's duration.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_array<T: Copy>(
+        &self,
+        items: *const T,
+        count: usize,
+        done: *mut u32,
+        domid: u16,
+        inj: Option<Injection>,
+        l: &mut Local,
+        op: impl FnMut(&Self, T, &mut Local) -> R,
+    ) -> i64 {
+        if domid != DOMID_SELF || (items.is_null() && count != 0) {
             l.errors += 1;
             return -(errno::EINVAL as i64);
         }
         let slice = if count == 0 {
             &[][..]
         } else {
-            // SAFETY: the caller guarantees `count` readable operations at `ops`.
-            unsafe { std::slice::from_raw_parts(ops, count) }
+            // SAFETY: the caller guarantees `count` readable requests.
+            unsafe { std::slice::from_raw_parts(items, count) }
         };
-        let (rc, n) = self.run_many(slice, inj, l, |s, o, l| s.do_mmuext(o, l));
+        let (rc, n) = self.run_many(slice, inj, l, op);
         if !done.is_null() {
             // SAFETY: the caller guarantees `done` is null or writable.
             unsafe { done.write(n) };
