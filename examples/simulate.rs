@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, EntryFlags, Error, Global, LockPolicy, Pae, PageSize,
-    PageTableEntry, PagingMode, RawLock, SpaceOptions, Split, WritePath, X86_64,
+    PageTableEntry, PagingMode, SpaceOptions, Split, WritePath, X86_64,
 };
 use platform::{Platform, PlatformKind};
 

@@ -630,3 +630,103 @@ fn sim_counts_and_queries() {
     assert_quiet(&e.sim);
     let _ = XenSim::set_current_vcpu;
 }
+
+/// Space `b` with one of space `a`'s PTE pages linked into a free slot of
+/// its L2 by a raw write (as a kernel that builds its own tables could).
+fn foreign_link<P: pagepin::LockPolicy<Lock = pagepin::DefaultRawLock>>(
+    e: &Env,
+) -> (Space<X86_64, P>, Space<X86_64, P>, Pfn) {
+    let a: Space<X86_64, P> = space(e, false);
+    let b: Space<X86_64, P> = space(e, false);
+    populate(&a, 2);
+    populate(&b, 1);
+    let shared = tables_at(&a, Level::L1)[0];
+    let l2 = tables_at(&b, Level::L2)[0];
+    let slot = e.store.entry(l2, 511).expect("slot");
+    assert_eq!(slot.load(std::sync::atomic::Ordering::Acquire), 0);
+    let mfn = e.backend.pfn_to_mfn(shared);
+    let flags = EntryFlags::PRESENT
+        | EntryFlags::WRITABLE
+        | EntryFlags::USER
+        | EntryFlags::ACCESSED
+        | EntryFlags::DIRTY;
+    slot.store(
+        pagepin::PageTableEntry::new(mfn.0, flags).bits(),
+        std::sync::atomic::Ordering::Release,
+    );
+    (a, b, shared)
+}
+
+fn foreign_table_refused<P: pagepin::LockPolicy<Lock = pagepin::DefaultRawLock>>() {
+    let e = env::<X86_64>(31);
+    let (a, b, shared) = foreign_link::<P>(&e);
+    let mut batch: Batch = Batch::new();
+    // Before and after `a` is pinned: refused, nothing changed.
+    for a_pinned in [false, true] {
+        if a_pinned {
+            a.pin(&mut batch).expect("a pins");
+        }
+        let before = snap(&e, &b);
+        match b.pin(&mut batch) {
+            Err(Error::ForeignTable { level, pfn, .. }) => {
+                assert_eq!((level, pfn), (Level::L2, shared));
+            }
+            other => panic!("b pinned a table of a: {other:?}"),
+        }
+        assert_eq!(snap(&e, &b), before, "a refused pin changed something");
+        assert!(!any_lock_held(&e, &b));
+    }
+    a.unpin(&mut batch).expect("a unpins");
+    assert_quiet(&e.sim);
+    assert_eq!(e.sim.stats().invariant_breaks, 0);
+    // Dropping `b` frees its own tables, not the one it borrowed from `a`.
+    let a_tables = a.table_frames().expect("a walks");
+    drop(b);
+    assert!(e.store.meta(shared).expect("meta").is_allocated());
+    assert_eq!(a.table_frames().expect("a walks"), a_tables);
+}
+
+#[test]
+fn a_table_of_another_space_is_refused_split() {
+    foreign_table_refused::<SplitX>();
+}
+
+#[test]
+fn a_table_of_another_space_is_refused_global() {
+    foreign_table_refused::<GlobalX>();
+}
+
+/// Negative control: with the ownership check off, `b`'s pin walks into
+/// `a`'s pinned PTE page (already flagged, so skipped) and reports success;
+/// `a`'s unpin then cannot make that page writable again while `b`'s
+/// pinned L2 still references it.
+#[test]
+fn negative_control_foreign_table_admitted() {
+    for split in [true, false] {
+        let e = env::<X86_64>(32);
+        let mut batch: Batch = Batch::new();
+        let unpinned = if split {
+            let (a, mut b, _) = foreign_link::<SplitX>(&e);
+            b.set_sabotage(Sabotage {
+                admit_foreign_tables: true,
+                ..Sabotage::default()
+            });
+            a.pin(&mut batch).expect("a pins");
+            b.pin(&mut batch).expect("the broken check lets b pin");
+            a.unpin(&mut batch)
+        } else {
+            let (a, mut b, _) = foreign_link::<GlobalX>(&e);
+            b.set_sabotage(Sabotage {
+                admit_foreign_tables: true,
+                ..Sabotage::default()
+            });
+            a.pin(&mut batch).expect("a pins");
+            b.pin(&mut batch).expect("the broken check lets b pin");
+            a.unpin(&mut batch)
+        };
+        assert!(
+            matches!(unpinned, Err(Error::Hypercall(_))),
+            "split={split}: {unpinned:?}"
+        );
+    }
+}

@@ -419,11 +419,13 @@ impl<const N: usize> Batch<N> {
         self.stats.mmu_updates += self.updates.len() as u64;
         self.stats.mmuext_ops += self.ext.len() as u64;
 
+        let uvms = self.slots.iter().filter(|s| matches!(s, Slot::Uvm { .. }));
+        self.stats.update_va_mappings += uvms.count() as u64;
         let mut failed = 0;
+        if self.results.iter().all(|r| r.rc == 0) {
+            return 0;
+        }
         for (i, s) in self.slots.iter().enumerate() {
-            if let Slot::Uvm { .. } = s {
-                self.stats.update_va_mappings += 1;
-            }
             let r = self.results[i];
             if r.rc == 0 {
                 continue;
@@ -461,11 +463,13 @@ impl<const N: usize> Batch<N> {
     fn run_callbacks<T: FlushTarget + ?Sized>(&mut self, target: &T) {
         // By index, then cleared: no copy of the whole callback array.
         self.stats.callbacks += self.deferred.len() as u64;
+        // Nothing failed (the usual case): no lock is kept.
+        let all_applied = self.not_applied.is_empty();
         for i in 0..self.deferred.len() {
             let d = self.deferred[i];
             match d {
                 Deferred::UnlockPte { pfn, watch } => {
-                    if watch != NO_TAG && self.not_applied.contains(&watch) {
+                    if !all_applied && watch != NO_TAG && self.not_applied.contains(&watch) {
                         self.kept_locks.push(pfn);
                     } else {
                         // SAFETY: the engine queues this callback only for

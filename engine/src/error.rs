@@ -107,6 +107,16 @@ pub enum Error {
         /// Its level (None: not a table).
         found: Option<Level>,
     },
+    /// A pin or unpin walk met a table that belongs to another space (see
+    /// [`crate::frame::Owner`]): page tables are not shared between spaces.
+    ForeignTable {
+        /// Level of the table holding the entry.
+        level: Level,
+        /// Entry index.
+        index: usize,
+        /// The frame pointed to.
+        pfn: Pfn,
+    },
     /// An entry with reserved bits set (address bits above MAXPHYADDR, or
     /// PS where it is reserved).
     ReservedBits {

@@ -80,34 +80,250 @@ mod state {
     pub const PINNED: u8 = 1 << 1;
     /// The frame is a data page, not a table.
     pub const DATA: u8 = 1 << 2;
+    /// The frame's PTE-page lock is held (split policy).
+    pub const LOCKED: u8 = 1 << 3;
 }
 
-/// The metadata of one frame (see [`FrameStore::meta_size`]): its PTE-page
-/// lock, its level and its state bits.
+/// A PTE page's lock: a bit in the frame's state byte, next to its pinned
+/// flag (as Linux keeps `PG_pinned` and the split ptlock in the same
+/// `struct page`), so the pinner tests the flag, sets it and takes the
+/// lock with one compare-exchange.
 ///
-/// The store keeps each kind in its own array, so the levels that lock-free
-/// walkers and writers read every time are not on the cache lines that a
-/// pinner on another CPU keeps writing (pinned flags, PTE locks). This is a
-/// handle onto the three.
-pub struct FrameMeta<'a, L: RawLock> {
-    /// The PTE-page lock (used under the split policy).
-    lock: &'a L,
-    /// Level the frame serves at (0: none).
-    level: &'a AtomicU8,
+/// Waiters spin (with a spin-loop hint) for [`crate::lock::SPIN_ROUNDS`]
+/// rounds, then, with `std`, yield the CPU between attempts: the lock is
+/// only ever held for one entry write or from a page's read-only remap
+/// until its batch is flushed.
+#[derive(Clone, Copy)]
+pub struct PteLock<'a> {
+    state: &'a AtomicU8,
+    /// Under a model checker, waiters block here instead of spinning (a
+    /// checker would otherwise explore every spin).
+    #[cfg(any(loom, shuttle))]
+    unlocked: &'a UnlockSignal,
+}
+
+/// Under a model checker: PTE-lock waiters sleep on a condition variable
+/// that every PTE unlock signals.
+#[cfg(any(loom, shuttle))]
+#[derive(Default)]
+pub(crate) struct UnlockSignal {
+    lock: crate::sync::Mutex<()>,
+    cv: crate::sync::Condvar,
+}
+
+impl fmt::Debug for PteLock<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PteLock").field(&self.is_locked()).finish()
+    }
+}
+
+/// One round of waiting for a held PTE lock.
+#[inline]
+#[cfg(not(any(loom, shuttle)))]
+fn wait_round(rounds: &mut u32) {
+    if *rounds < crate::lock::SPIN_ROUNDS {
+        *rounds += 1;
+        crate::sync::spin_hint();
+    } else {
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        std::thread::yield_now();
+        #[cfg(not(feature = "std"))]
+        crate::sync::spin_hint();
+    }
+}
+
+impl<'a> PteLock<'a> {
+    /// Take the lock, waiting while it is held.
+    #[inline]
+    pub fn lock(&self) {
+        let mut rounds = 0;
+        while !self.try_lock() {
+            self.wait_free(&mut rounds);
+        }
+    }
+
+    /// Wait until the lock is seen free.
+    #[inline]
+    fn wait_free(&self, rounds: &mut u32) {
+        #[cfg(not(any(loom, shuttle)))]
+        while self.is_locked() {
+            wait_round(rounds);
+        }
+        #[cfg(any(loom, shuttle))]
+        {
+            let _ = rounds;
+            let mut g = self.unlocked.lock.lock().unwrap();
+            while self.is_locked() {
+                g = self.unlocked.cv.wait(g).unwrap();
+            }
+        }
+    }
+
+    /// Take the lock if it is free.
+    #[inline]
+    pub fn try_lock(&self) -> bool {
+        // `lock bts`: setting a bit that is already set changes nothing.
+        self.state.fetch_or(state::LOCKED, Ordering::Acquire) & state::LOCKED == 0
+    }
+
+    /// Release the lock.
+    ///
+    /// # Safety
+    /// The lock must be held by this context or one that handed it over
+    /// (the engine releases PTE locks from batch callbacks).
+    #[inline]
+    pub unsafe fn unlock(&self) {
+        // A read-modify-write: the pinned flag shares the byte. (A plain
+        // store of the byte loaded just before deadlocked the loom model:
+        // kept out until a proof says which interleaving allows it.)
+        let prev = self.state.fetch_and(!state::LOCKED, Ordering::Release);
+        debug_assert!(prev & state::LOCKED != 0, "unlock of a free PTE lock");
+        #[cfg(any(loom, shuttle))]
+        {
+            let _g = self.unlocked.lock.lock().unwrap();
+            self.unlocked.cv.notify_all();
+        }
+    }
+
+    /// Whether the lock is held by anyone (diagnostics, tests, waiting).
+    #[inline]
+    pub fn is_locked(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & state::LOCKED != 0
+    }
+
+    /// Wait for the lock to be free, then with one compare-exchange flip
+    /// the pinned flag to `want_pinned` and take the lock; unless the flag
+    /// already has that value: then nothing changes and false is returned.
+    #[inline]
+    fn claim(&self, want_pinned: bool) -> bool {
+        let mut rounds = 0;
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            if (cur & state::PINNED != 0) == want_pinned {
+                return false;
+            }
+            if cur & state::LOCKED == 0 {
+                let new = (cur ^ state::PINNED) | state::LOCKED;
+                match self.state.compare_exchange_weak(
+                    cur,
+                    new,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return true,
+                    Err(now) => {
+                        cur = now;
+                        continue;
+                    }
+                }
+            }
+            self.wait_free(&mut rounds);
+            cur = self.state.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// Who a table frame belongs to: the space that allocated it (see
+/// [`FrameStore::new_owner`]), or [`Owner::NONE`] for a frame allocated
+/// outside any space ([`FrameStore::alloc_table`]).
+///
+/// A pin walk refuses a table that belongs to another space
+/// ([`crate::Error::ForeignTable`]), so a space's own tables are pinned and
+/// unpinned only under its space lock: their pinned flags then need no
+/// atomic read-modify-write. Unowned tables keep the atomic test-and-set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Owner(pub(crate) u64);
+
+impl Owner {
+    /// No owner.
+    pub const NONE: Owner = Owner(0);
+    /// The owner's number (0 for none).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// Bits of a frame's tag word below the owner: the level.
+const TAG_LEVEL_BITS: u32 = 8;
+
+#[inline]
+const fn tag(level: u8, owner: Owner) -> u64 {
+    (owner.0 << TAG_LEVEL_BITS) | level as u64
+}
+
+/// The metadata of one frame (see [`FrameStore::meta_size`]): its tag
+/// (level and owner) and its state byte (allocated, data, pinned flag,
+/// PTE-page lock).
+///
+/// The store keeps tags and states in separate arrays, so the tags that
+/// lock-free walkers and writers read every time are not on the cache lines
+/// that a pinner on another CPU keeps writing (pinned flags, PTE locks).
+/// This is a handle onto both.
+#[derive(Clone, Copy)]
+pub struct FrameMeta<'a> {
+    /// Level the frame serves at (0: none) and its owner.
+    tag: &'a AtomicU64,
+    #[cfg(any(loom, shuttle))]
+    unlocked: &'a UnlockSignal,
     /// `state::*` bits.
     state: &'a AtomicU8,
 }
 
-impl<'a, L: RawLock> FrameMeta<'a, L> {
-    /// The PTE-page lock.
+impl<'a> FrameMeta<'a> {
+    /// The PTE-page lock (used under the split policy).
     #[inline]
-    pub fn lock(&self) -> &'a L {
-        self.lock
+    pub fn lock(&self) -> PteLock<'a> {
+        PteLock {
+            state: self.state,
+            #[cfg(any(loom, shuttle))]
+            unlocked: self.unlocked,
+        }
+    }
+    /// Wait for the PTE lock, then in one step take it and set the pinned
+    /// flag. Returns false (nothing taken, nothing changed) if the flag was
+    /// already set.
+    #[inline]
+    pub fn lock_and_set_pinned(&self) -> bool {
+        self.lock().claim(true)
+    }
+    /// Wait for the PTE lock, then in one step take it and clear the pinned
+    /// flag. Returns false (nothing taken, nothing changed) if the flag was
+    /// not set.
+    #[inline]
+    pub fn lock_and_clear_pinned(&self) -> bool {
+        self.lock().claim(false)
     }
     /// The level this frame serves at, if it is an allocated table.
     #[inline]
     pub fn level(&self) -> Option<Level> {
-        Level::from_u8(self.level.load(Ordering::Acquire))
+        Level::from_u8(self.tag.load(Ordering::Acquire) as u8)
+    }
+    /// The space this frame belongs to.
+    #[inline]
+    pub fn owner(&self) -> Owner {
+        Owner(self.tag.load(Ordering::Acquire) >> TAG_LEVEL_BITS)
+    }
+    /// Level and owner in one load.
+    #[inline]
+    pub(crate) fn level_and_owner(&self) -> (Option<Level>, Owner) {
+        let t = self.tag.load(Ordering::Acquire);
+        (Level::from_u8(t as u8), Owner(t >> TAG_LEVEL_BITS))
+    }
+    /// Set or clear the pinned flag without a read-modify-write; returns
+    /// whether the flag already had that value (then nothing is written).
+    ///
+    /// # Safety
+    /// No other context may modify this frame's state byte meanwhile: the
+    /// caller holds the space lock of the frame's owner, and the frame's
+    /// PTE lock is never taken (it is not an L1 under the split policy).
+    #[inline]
+    pub(crate) unsafe fn set_pinned_exclusive(&self, pinned: bool) -> bool {
+        let cur = self.state.load(Ordering::Relaxed);
+        if (cur & state::PINNED != 0) == pinned {
+            return true;
+        }
+        self.state.store(cur ^ state::PINNED, Ordering::Release);
+        false
     }
     /// Whether the pinned flag is set.
     #[inline]
@@ -166,11 +382,15 @@ pub trait TableMemory: Send + Sync {
 /// allocator and per-frame metadata.
 pub struct FrameStore<L: RawLock> {
     storage: Storage,
-    /// Per-frame PTE-page locks.
-    locks: Box<[L]>,
-    /// Per-frame levels (read by every walk; written on alloc / free).
-    levels: Box<[AtomicU8]>,
-    /// Per-frame state bits (pinned flag: written by pin and unpin).
+    /// Per-frame tags: level and owner (read by every walk; written on
+    /// alloc / free).
+    tags: Box<[AtomicU64]>,
+    /// The last owner number handed out.
+    owners: AtomicU64,
+    #[cfg(any(loom, shuttle))]
+    unlocked: UnlockSignal,
+    /// Per-frame state bits (pinned flag and PTE lock: written by pin,
+    /// unpin and PTE writers).
     states: Box<[AtomicU8]>,
     base_pfn: u64,
     free_lock: L,
@@ -221,15 +441,16 @@ impl<L: RawLock> FrameStore<L> {
 
     fn with_storage(storage: Storage, base_pfn: u64) -> Self {
         let n = storage.frames().len();
-        let locks: Box<[L]> = (0..n).map(|_| L::new()).collect();
-        let levels: Box<[AtomicU8]> = (0..n).map(|_| AtomicU8::new(0)).collect();
+        let tags: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
         let states: Box<[AtomicU8]> = (0..n).map(|_| AtomicU8::new(0)).collect();
         // Hand out low frames first: pop from the end.
         let free: Vec<u32> = (0..n as u32).rev().collect();
         FrameStore {
             storage,
-            locks,
-            levels,
+            tags,
+            owners: AtomicU64::new(0),
+            #[cfg(any(loom, shuttle))]
+            unlocked: UnlockSignal::default(),
             states,
             base_pfn,
             free_lock: L::new(),
@@ -241,19 +462,19 @@ impl<L: RawLock> FrameStore<L> {
 
     /// Bytes of metadata per frame.
     pub const fn meta_size() -> usize {
-        core::mem::size_of::<L>() + 2 * core::mem::size_of::<AtomicU8>()
+        core::mem::size_of::<AtomicU64>() + core::mem::size_of::<AtomicU8>()
     }
 
     /// Number of frames.
     #[inline]
     pub fn len(&self) -> usize {
-        self.levels.len()
+        self.tags.len()
     }
 
     /// Whether the store has no frames (never true for a constructed store).
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.levels.is_empty()
+        self.tags.is_empty()
     }
 
     /// Frames allocated now.
@@ -271,7 +492,7 @@ impl<L: RawLock> FrameStore<L> {
     #[inline]
     pub fn index_of(&self, pfn: Pfn) -> Option<usize> {
         let idx = pfn.0.checked_sub(self.base_pfn)?;
-        if idx < self.levels.len() as u64 {
+        if idx < self.tags.len() as u64 {
             Some(idx as usize)
         } else {
             None
@@ -292,10 +513,11 @@ impl<L: RawLock> FrameStore<L> {
 
     /// The metadata of `pfn`.
     #[inline]
-    pub fn meta(&self, pfn: Pfn) -> Option<FrameMeta<'_, L>> {
+    pub fn meta(&self, pfn: Pfn) -> Option<FrameMeta<'_>> {
         self.index_of(pfn).map(|i| FrameMeta {
-            lock: &self.locks[i],
-            level: &self.levels[i],
+            tag: &self.tags[i],
+            #[cfg(any(loom, shuttle))]
+            unlocked: &self.unlocked,
             state: &self.states[i],
         })
     }
@@ -316,13 +538,19 @@ impl<L: RawLock> FrameStore<L> {
         r
     }
 
-    fn alloc_with(&self, level: u8, bits: u8) -> Option<Pfn> {
+    /// A new owner number for a space's tables (never [`Owner::NONE`]; 2^56
+    /// of them before it wraps).
+    pub fn new_owner(&self) -> Owner {
+        Owner(self.owners.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn alloc_with(&self, level: u8, bits: u8, owner: Owner) -> Option<Pfn> {
         let idx = self.pop_free()? as usize;
         // Zero it before it becomes visible at its level.
         for e in self.storage.frames()[idx].entries.iter() {
             e.store(0, Ordering::Relaxed);
         }
-        self.levels[idx].store(level, Ordering::Release);
+        self.tags[idx].store(tag(level, owner), Ordering::Release);
         self.states[idx].store(state::ALLOCATED | bits, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx as u64))
@@ -349,12 +577,17 @@ impl<L: RawLock> FrameStore<L> {
 
     /// Allocate a zeroed table frame for `level`; `None` when the store is full.
     pub fn alloc_table(&self, level: Level) -> Option<Pfn> {
-        self.alloc_with(level.number(), 0)
+        self.alloc_with(level.number(), 0, Owner::NONE)
+    }
+
+    /// Allocate a zeroed table frame for `level` belonging to `owner`.
+    pub fn alloc_table_owned(&self, level: Level, owner: Owner) -> Option<Pfn> {
+        self.alloc_with(level.number(), 0, owner)
     }
 
     /// Allocate a zeroed data frame (a page that leaves may map).
     pub fn alloc_data(&self) -> Option<Pfn> {
-        self.alloc_with(0, state::DATA)
+        self.alloc_with(0, state::DATA, Owner::NONE)
     }
 
     /// Release `pfn` at once. The caller guarantees that no lock-free reader
@@ -368,7 +601,7 @@ impl<L: RawLock> FrameStore<L> {
         if self.states[idx].swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
         }
-        self.levels[idx].store(0, Ordering::Release);
+        self.tags[idx].store(0, Ordering::Release);
         self.allocated.fetch_sub(1, Ordering::Relaxed);
         self.with_free(|free, _| free.push(idx as u32));
         true
@@ -384,7 +617,7 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return;
         };
-        self.levels[idx].store(0, Ordering::Release);
+        self.tags[idx].store(0, Ordering::Release);
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         {
             let store = alloc::sync::Arc::clone(self);
@@ -448,7 +681,7 @@ mod tests {
     #[test]
     fn alloc_free_and_meta() {
         let s: FrameStore<SpinLock> = FrameStore::new(4, 100);
-        assert_eq!(FrameStore::<SpinLock>::meta_size(), 3);
+        assert_eq!(FrameStore::<SpinLock>::meta_size(), 9);
         let a = s.alloc_table(Level::L1).unwrap();
         assert_eq!(a, Pfn(100));
         assert_eq!(s.meta(a).unwrap().level(), Some(Level::L1));

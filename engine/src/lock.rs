@@ -25,8 +25,7 @@ pub unsafe trait RawLock: Send + Sync + 'static {
     /// Release the lock.
     ///
     /// # Safety
-    /// The lock must be held, by this context or one it handed ownership to
-    /// (the engine releases PTE locks from batch callbacks).
+    /// The lock must be held, by this context or one it handed ownership to.
     unsafe fn unlock(&self);
     /// Whether the lock is held by anyone (diagnostics and tests only).
     fn is_locked(&self) -> bool;
@@ -109,38 +108,12 @@ unsafe impl RawLock for ParkingLock {
     }
 }
 
-/// Busy-wait rounds [`lock_spin_first`] spends on a held lock before it
-/// falls back to [`RawLock::lock`] (which may park the thread).
+/// Busy-wait rounds a PTE-lock waiter spends before it starts yielding the
+/// CPU between attempts (see [`crate::frame::PteLock`]): such locks are held
+/// for one entry write, or from a page's read-only remap until its batch is
+/// flushed, so a waiter normally gets the lock while spinning, as with
+/// Linux's PTE spinlocks.
 pub const SPIN_ROUNDS: u32 = 4096;
-
-/// Take a lock that is only ever held briefly (a PTE-page lock: held from a
-/// page's read-only remap until its batch is flushed, or for one entry
-/// write), spinning while it is held before falling back to
-/// [`RawLock::lock`]. With a parking lock this keeps a writer that meets a
-/// PTE page mid-pin from sleeping (and the pinner from paying a wake-up
-/// on every unlock), as Linux's PTE spinlocks do; after [`SPIN_ROUNDS`]
-/// busy-wait rounds it parks as before.
-#[inline]
-pub fn lock_spin_first<L: RawLock>(l: &L) {
-    #[cfg(not(any(loom, shuttle)))]
-    {
-        if l.try_lock() {
-            return;
-        }
-        let mut rounds = 0;
-        while rounds < SPIN_ROUNDS {
-            while l.is_locked() && rounds < SPIN_ROUNDS {
-                spin_hint();
-                rounds += 1;
-            }
-            if l.try_lock() {
-                return;
-            }
-            rounds += 1;
-        }
-    }
-    l.lock();
-}
 
 /// The default raw lock: parking_lot's with `std`, [`SpinLock`] without.
 #[cfg(all(feature = "std", not(any(loom, shuttle))))]
@@ -155,7 +128,9 @@ pub type DefaultRawLock = SpinLock;
 /// The choice is a constant, so the code path of the other policy is not
 /// compiled into a monomorphised engine.
 pub trait LockPolicy: Send + Sync + 'static {
-    /// The raw lock used for the space lock and the PTE-page locks.
+    /// The raw lock used for the space lock (and the frame store's free
+    /// list). PTE-page locks are a bit in each frame's state byte, next to
+    /// its pinned flag ([`crate::frame::PteLock`]).
     type Lock: RawLock;
     /// Name for reports ("split" / "global").
     const NAME: &'static str;

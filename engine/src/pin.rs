@@ -12,7 +12,7 @@ use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
 use crate::batch::{Batch, Failure, Tag, NO_TAG};
 use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::Pfn;
-use crate::lock::{LockPolicy, RawLock};
+use crate::lock::LockPolicy;
 use crate::mode::{Level, PagingMode};
 use crate::space::{unlock_after, AddressSpace, PinStats};
 use crate::sync::Ordering;
@@ -20,10 +20,6 @@ use crate::walk::{self, Descend, Scope};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
-    /// The pinned flag was set (undo: clear).
-    FlagSet,
-    /// The pinned flag was cleared (undo: set).
-    FlagCleared,
     RemapRo,
     RemapRw,
     Pin(Level),
@@ -37,6 +33,10 @@ pub(crate) struct Step {
     /// The page is an L1 under the split policy: its lock must be held while
     /// its mapping and its own type change together.
     locked_page: bool,
+    /// The page's first step: the operation flipped its pinned flag just
+    /// before queueing it (pin set it, unpin cleared it). Undoing the step
+    /// flips the flag back, whether or not the request took effect.
+    flag: bool,
 }
 
 /// The journal of one pin or unpin.
@@ -45,6 +45,7 @@ pub(crate) struct Step {
 /// the operation and handed back after, so a pin allocates only while the
 /// buffer grows to the largest space the context has pinned.
 #[derive(Default)]
+#[repr(C)] // `counts` kept away from the vector's length (see below)
 struct Journal {
     steps: Vec<Step>,
     /// The batch's flush count when the operation started, so failures are
@@ -52,8 +53,11 @@ struct Journal {
     flush_base: u64,
     /// Remap steps queued (the operation's `PinStats::tables`) in the low
     /// 32 bits, separate L1 pin / unpin steps (`PinStats::l1_ops`) in the
-    /// high 32: one scalar add per step (two adjacent counters were
-    /// combined into one vector add whose load stalled on the store before).
+    /// high 32: one scalar add per step. `repr(C)` puts `flush_base`
+    /// between it and the vector's length: LLVM otherwise fused the two
+    /// increments into one 16-byte vector add whose load waited on the two
+    /// 8-byte stores of the previous push (a store-forwarding stall that
+    /// was a third of `pin_page`'s time).
     counts: u64,
 }
 
@@ -77,7 +81,7 @@ impl Journal {
     }
 
     #[inline]
-    fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool) -> Tag {
+    fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool, flag: bool) -> Tag {
         self.counts += match action {
             Action::RemapRo | Action::RemapRw => 1,
             Action::Pin(Level::L1) | Action::Unpin(Level::L1) => 1 << 32,
@@ -87,6 +91,7 @@ impl Journal {
             pfn,
             action,
             locked_page,
+            flag,
         });
         (self.steps.len() - 1) as Tag
     }
@@ -114,12 +119,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 Action::RemapRw => StepKind::RemapWritable,
                 Action::Pin(l) => StepKind::Pin(l),
                 Action::Unpin(_) => StepKind::Unpin,
-                Action::FlagSet | Action::FlagCleared => StepKind::EntryUpdate,
             }),
         }
     }
 
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn queue_remap<const N: usize>(
         &self,
         b: &mut Batch<N>,
@@ -128,11 +133,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         ro: bool,
         flush: bool,
         locked: bool,
+        flag: bool,
     ) {
         let tag = j.push(
             pfn,
             if ro { Action::RemapRo } else { Action::RemapRw },
             locked,
+            flag,
         );
         let flags = if flush {
             uvmf::TLB_FLUSH | uvmf::LOCAL
@@ -156,12 +163,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         pfn: Pfn,
         action: Action,
         locked: bool,
+        flag: bool,
     ) -> Tag {
         let cmd = match action {
             Action::Pin(l) => ExtCmd::pin(l),
             _ => ExtCmd::UnpinTable,
         };
-        let tag = j.push(pfn, action, locked);
+        let tag = j.push(pfn, action, locked, flag);
         b.mmuext(
             &self.target(),
             MmuExtOp::on(cmd, self.backend.pfn_to_mfn(pfn)),
@@ -174,52 +182,38 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn take_lock<const N: usize>(&self, b: &mut Batch<N>, pfn: Pfn) -> Result<(), Error> {
         b.preempt_mut().acquire()?;
         if let Some(m) = self.store.meta(pfn) {
-            crate::lock::lock_spin_first(m.lock());
+            m.lock().lock();
         }
         Ok(())
     }
 
-    /// [`Self::take_lock`] for a page whose metadata is at hand.
-    #[inline]
-    fn take_meta_lock<const N: usize>(
-        b: &mut Batch<N>,
-        meta: &crate::frame::FrameMeta<'_, P::Lock>,
-    ) -> Result<(), Error> {
-        b.preempt_mut().acquire()?;
-        meta.lock().lock();
-        Ok(())
+    /// The owner a pin or unpin walk admits (besides unowned tables).
+    fn walk_owner(&self) -> Option<crate::frame::Owner> {
+        (!self.sabotage.admit_foreign_tables).then_some(self.owner)
     }
 
-    /// Journal the flag change of a page just claimed by its test-and-set
-    /// and, for a split L1, take its lock: right after the flag, before the
-    /// journal and batch stores, so the two locked instructions come back
-    /// to back instead of each waiting for a queue of stores to drain. A
-    /// lock past the preempt limit is refused (`PreemptOverflow`) with
-    /// nothing taken.
+    /// Flip a page's pinned flag to `pinned` outside a PTE lock; returns
+    /// whether it already had that value. The space's own pages (all a pin
+    /// walk admits besides unowned ones) change only under its space lock,
+    /// which pin and unpin hold: a plain load and store. Unowned pages, which
+    /// another space may reach too, take the atomic read-modify-write.
     #[inline]
-    fn claim_page<const N: usize>(
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        meta: &crate::frame::FrameMeta<'_, P::Lock>,
-        pfn: Pfn,
-        flag: Action,
-        split_l1: bool,
-    ) -> Result<(), Error> {
-        if split_l1 && b.preempt().held() < crate::lock::PREEMPT_LIMIT {
-            crate::lock::lock_spin_first(meta.lock());
-            j.push(pfn, flag, false);
-            b.preempt_mut().acquire()
+    fn flip_flag(&self, meta: &crate::frame::FrameMeta<'_>, pinned: bool) -> bool {
+        if meta.owner() == self.owner {
+            // SAFETY: the space lock is held by the caller (pin, unpin, or a
+            // table's preparation or retirement under `map` / `release_table`),
+            // the frame belongs to this space, and the caller never takes
+            // this page's PTE lock (it is not a split L1).
+            unsafe { meta.set_pinned_exclusive(pinned) }
+        } else if pinned {
+            meta.test_and_set_pinned()
         } else {
-            j.push(pfn, flag, false);
-            if split_l1 {
-                Self::take_meta_lock(b, meta)?;
-            }
-            Ok(())
+            !meta.test_and_clear_pinned()
         }
     }
 
-    /// Pin one page: test-and-set its flag, (split L1) lock it, remap it
-    /// read-only, (split L1) pin it and release the lock after the batch.
+    /// Pin one page: set its flag, (split L1) lock it, remap it read-only,
+    /// (split L1) pin it and release the lock after the batch.
     fn pin_page<const N: usize>(
         &self,
         b: &mut Batch<N>,
@@ -232,13 +226,28 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             Some(m) => m,
             None => return Ok(Descend::No),
         };
-        if meta.test_and_set_pinned() {
+        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
+        let lockable = P::SPLIT_PTE_LOCKS && level == Level::L1;
+        if lockable {
+            // One compare-exchange tests the flag, sets it and takes the
+            // page's lock (refused, with nothing changed, past the preempt
+            // limit). The flag of a lockable page changes only under its lock.
+            b.preempt_mut().acquire()?;
+            if !meta.lock_and_set_pinned() {
+                b.preempt_mut().release();
+                return Ok(Descend::No);
+            }
+        } else if self.flip_flag(&meta, true) {
             return Ok(Descend::No);
         }
-        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
-        Self::claim_page(b, j, &meta, pfn, Action::FlagSet, split_l1)?;
-        self.queue_remap(b, j, pfn, true, flush, split_l1);
+        let split_l1 = lockable && !self.sabotage.skip_l1_pin;
+        if lockable && !split_l1 {
+            // Broken on purpose: no L1 pin, so no reason to hold the lock.
+            // SAFETY: locked just above by this context.
+            unsafe { meta.lock().unlock() };
+            b.preempt_mut().release();
+        }
+        self.queue_remap(b, j, pfn, true, flush, split_l1, true);
         if split_l1 {
             if self.sabotage.unlock_before_pin {
                 // Broken on purpose: the page is read-only and unlocked
@@ -247,17 +256,17 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 // SAFETY: locked above by this context.
                 unsafe { meta.lock().unlock() };
                 b.preempt_mut().release();
-                self.queue_ext(b, j, pfn, Action::Pin(Level::L1), false);
+                self.queue_ext(b, j, pfn, Action::Pin(Level::L1), false, false);
             } else {
-                let tag = self.queue_ext(b, j, pfn, Action::Pin(Level::L1), true);
+                let tag = self.queue_ext(b, j, pfn, Action::Pin(Level::L1), true, false);
                 b.defer(&self.target(), unlock_after(pfn, tag));
             }
         }
         Ok(Descend::Yes)
     }
 
-    /// Unpin one page: test-and-clear its flag, (split L1) lock it and unpin
-    /// it, remap it writable, release the lock after the batch.
+    /// Unpin one page: clear its flag, (split L1) lock it and unpin it,
+    /// remap it writable, release the lock after the batch.
     fn unpin_page<const N: usize>(
         &self,
         b: &mut Batch<N>,
@@ -270,16 +279,27 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             Some(m) => m,
             None => return Ok(Descend::No),
         };
-        if !meta.test_and_clear_pinned() {
+        let lockable = P::SPLIT_PTE_LOCKS && level == Level::L1;
+        if lockable {
+            b.preempt_mut().acquire()?;
+            if !meta.lock_and_clear_pinned() {
+                b.preempt_mut().release();
+                return Ok(Descend::No);
+            }
+        } else if self.flip_flag(&meta, false) {
             return Ok(Descend::No);
         }
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
-        Self::claim_page(b, j, &meta, pfn, Action::FlagCleared, split_l1)?;
+        let split_l1 = lockable && !self.sabotage.skip_l1_pin;
+        if lockable && !split_l1 {
+            // SAFETY: locked just above by this context.
+            unsafe { meta.lock().unlock() };
+            b.preempt_mut().release();
+        }
         if split_l1 {
-            self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true);
+            self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true, true);
         }
         let tag = j.steps.len() as Tag;
-        self.queue_remap(b, j, pfn, false, flush, split_l1);
+        self.queue_remap(b, j, pfn, false, flush, split_l1, !split_l1);
         if split_l1 {
             b.defer(&self.target(), unlock_after(pfn, tag));
         }
@@ -390,10 +410,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if self.sabotage.root_first {
             self.pin_page(b, j, root, M::ROOT_LEVEL, true)?;
         }
-        walk::walk::<M, P::Lock, B, _>(
+        walk::walk_as::<M, P::Lock, B, _>(
             &self.store,
             &self.backend,
             root,
+            self.walk_owner(),
             Scope::User,
             &mut |pfn, level, is_root| {
                 if b.has_failures() {
@@ -415,18 +436,18 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if b.has_failures() {
             return Ok(());
         }
-        self.queue_ext(b, j, root, Action::Pin(M::ROOT_LEVEL), false);
+        self.queue_ext(b, j, root, Action::Pin(M::ROOT_LEVEL), false, false);
         if let Some(u) = self.user_root {
-            self.queue_ext(b, j, u, Action::Pin(M::ROOT_LEVEL), false);
+            self.queue_ext(b, j, u, Action::Pin(M::ROOT_LEVEL), false, false);
         }
         Ok(())
     }
 
     fn unpin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
         let root = self.root;
-        self.queue_ext(b, j, root, Action::Unpin(M::ROOT_LEVEL), false);
+        self.queue_ext(b, j, root, Action::Unpin(M::ROOT_LEVEL), false, false);
         if let Some(u) = self.user_root {
-            self.queue_ext(b, j, u, Action::Unpin(M::ROOT_LEVEL), false);
+            self.queue_ext(b, j, u, Action::Unpin(M::ROOT_LEVEL), false, false);
             self.unpin_page(b, j, u, M::ROOT_LEVEL, false)?;
         }
         if let Some(k) = self.kernel_pmd {
@@ -437,10 +458,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 self.unpin_page(b, j, k, Level::L2, false)?;
             }
         }
-        walk::walk::<M, P::Lock, B, _>(
+        walk::walk_as::<M, P::Lock, B, _>(
             &self.store,
             &self.backend,
             root,
+            self.walk_owner(),
             Scope::User,
             &mut |pfn, level, is_root| {
                 if b.has_failures() {
@@ -475,18 +497,18 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             let Some(meta) = self.store.meta(s.pfn) else {
                 continue;
             };
-            match s.action {
-                Action::FlagSet => {
-                    meta.test_and_clear_pinned();
-                    continue;
+            // The flag flipped just before this (the page's first) step is
+            // flipped back after the step's own undo.
+            let restore_flag = |s: &Step| {
+                if s.flag {
+                    match s.action {
+                        Action::RemapRo | Action::Pin(_) => meta.test_and_clear_pinned(),
+                        Action::RemapRw | Action::Unpin(_) => meta.test_and_set_pinned(),
+                    };
                 }
-                Action::FlagCleared => {
-                    meta.test_and_set_pinned();
-                    continue;
-                }
-                _ => {}
-            }
+            };
             if !applied(i) {
+                restore_flag(&s);
                 continue;
             }
             if s.locked_page && held != Some(s.pfn) {
@@ -536,16 +558,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     }
                     b.mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG)
                 }
-                Action::FlagSet | Action::FlagCleared => {}
             }
+            restore_flag(&s);
             if held == Some(s.pfn) {
                 // Keep holding while the next-older step is another applied
                 // request on the same page (its remap/pin pair).
                 let continues = i > 0 && {
                     let p = steps[i - 1];
-                    p.pfn == s.pfn
-                        && !matches!(p.action, Action::FlagSet | Action::FlagCleared)
-                        && applied(i - 1)
+                    p.pfn == s.pfn && applied(i - 1)
                 };
                 if !continues {
                     b.defer(&target, unlock_after(s.pfn, NO_TAG));

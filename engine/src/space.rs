@@ -8,7 +8,7 @@ use crate::backend::{Backend, Call, CallResult, MmuUpdate};
 use crate::batch::{Batch, Deferred, FlushTarget, NO_TAG};
 use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::{Error, HypercallFailure, StepKind};
-use crate::frame::{read_guard, FrameStore, Mfn, Pfn, ReadGuard};
+use crate::frame::{read_guard, FrameStore, Mfn, Owner, Pfn, ReadGuard};
 use crate::lock::{LockPolicy, RawLock};
 use crate::mode::{Level, PageSize, PagingMode};
 use crate::sync::{AtomicBool, Ordering};
@@ -60,6 +60,8 @@ pub struct Sabotage {
     pub root_first: bool,
     /// Call the pin routine on the PAE kernel PMD during unpin (the pre-2008 bug).
     pub pae_kpmd_pin_on_unpin: bool,
+    /// Let pin and unpin walk into tables that belong to another space.
+    pub admit_foreign_tables: bool,
 }
 
 /// Counters of one pin or unpin.
@@ -81,6 +83,8 @@ pub struct AddressSpace<M: PagingMode, P: LockPolicy, B: Backend> {
     pub(crate) root: Pfn,
     pub(crate) user_root: Option<Pfn>,
     pub(crate) kernel_pmd: Option<Pfn>,
+    /// The owner its tables are allocated with.
+    pub(crate) owner: Owner,
     pub(crate) lock: P::Lock,
     pub(crate) pinned: AtomicBool,
     pub(crate) torn_down: bool,
@@ -122,11 +126,11 @@ impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
 }
 
 /// Holds a PTE-page lock for a writer.
-struct PteLockGuard<'a, L: RawLock> {
-    lock: &'a L,
+pub(crate) struct PteLockGuard<'a> {
+    lock: crate::frame::PteLock<'a>,
 }
 
-impl<L: RawLock> Drop for PteLockGuard<'_, L> {
+impl Drop for PteLockGuard<'_> {
     fn drop(&mut self) {
         // SAFETY: as for the space lock guard.
         unsafe { self.lock.unlock() }
@@ -140,8 +144,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         backend: Arc<B>,
         options: SpaceOptions,
     ) -> Result<Self, Error> {
-        let root = store.alloc_table(M::ROOT_LEVEL).ok_or(Error::OutOfFrames)?;
+        let owner = store.new_owner();
+        let root = store
+            .alloc_table_owned(M::ROOT_LEVEL, owner)
+            .ok_or(Error::OutOfFrames)?;
         let mut space = AddressSpace {
+            owner,
             store,
             backend,
             root,
@@ -154,7 +162,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             _mode: PhantomData,
         };
         if M::HAS_USER_ROOT && options.user_root {
-            match space.store.alloc_table(M::ROOT_LEVEL) {
+            match space.store.alloc_table_owned(M::ROOT_LEVEL, owner) {
                 Some(u) => space.user_root = Some(u),
                 None => {
                     space.store.free_now(root);
@@ -164,7 +172,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             }
         }
         if let Some(slot) = M::KERNEL_PMD_SLOT {
-            let Some(kpmd) = space.store.alloc_table(Level::L2) else {
+            let Some(kpmd) = space.store.alloc_table_owned(Level::L2, owner) else {
                 space.release_frames();
                 space.torn_down = true;
                 return Err(Error::OutOfFrames);
@@ -190,6 +198,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// The PAE kernel PMD, if any.
     pub fn kernel_pmd(&self) -> Option<Pfn> {
         self.kernel_pmd
+    }
+    /// The owner of the tables this space allocates (a pin walk refuses
+    /// tables of other owners).
+    pub fn owner(&self) -> Owner {
+        self.owner
     }
     /// The frame store.
     pub fn store(&self) -> &Arc<FrameStore<P::Lock>> {
@@ -429,7 +442,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         index: usize,
         level: Level,
     ) -> Result<Pfn, Error> {
-        let child = self.store.alloc_table(level).ok_or(Error::OutOfFrames)?;
+        let child = self
+            .store
+            .alloc_table_owned(level, self.owner)
+            .ok_or(Error::OutOfFrames)?;
         if B::PINNING && self.is_pinned() {
             if let Err(e) = self.prepare_new_table(child, level) {
                 self.store.free_now(child);
@@ -501,10 +517,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Under split, the PTE lock of an L1 (taken inside the space lock);
     /// under global the space lock already covers it.
-    fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_, P::Lock>> {
+    pub(crate) fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_>> {
         if P::SPLIT_PTE_LOCKS && level == Level::L1 {
             let l = self.store.meta(pfn)?.lock();
-            crate::lock::lock_spin_first(l);
+            l.lock();
             Some(PteLockGuard { lock: l })
         } else {
             None
@@ -622,7 +638,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     va,
                     level: Level::L1,
                 })?;
-                crate::lock::lock_spin_first(meta.lock());
+                meta.lock().lock();
                 let _pte = PteLockGuard { lock: meta.lock() };
                 // Re-check under the lock: a release unlinks the table while
                 // holding this lock, so if it is still linked it stays linked.
@@ -724,18 +740,27 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// not be pinned).
     pub(crate) fn release_frames(&mut self) {
         let mut frames: Vec<Pfn> = Vec::new();
-        let _ = walk::walk::<M, P::Lock, B, _>(
-            &self.store,
+        let (store, owner) = (&self.store, self.owner);
+        // Every table linked in, except another space's (not ours to free,
+        // and neither is what hangs below it).
+        let _ = walk::walk_as::<M, P::Lock, B, _>(
+            store,
             &self.backend,
             self.root,
+            None,
             Scope::User,
             &mut |pfn, _, _| {
-                if !frames.contains(&pfn) {
-                    frames.push(pfn);
+                let o = store.meta(pfn).map_or(Owner::NONE, |m| m.owner());
+                if o != owner && o != Owner::NONE {
+                    return Ok(Descend::No);
                 }
+                frames.push(pfn);
                 Ok(Descend::Yes)
             },
         );
+        // A malformed space may link a table twice.
+        frames.sort_unstable();
+        frames.dedup();
         if !frames.contains(&self.root) {
             frames.push(self.root);
         }

@@ -11,9 +11,13 @@ pub(crate) use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
+#[cfg(loom)]
+pub(crate) use loom::sync::{Condvar, Mutex};
 
 #[cfg(all(shuttle, not(loom)))]
 pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
+#[cfg(all(shuttle, not(loom)))]
+pub(crate) use shuttle::sync::{Condvar, Mutex};
 
 pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
 

@@ -8,7 +8,7 @@
 use crate::backend::Backend;
 use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::Error;
-use crate::frame::{FrameStore, Pfn};
+use crate::frame::{FrameStore, Owner, Pfn};
 use crate::lock::RawLock;
 use crate::mode::{Level, PagingMode};
 use crate::sync::Ordering;
@@ -42,6 +42,19 @@ pub fn child_table<L: RawLock, B: Backend>(
     index: usize,
     entry: PageTableEntry,
 ) -> Result<Pfn, Error> {
+    child_table_owned(store, backend, level, index, entry).map(|(pfn, _)| pfn)
+}
+
+/// [`child_table`], also returning the child's owner (from the same load
+/// as its level).
+#[inline]
+fn child_table_owned<L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    level: Level,
+    index: usize,
+    entry: PageTableEntry,
+) -> Result<(Pfn, Owner), Error> {
     let child = match level.child() {
         Some(c) => c,
         None => unreachable_l1(),
@@ -60,7 +73,7 @@ pub fn child_table<L: RawLock, B: Backend>(
     let Some(meta) = store.meta(pfn) else {
         return Err(Error::FrameOutOfRange { level, index, mfn });
     };
-    let found = meta.level();
+    let (found, owner) = meta.level_and_owner();
     if found != Some(child) {
         return Err(Error::LevelMismatch {
             level,
@@ -69,7 +82,7 @@ pub fn child_table<L: RawLock, B: Backend>(
             found,
         });
     }
-    Ok(pfn)
+    Ok((pfn, owner))
 }
 
 #[cold]
@@ -89,6 +102,18 @@ pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
     index: usize,
     entry: PageTableEntry,
 ) -> Result<Option<Pfn>, Error> {
+    classify_owned::<M, L, B>(store, backend, level, index, entry).map(|c| c.map(|(p, _)| p))
+}
+
+/// [`classify`], with the child table's owner.
+#[inline]
+fn classify_owned<M: PagingMode, L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    level: Level,
+    index: usize,
+    entry: PageTableEntry,
+) -> Result<Option<(Pfn, Owner)>, Error> {
     if level == Level::L1 {
         return Ok(None);
     }
@@ -107,16 +132,58 @@ pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
         }
         return Ok(None);
     }
-    child_table(store, backend, level, index, entry).map(Some)
+    child_table_owned(store, backend, level, index, entry).map(Some)
+}
+
+/// The child of a walked entry, refused if it belongs to a space other
+/// than the root's (unowned tables are accepted).
+#[inline]
+fn walk_child<M: PagingMode, L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    owner: Option<Owner>,
+    level: Level,
+    index: usize,
+    entry: PageTableEntry,
+) -> Result<Option<Pfn>, Error> {
+    match classify_owned::<M, L, B>(store, backend, level, index, entry)? {
+        Some((pfn, o)) if owner.is_some_and(|w| w != o) && o != Owner::NONE => {
+            Err(Error::ForeignTable { level, index, pfn })
+        }
+        c => Ok(c.map(|(p, _)| p)),
+    }
 }
 
 /// Walk the tables under `root` in protocol order, calling `visit(pfn, level,
 /// is_root)` for each table frame. The root is visited last. An error from
 /// `visit` or from validation stops the walk and is returned.
+///
+/// Tables must belong to the root's owner or to none
+/// ([`Error::ForeignTable`] otherwise).
 pub fn walk<M, L, B, F>(
     store: &FrameStore<L>,
     backend: &B,
     root: Pfn,
+    scope: Scope,
+    visit: &mut F,
+) -> Result<(), Error>
+where
+    M: PagingMode,
+    L: RawLock,
+    B: Backend,
+    F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
+{
+    let owner = store.meta(root).map_or(Owner::NONE, |m| m.owner());
+    walk_as::<M, L, B, F>(store, backend, root, Some(owner), scope, visit)
+}
+
+/// [`walk`], admitting tables of `owner` (and unowned ones); `None` admits
+/// any owner (only for the negative control of the ownership check).
+pub(crate) fn walk_as<M, L, B, F>(
+    store: &FrameStore<L>,
+    backend: &B,
+    root: Pfn,
+    owner: Option<Owner>,
     scope: Scope,
     visit: &mut F,
 ) -> Result<(), Error>
@@ -147,10 +214,11 @@ where
         if !e.is_present() {
             continue;
         }
-        if let Some(child) = classify::<M, L, B>(store, backend, M::ROOT_LEVEL, slot, e)? {
+        if let Some(child) = walk_child::<M, L, B>(store, backend, owner, M::ROOT_LEVEL, slot, e)? {
             walk_table::<M, L, B, F>(
                 store,
                 backend,
+                owner,
                 child,
                 M::ROOT_LEVEL.child().unwrap_or(Level::L1),
                 visit,
@@ -164,6 +232,7 @@ where
 fn walk_table<M, L, B, F>(
     store: &FrameStore<L>,
     backend: &B,
+    owner: Option<Owner>,
     pfn: Pfn,
     level: Level,
     visit: &mut F,
@@ -185,10 +254,11 @@ where
         if !e.is_present() {
             continue;
         }
-        if let Some(child) = classify::<M, L, B>(store, backend, level, index, e)? {
+        if let Some(child) = walk_child::<M, L, B>(store, backend, owner, level, index, e)? {
             walk_table::<M, L, B, F>(
                 store,
                 backend,
+                owner,
                 child,
                 level.child().unwrap_or(Level::L1),
                 visit,

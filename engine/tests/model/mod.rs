@@ -25,7 +25,7 @@ use pagepin_engine::backend::{uvmf, Backend, Call, CallResult, ExtCmd, StoreFaul
 pub use pagepin_engine::space::Sabotage;
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, FrameStore, LockPolicy, Mfn, PageSize, PageTableEntry, Pfn,
-    RawLock, SpaceOptions, WritePath, X86_64,
+    SpaceOptions, WritePath, X86_64,
 };
 
 mod lock;
