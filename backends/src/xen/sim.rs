@@ -14,9 +14,9 @@
 //!   passed where an mfn belongs is caught. As Xen gives a guest its memory,
 //!   it is made of contiguous extents ([`SimConfig::p2m_extent`] frames,
 //!   2 MiB by default) placed in machine memory in a random order; extents
-//!   of 1 frame give a fully random permutation. Table contents are read through the engine's
-//!   [`TableMemory`] (pfn-indexed); frames outside it are data pages with
-//!   metadata only, and cannot become page tables.
+//!   of 1 frame give a fully random permutation. Table contents are read
+//!   through the engine's [`TableMemory`] (pfn-indexed); frames outside it
+//!   are data pages with metadata only, and cannot become page tables.
 //! - **Direct map.** Each guest frame has one kernel mapping at
 //!   `direct_map_base + pfn * 4096`, initially writable (so every frame
 //!   starts with one writable type reference). `update_va_mapping` on it
