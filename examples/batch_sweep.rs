@@ -6,8 +6,11 @@
 //!
 //! ```sh
 //! cargo run --release --example batch_sweep -- [--trap-cost-ns 1000] [--mib 1024]
-//!     [--rounds 7] [--out docs/batch_sweep.svg]
+//!     [--rounds 7] [--p2m-extent 512] [--out docs/batch_sweep.svg]
 //! ```
+//!
+//! `--p2m-extent 1` gives the simulator a fully random p2m instead of its
+//! default of 2 MiB machine-contiguous extents placed at random.
 //!
 //! One compiled engine sweeps every size with `Batch::<256>::with_limit(n)`
 //! (it flushes exactly as a `Batch<n>` does; `tests/batch_counts.rs`).
@@ -16,7 +19,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pagepin::backends::xen::{xen_env, XenBackend, XenSim};
+use pagepin::backends::xen::{xen_env_with, SimConfig, XenBackend, XenSim, P2M_EXTENT};
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, EntryFlags, Global, LockPolicy, PageSize, SpaceOptions,
     Split, X86_64,
@@ -31,6 +34,7 @@ struct Args {
     trap_cost_ns: u64,
     mib: u64,
     rounds: u32,
+    p2m_extent: usize,
     out: String,
 }
 
@@ -39,6 +43,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         trap_cost_ns: 1000,
         mib: 1024,
         rounds: 7,
+        p2m_extent: P2M_EXTENT,
         out: "docs/batch_sweep.svg".into(),
     };
     while let Some(flag) = argv.next() {
@@ -47,19 +52,20 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--trap-cost-ns" => a.trap_cost_ns = val()?.parse().map_err(|e| format!("{e}"))?,
             "--mib" => a.mib = val()?.parse().map_err(|e| format!("{e}"))?,
             "--rounds" => a.rounds = val()?.parse().map_err(|e| format!("{e}"))?,
+            "--p2m-extent" => a.p2m_extent = val()?.parse().map_err(|e| format!("{e}"))?,
             "--out" => a.out = val()?,
             "--help" | "-h" => {
                 return Err(
                     "usage: batch_sweep [--trap-cost-ns NS] [--mib MIB] [--rounds R] \
-                            [--out FILE.svg]"
+                            [--p2m-extent FRAMES] [--out FILE.svg]"
                         .into(),
                 )
             }
             f => return Err(format!("unknown flag {f} (try --help)")),
         }
     }
-    if a.mib == 0 || a.rounds == 0 {
-        return Err("--mib and --rounds must be at least 1".into());
+    if a.mib == 0 || a.rounds == 0 || a.p2m_extent == 0 {
+        return Err("--mib, --rounds and --p2m-extent must be at least 1".into());
     }
     Ok(a)
 }
@@ -119,8 +125,10 @@ fn main() {
     let l1 = pages.div_ceil(512) as usize;
     let tables = l1 + l1.div_ceil(512) + 8;
     let data = pages as usize * 2;
-    let e = xen_env::<X86_64, DefaultRawLock>(2 * tables, data + 2 * tables, 7, args.trap_cost_ns)
-        .expect("xen env");
+    let mut cfg = SimConfig::for_mode::<X86_64>(data + 2 * tables, 7);
+    cfg.trap_cost_ns = args.trap_cost_ns;
+    cfg.p2m_extent = args.p2m_extent;
+    let e = xen_env_with::<DefaultRawLock>(2 * tables, cfg).expect("xen env");
     let flags = EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER;
     let split: AddressSpace<X86_64, Split, Xb> =
         AddressSpace::new(e.store.clone(), e.backend.clone(), SpaceOptions::default()).unwrap();
@@ -141,8 +149,8 @@ fn main() {
 
     println!(
         "pin + unpin on the Xen simulator: {} MiB mapped ({} table pages), trap cost {} ns, \
-         median of {} rounds",
-        args.mib, table_pages, args.trap_cost_ns, args.rounds
+         p2m extent {} frames, median of {} rounds",
+        args.mib, table_pages, args.trap_cost_ns, args.p2m_extent, args.rounds
     );
     println!(
         "{:>6} | {:>10} {:>14} {:>9} | {:>10} {:>14} {:>9}",

@@ -7,7 +7,8 @@ use std::mem::{offset_of, size_of};
 
 use pagepin::backends::xen::abi::hypercall;
 use pagepin::backends::xen::{
-    FrameType, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, Scratch, XenSim, DOMID_SELF,
+    p2m_permutation, xen_env_with, FrameType, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, Scratch,
+    SimConfig, XenSim, DOMID_SELF, MIN_P2M_EXTENTS, P2M_EXTENT,
 };
 use pagepin::engine::backend::{errno, uvmf};
 use pagepin::engine::space::Sabotage;
@@ -729,4 +730,166 @@ fn negative_control_foreign_table_admitted() {
             "split={split}: {unpinned:?}"
         );
     }
+}
+
+/// The simulator's fully random p2m before extents: Sattolo's algorithm
+/// over the frames (a uniformly random single n-cycle), seeded.
+fn sattolo_reference(n: usize, seed: u64) -> Vec<u64> {
+    fn splitmix(s: &mut u64) -> u64 {
+        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let mut p: Vec<u64> = (0..n as u64).collect();
+    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for i in (1..n).rev() {
+        let j = (splitmix(&mut rng) % i as u64) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+#[test]
+fn p2m_extents_are_a_bijection_without_fixed_points() {
+    for n in [
+        1usize, 2, 3, 63, 64, 511, 512, 513, 1000, 1024, 32_775, 300_000,
+    ] {
+        for extent in [1usize, 3, 16, P2M_EXTENT, 4096] {
+            let p = p2m_permutation(n, 7, extent);
+            assert_eq!(p.len(), n);
+            let mut seen = vec![false; n];
+            for (pfn, &m) in p.iter().enumerate() {
+                let m = m as usize;
+                assert!(m < n, "n {n} extent {extent}: pfn {pfn} -> {m}");
+                assert!(!seen[m], "n {n} extent {extent}: mfn {m} twice");
+                seen[m] = true;
+                if n > 1 {
+                    assert_ne!(m, pfn, "n {n} extent {extent}: pfn {pfn} maps to itself");
+                }
+            }
+            // Deterministic per seed; another seed gives another map.
+            assert_eq!(p, p2m_permutation(n, 7, extent));
+            if n > 3 {
+                assert_ne!(p, p2m_permutation(n, 8, extent), "n {n} extent {extent}");
+            }
+        }
+        // Extents of one frame: the earlier fully random p2m, unchanged.
+        assert_eq!(p2m_permutation(n, 7, 1), sattolo_reference(n, 7));
+    }
+}
+
+#[test]
+fn p2m_extents_are_machine_contiguous_and_placed_at_random() {
+    // A large domain: 2 MiB extents, each machine-contiguous.
+    let n = 300_000;
+    let p = p2m_permutation(n, 9, P2M_EXTENT);
+    let runs = n.div_ceil(P2M_EXTENT);
+    for k in 0..runs {
+        let base = p[k * P2M_EXTENT];
+        for (o, &m) in p[k * P2M_EXTENT..((k + 1) * P2M_EXTENT).min(n)]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(m, base + o as u64, "extent {k} offset {o}");
+        }
+    }
+    // Placed at random: few extents follow their predecessor in machine
+    // memory (about one is expected).
+    let in_order = (1..runs)
+        .filter(|&k| p[k * P2M_EXTENT] == p[(k - 1) * P2M_EXTENT] + P2M_EXTENT as u64)
+        .count();
+    assert!(in_order < 8, "{in_order} of {runs} extents in order");
+    // A small domain is cut into at least MIN_P2M_EXTENTS extents.
+    for n in [1024usize, 1000, 4096] {
+        let p = p2m_permutation(n, 9, P2M_EXTENT);
+        let breaks = p.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        assert!(
+            breaks + 1 >= MIN_P2M_EXTENTS / 2,
+            "n {n}: only {} contiguous runs",
+            breaks + 1
+        );
+    }
+    // The default configuration uses 2 MiB extents.
+    assert_eq!(SimConfig::for_mode::<X86_64>(n, 1).p2m_extent, P2M_EXTENT);
+}
+
+#[test]
+fn fully_random_p2m_stays_available() {
+    let mut cfg = SimConfig::for_mode::<X86_64>(PAGES, 7);
+    cfg.p2m_extent = 1;
+    let e: Env = xen_env_with(TABLES, cfg).expect("env");
+    assert_eq!(e.sim.p2m_table(), &sattolo_reference(PAGES, 7)[..]);
+    let s: Space<X86_64, SplitX> = space(&e, false);
+    populate(&s, 4);
+    let mut b: Batch = Batch::new();
+    s.pin(&mut b).unwrap();
+    s.unpin(&mut b).unwrap();
+    assert_quiet(&e.sim);
+    assert_eq!(e.sim.stats().invariant_breaks, 0);
+}
+
+/// A domain big enough for the simulator's large-array path (2 MiB of
+/// `type_info` words, huge-page backed on Linux): every rule still holds
+/// and every frame's state round-trips through pin and unpin.
+#[test]
+fn large_domain_state_round_trips_and_ownership_is_checked() {
+    const N: usize = 300_000;
+    const T: usize = 64;
+    let e: Env = xen_env_with(T, SimConfig::for_mode::<X86_64>(N, 21)).expect("env");
+    let sim = &e.sim;
+    for p in (0..N as u64).step_by(997) {
+        let m = sim.mfn_of(Pfn(p)).unwrap();
+        assert_ne!(m.0, p);
+        assert_eq!(sim.pfn_of(m), Some(Pfn(p)));
+    }
+    // Four fully mapped, writable PTE pages (data frames spanning extents).
+    let s: Space<X86_64, SplitX> = space(&e, false);
+    let rw = EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER;
+    for i in 0..4 * 512u64 {
+        s.map(
+            0x10_0000_0000 + (i << 12),
+            (100 + i) << 12,
+            PageSize::Size4K,
+            rw,
+        )
+        .unwrap();
+    }
+    let mut b: Batch = Batch::new();
+    s.pin(&mut b).unwrap();
+    for i in 0..4 * 512u64 {
+        let f = sim.frame_info(Pfn(100 + i)).unwrap();
+        // The direct map's writable reference and the L1 entry's.
+        assert_eq!((f.ty, f.count), (FrameType::Writable, 2), "pfn {}", 100 + i);
+    }
+    assert_eq!(sim.typed_tables().len(), s.table_frames().unwrap().len());
+    s.unpin(&mut b).unwrap();
+    assert_quiet(sim);
+    let st = sim.stats();
+    assert_eq!(st.invariant_breaks + st.refcount_errors, 0);
+
+    // Ownership: an L1 entry for the last machine frame validates; one for
+    // the first frame past the domain is -EINVAL, refused and rolled back.
+    let l1 = e.store.alloc_table(Level::L1).unwrap();
+    let slot = |i: usize| e.store.entry(l1, i).unwrap();
+    let ent = |mfn: u64| pagepin::PageTableEntry::new(mfn, rw).bits();
+    let last = N as u64 - 1;
+    let last_pfn = sim.pfn_of(pagepin::Mfn(last)).unwrap();
+    slot(0).store(ent(last), std::sync::atomic::Ordering::Release);
+    slot(1).store(ent(N as u64), std::sync::atomic::Ordering::Release);
+    assert_eq!(uvm_ro(&e, l1, uvmf::TLB_FLUSH), 0);
+    let _ = sim.take_refusal();
+    assert_eq!(ext(&e, ExtCmd::PinL1Table, l1), -errno::EINVAL);
+    let r = sim.take_refusal().expect("refusal");
+    assert_eq!((r.index, r.errno), (1, errno::EINVAL));
+    assert_eq!(sim.frame_info(last_pfn).unwrap().count, 1, "rolled back");
+    slot(1).store(0, std::sync::atomic::Ordering::Release);
+    assert_eq!(ext(&e, ExtCmd::PinL1Table, l1), 0);
+    assert_eq!(sim.frame_info(last_pfn).unwrap().count, 2);
+    assert_eq!(ext(&e, ExtCmd::UnpinTable, l1), 0);
+    assert_eq!(sim.frame_info(last_pfn).unwrap().count, 1);
+    slot(0).store(0, std::sync::atomic::Ordering::Release);
+    assert_eq!(uvm_rw(&e, l1), 0);
+    assert_quiet(sim);
 }

@@ -20,7 +20,10 @@ use core::sync::atomic::AtomicU64;
 pub use abi::{MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, DOMID_SELF};
 pub use backend::{FrameMap, P2m, Scratch, XenBackend};
 #[cfg(feature = "std")]
-pub use sim::{xen_env, FrameInfo, FrameType, SimConfig, SimStats, XenEnv, XenSim};
+pub use sim::{
+    p2m_permutation, xen_env, xen_env_with, FrameInfo, FrameType, SimConfig, SimStats, XenEnv,
+    XenSim, MIN_P2M_EXTENTS, P2M_EXTENT,
+};
 
 /// The hypervisor's trap interface: what a PV kernel reaches through its
 /// hypercall page (or `syscall` on 64-bit PV), and what the simulator

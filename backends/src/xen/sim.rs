@@ -10,10 +10,13 @@
 //! # Model
 //!
 //! - **Frames.** The domain owns `nr_pages` guest frames; the p2m is a seeded
-//!   single-cycle permutation (no pfn is its own mfn), so a pfn passed where
-//!   an mfn belongs is caught. Table contents are read through the engine's
-//!   [`TableMemory`] (pfn-indexed); frames outside it are data pages with
-//!   metadata only, and cannot become page tables.
+//!   permutation with no fixed point (no pfn is its own mfn), so a pfn
+//!   passed where an mfn belongs is caught. As Xen gives a guest its memory,
+//!   it is made of contiguous extents ([`SimConfig::p2m_extent`] frames,
+//!   2 MiB by default) placed in machine memory in a random order; extents
+//!   of 1 frame give a fully random permutation. Table contents are read
+//!   through the engine's [`TableMemory`] (pfn-indexed); frames outside it
+//!   are data pages with metadata only, and cannot become page tables.
 //! - **Direct map.** Each guest frame has one kernel mapping at
 //!   `direct_map_base + pfn * 4096`, initially writable (so every frame
 //!   starts with one writable type reference). `update_va_mapping` on it
@@ -75,6 +78,10 @@ const TYPE_SHIFT: u32 = 32;
 const TYPE_MASK: u64 = 0x7 << TYPE_SHIFT;
 const VALIDATED: u64 = 1 << 40;
 const PINNED: u64 = 1 << 41;
+
+/// How many entries ahead of the one being checked a (de)validation
+/// prefetches the referenced frame's `type_info`.
+const PREFETCH_AHEAD: usize = 16;
 
 /// A frame's type (Xen's `PGT_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -170,6 +177,51 @@ const PAE_ROOT_ALLOWED: u64 =
 // ---------------------------------------------------------------------------
 // configuration
 
+/// Default frames per p2m extent ([`SimConfig::p2m_extent`]): 2 MiB, a
+/// superpage, the unit Xen prefers when it populates a guest.
+pub const P2M_EXTENT: usize = 512;
+
+/// Fewest extents a domain's p2m is cut into ([`SimConfig::p2m_extent`]).
+pub const MIN_P2M_EXTENTS: usize = 64;
+
+/// The p2m of a domain of `n` frames (`p2m[pfn] = mfn`): extents of
+/// `extent` frames (shrunk to a power of two for a small domain, see
+/// [`SimConfig::p2m_extent`]), machine-contiguous, placed in the order of
+/// a uniformly random single cycle over the extents (Sattolo's algorithm,
+/// seeded), so no extent, and hence no frame, is at its own place. With
+/// `extent` 1 this is a random single n-cycle over the frames, the same
+/// for a seed as the simulator's earlier fully random p2m.
+pub fn p2m_permutation(n: usize, seed: u64, extent: usize) -> Vec<u64> {
+    let mut e = extent.max(1);
+    while e > 1 && n.div_ceil(e) < MIN_P2M_EXTENTS {
+        e = (e.next_power_of_two() / 2).max(1);
+    }
+    let runs = n.div_ceil(e);
+    // place[k]: position of extent k in machine memory.
+    let mut place: Vec<usize> = (0..runs).collect();
+    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for i in (1..runs).rev() {
+        let j = (splitmix(&mut rng) % i as u64) as usize;
+        place.swap(i, j);
+    }
+    // Machine start of each extent: the lengths of the extents placed
+    // before it (only the last extent may be short).
+    let len = |k: usize| if k + 1 == runs { n - k * e } else { e };
+    let mut at = vec![0usize; runs];
+    for (k, &p) in place.iter().enumerate() {
+        at[p] = k;
+    }
+    let mut start = vec![0u64; runs];
+    let mut m = 0u64;
+    for &k in &at {
+        start[k] = m;
+        m += len(k) as u64;
+    }
+    (0..n)
+        .map(|pfn| start[pfn / e] + (pfn % e) as u64)
+        .collect()
+}
+
 /// How the simulated hypervisor is set up.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -190,6 +242,14 @@ pub struct SimConfig {
     pub trap_cost_ns: u64,
     /// Virtual CPUs (each has a base pointer and a user base pointer).
     pub vcpus: usize,
+    /// Frames per p2m extent: guest frames `k * p2m_extent..` are one
+    /// machine-contiguous run, and the runs are placed in machine memory
+    /// in a seeded random order with no run at its own place (so no pfn is
+    /// its own mfn). 1: every frame placed at random (a uniformly random
+    /// single cycle). A domain of fewer than [`MIN_P2M_EXTENTS`] extents
+    /// uses the largest power-of-two extent that gives it that many, so a
+    /// small (test) domain stays finely scrambled.
+    pub p2m_extent: usize,
     /// Identity p2m (pfn = mfn) instead of the seeded permutation: for
     /// tables whose frame numbers come from elsewhere (a memory dump).
     pub identity_p2m: bool,
@@ -214,6 +274,7 @@ impl SimConfig {
             direct_map_base: M::DIRECT_MAP_BASE,
             trap_cost_ns: 0,
             vcpus: 4,
+            p2m_extent: P2M_EXTENT,
             identity_p2m: false,
             io_privileged: false,
             io_frames: Vec::new(),
@@ -413,14 +474,124 @@ pub struct FrameInfo {
     pub stale_tlb: bool,
 }
 
+/// The `type_info` words, one per machine frame. Outside the model
+/// checkers the array is 2 MiB-aligned and, on Linux, advised for
+/// transparent huge pages: a validation reads and writes it at the machine
+/// frames the entries map, and with 4 KiB pages each of those accesses in
+/// a large domain would also miss the TLB.
+#[cfg(not(any(loom, shuttle)))]
+struct TypeInfoTable {
+    ptr: core::ptr::NonNull<AtomicU64>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+#[cfg(not(any(loom, shuttle)))]
+// SAFETY: the table owns its words, which are atomics.
+unsafe impl Send for TypeInfoTable {}
+#[cfg(not(any(loom, shuttle)))]
+// SAFETY: as above: shared access goes through `&[AtomicU64]`.
+unsafe impl Sync for TypeInfoTable {}
+
+#[cfg(not(any(loom, shuttle)))]
+impl TypeInfoTable {
+    /// Arrays at least this large get the huge-page alignment and advice.
+    const HUGE: usize = 2 << 20;
+
+    /// `n` words, all 0.
+    fn new(n: usize) -> Self {
+        let bytes = n.max(1) * core::mem::size_of::<AtomicU64>();
+        let (size, align) = if bytes >= Self::HUGE {
+            (bytes.next_multiple_of(Self::HUGE), Self::HUGE)
+        } else {
+            (bytes, core::mem::align_of::<AtomicU64>())
+        };
+        let layout = std::alloc::Layout::from_size_align(size, align)
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<u64>()));
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = core::ptr::NonNull::new(raw.cast::<AtomicU64>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        #[cfg(target_os = "linux")]
+        if align == Self::HUGE {
+            extern "C" {
+                fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: i32) -> i32;
+            }
+            const MADV_HUGEPAGE: i32 = 14;
+            // SAFETY: the range is this allocation (page-aligned, `size`
+            // bytes); the advice only changes how it is backed. Failure
+            // (no THP support) is harmless and ignored.
+            unsafe { madvise(raw.cast(), size, MADV_HUGEPAGE) };
+        }
+        for i in 0..n {
+            // SAFETY: `i < n` words fit in the allocation.
+            unsafe { ptr.as_ptr().add(i).write(AtomicU64::new(0)) };
+        }
+        TypeInfoTable {
+            ptr,
+            len: n,
+            layout,
+        }
+    }
+}
+
+#[cfg(not(any(loom, shuttle)))]
+impl core::ops::Deref for TypeInfoTable {
+    type Target = [AtomicU64];
+    fn deref(&self) -> &[AtomicU64] {
+        // SAFETY: `len` initialised words live as long as `self`.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+#[cfg(not(any(loom, shuttle)))]
+impl Drop for TypeInfoTable {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; atomics need no drop.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) };
+    }
+}
+
+/// Under a model checker: a plain boxed slice of the checker's atomics.
+#[cfg(any(loom, shuttle))]
+struct TypeInfoTable(Box<[AtomicU64]>);
+
+#[cfg(any(loom, shuttle))]
+impl TypeInfoTable {
+    fn new(n: usize) -> Self {
+        TypeInfoTable((0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+#[cfg(any(loom, shuttle))]
+impl core::ops::Deref for TypeInfoTable {
+    type Target = [AtomicU64];
+    fn deref(&self) -> &[AtomicU64] {
+        &self.0
+    }
+}
+
+/// A frame's state apart from its `type_info` word: touched only when the
+/// frame is (or becomes) a page table, is remapped in the direct map, or
+/// is flushed; never by the per-entry reference counting of a validation.
 #[derive(Default)]
-struct FrameState {
-    type_info: AtomicU64,
+struct FrameCold {
     /// Flush generation + 1 at which a stale writable TLB entry was left; 0: none.
     stale: AtomicU64,
     /// Xen's page lock: held while a table's entries are validated,
     /// devalidated or updated.
     lock: AtomicBool,
+}
+
+/// One machine frame's state: its `type_info` word (the hot array: one
+/// `u64` per frame, so validating an L1 touches 8 bytes per data frame)
+/// and its cold state (a separate array).
+#[derive(Clone, Copy)]
+struct FrameRef<'a> {
+    type_info: &'a AtomicU64,
+    stale: &'a AtomicU64,
+    lock: &'a AtomicBool,
 }
 
 #[derive(Default)]
@@ -492,7 +663,12 @@ pub struct XenSim {
     mem: Arc<dyn TableMemory>,
     p2m: Box<[u64]>,
     m2p: Box<[u64]>,
-    frames: Box<[FrameState]>,
+    /// Per machine frame: Xen's `type_info` (type, count, validated,
+    /// pinned), the only per-frame word the per-entry reference counting
+    /// of a validation reads and writes.
+    type_info: TypeInfoTable,
+    /// Per machine frame: stale-TLB generation and page lock.
+    cold: Box<[FrameCold]>,
     dm: Box<[DmSlot]>,
     /// Per vCPU: kernel base pointer (mfn + 1, 0 none), user base pointer.
     bases: Box<[[AtomicU64; 2]]>,
@@ -530,20 +706,17 @@ impl XenSim {
         if n == 0 || n as u64 > u32::MAX as u64 || mem_end > n as u64 {
             return Err(SimError::BadSize);
         }
-        // Sattolo's algorithm: a uniformly random single n-cycle, so no pfn
-        // maps to itself (for n > 1).
-        let mut p2m: Vec<u64> = (0..n as u64).collect();
-        let mut rng = cfg.seed ^ 0x9e37_79b9_7f4a_7c15;
-        let shuffled = if cfg.identity_p2m { 0 } else { n };
-        for i in (1..shuffled).rev() {
-            let j = (splitmix(&mut rng) % i as u64) as usize;
-            p2m.swap(i, j);
-        }
+        let p2m: Vec<u64> = if cfg.identity_p2m {
+            (0..n as u64).collect()
+        } else {
+            p2m_permutation(n, cfg.seed, cfg.p2m_extent)
+        };
         let mut m2p = vec![0u64; n];
         for (pfn, &mfn) in p2m.iter().enumerate() {
             m2p[mfn as usize] = pfn as u64;
         }
-        let frames: Box<[FrameState]> = (0..n).map(|_| FrameState::default()).collect();
+        let type_info = TypeInfoTable::new(n);
+        let cold: Box<[FrameCold]> = (0..n).map(|_| FrameCold::default()).collect();
         let dm: Box<[DmSlot]> = (0..n).map(|_| DmSlot::default()).collect();
         // Every frame starts mapped writable in the direct map.
         for pfn in 0..n {
@@ -551,7 +724,7 @@ impl XenSim {
             dm[pfn]
                 .pte
                 .store(Self::dm_entry(mfn, true), Ordering::Relaxed);
-            frames[mfn as usize].type_info.store(
+            type_info[mfn as usize].store(
                 FrameType::Writable.bits() | VALIDATED | 1,
                 Ordering::Relaxed,
             );
@@ -565,7 +738,8 @@ impl XenSim {
             mem,
             p2m: p2m.into_boxed_slice(),
             m2p: m2p.into_boxed_slice(),
-            frames,
+            type_info,
+            cold,
             dm,
             bases,
             flush_gen: Padded(AtomicU64::new(0)),
@@ -681,7 +855,7 @@ impl XenSim {
     /// What the hypervisor knows about guest frame `pfn`.
     pub fn frame_info(&self, pfn: Pfn) -> Option<FrameInfo> {
         let mfn = *self.p2m.get(usize::try_from(pfn.0).ok()?)?;
-        let f = &self.frames[mfn as usize];
+        let f = self.frame(mfn).ok()?;
         let x = f.type_info.load(Ordering::Acquire);
         let pte = PageTableEntry::from_bits(self.dm[pfn.0 as usize].pte.load(Ordering::Acquire));
         Some(FrameInfo {
@@ -751,14 +925,20 @@ impl XenSim {
     // -- helpers --------------------------------------------------------------
 
     #[inline]
-    fn frame(&self, mfn: u64) -> R<&FrameState> {
-        self.frames
-            .get(usize::try_from(mfn).map_err(|_| errno::EINVAL)?)
-            .ok_or(errno::EINVAL)
+    fn frame(&self, mfn: u64) -> R<FrameRef<'_>> {
+        let i = usize::try_from(mfn).map_err(|_| errno::EINVAL)?;
+        match (self.type_info.get(i), self.cold.get(i)) {
+            (Some(type_info), Some(c)) => Ok(FrameRef {
+                type_info,
+                stale: &c.stale,
+                lock: &c.lock,
+            }),
+            _ => Err(errno::EINVAL),
+        }
     }
 
     #[inline]
-    fn stale_live(&self, f: &FrameState) -> bool {
+    fn stale_live(&self, f: FrameRef<'_>) -> bool {
         let s = f.stale.load(Ordering::Acquire);
         s != 0 && s == self.flush_gen.0.load(Ordering::Acquire) + 1
     }
@@ -852,7 +1032,7 @@ impl XenSim {
         }
         let level = ty.level().ok_or(errno::EINVAL)?;
         let r = {
-            let _g = hold(&f.lock);
+            let _g = hold(f.lock);
             self.validate(mfn, level, l)
         };
         match r {
@@ -942,13 +1122,33 @@ impl XenSim {
                 continue;
             }
             {
-                let _g = hold(&f.lock);
+                let _g = hold(f.lock);
                 self.devalidate(mfn, level, l);
             }
             f.type_info.store(0, Ordering::Release);
             l.devalidations += 1;
             return;
         }
+    }
+
+    /// Start fetching the `type_info` word of the frame entry `e` maps (for
+    /// writing: the reference counting will change it), so the misses of
+    /// a table's entries overlap instead of serialising behind each
+    /// locked compare-and-swap. Only a hint: no effect on the state.
+    #[inline(always)]
+    fn prefetch_entry(&self, e: u64) {
+        #[cfg(all(target_arch = "x86_64", not(any(loom, shuttle))))]
+        if e & EntryFlags::PRESENT.bits() != 0 {
+            let mfn = (e & PageTableEntry::ADDR_MASK) >> 12;
+            if let Some(w) = self.type_info.get(mfn as usize) {
+                use core::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+                // SAFETY: a prefetch has no architectural effect; the
+                // address is that of a live `AtomicU64`.
+                unsafe { _mm_prefetch::<_MM_HINT_ET0>(w.as_ptr().cast::<i8>()) };
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(any(loom, shuttle)))))]
+        let _ = e;
     }
 
     fn table_memory(&self, mfn: u64) -> R<&pagepin_engine::frame::Frame> {
@@ -960,7 +1160,10 @@ impl XenSim {
     }
 
     /// Validate table `mfn` at `level` (its page lock is held): take the
-    /// references of every present entry, undoing them on failure.
+    /// references of every present entry, undoing them on failure. Not
+    /// inlined: its 4 KiB snapshot would make every `get_type` (most take a
+    /// writable reference and never validate) probe a 4 KiB stack frame.
+    #[inline(never)]
     fn validate(&self, mfn: u64, level: Level, l: &mut Local) -> R {
         let frame = self.table_memory(mfn)?;
         let (n, hole) = self.table_slots(level);
@@ -968,7 +1171,13 @@ impl XenSim {
         for (i, s) in snap.iter_mut().enumerate().take(n) {
             *s = frame.entry(i).load(Ordering::Acquire);
         }
+        for &e in &snap[..n.min(PREFETCH_AHEAD)] {
+            self.prefetch_entry(e);
+        }
         for i in 0..n {
+            if let Some(&ahead) = snap[..n].get(i + PREFETCH_AHEAD) {
+                self.prefetch_entry(ahead);
+            }
             if hole.contains(&i) {
                 continue;
             }
@@ -996,7 +1205,13 @@ impl XenSim {
             return;
         };
         let (n, hole) = self.table_slots(level);
+        for i in 0..n.min(PREFETCH_AHEAD) {
+            self.prefetch_entry(frame.entry(i).load(Ordering::Relaxed));
+        }
         for i in 0..n {
+            if i + PREFETCH_AHEAD < n {
+                self.prefetch_entry(frame.entry(i + PREFETCH_AHEAD).load(Ordering::Relaxed));
+            }
             if !hole.contains(&i) {
                 self.put_entry_refs(level, frame.entry(i).load(Ordering::Acquire), l);
             }
@@ -1027,7 +1242,7 @@ impl XenSim {
                 };
             }
         }
-        if self.pfn_of(Mfn(mfn)).is_none() {
+        if !self.owned(mfn) {
             // Not owned by the domain.
             return Err(errno::EINVAL);
         }
@@ -1063,6 +1278,15 @@ impl XenSim {
             Level::L1 if !pte.is_writable() || self.is_io_frame(pte.frame()) => {}
             _ => self.put_type(pte.frame(), l),
         }
+    }
+
+    /// Whether the domain owns machine frame `mfn`. The p2m is a bijection
+    /// of `0..nr_pages` onto `0..nr_pages`, so this is exactly "the m2p has
+    /// an entry for `mfn`", answered without a read of the m2p (a random
+    /// access per entry an L1 validation checks).
+    #[inline]
+    fn owned(&self, mfn: u64) -> bool {
+        mfn < self.cfg.nr_pages as u64
     }
 
     /// Whether `mfn` is I/O memory of the domain's range (not its RAM).
@@ -1218,7 +1442,7 @@ impl XenSim {
                     continue;
                 }
                 let r = {
-                    let _g = hold(&f.lock);
+                    let _g = hold(f.lock);
                     let mut new = req.val;
                     if cmd == mmu_cmd::PT_UPDATE_PRESERVE_AD {
                         let ad = EntryFlags::ACCESSED.bits() | EntryFlags::DIRTY.bits();
@@ -1233,7 +1457,7 @@ impl XenSim {
             match self.get_type(mfn, FrameType::Writable, true, l) {
                 Ok(()) => {
                     {
-                        let _g = hold(&f.lock);
+                        let _g = hold(f.lock);
                         slot.store(req.val, Ordering::Release);
                     }
                     self.put_type(mfn, l);
@@ -1323,7 +1547,7 @@ impl XenSim {
         l.tlb_flushes += 1;
         if let Some(pfn) = self.dm_pfn(va) {
             let mfn = self.p2m[pfn] as usize;
-            self.frames[mfn].stale.store(0, Ordering::Release);
+            self.cold[mfn].stale.store(0, Ordering::Release);
         }
     }
 
@@ -1355,7 +1579,7 @@ impl XenSim {
                 if o.is_present() && o.is_writable() && !(nw.is_present() && nw.is_writable()) {
                     // The old writable translation may linger in TLBs.
                     let gen = self.flush_gen.0.load(Ordering::Acquire);
-                    self.frames[o.frame() as usize]
+                    self.cold[o.frame() as usize]
                         .stale
                         .store(gen + 1, Ordering::Release);
                 }
@@ -1529,7 +1753,7 @@ impl XenSim {
             match self.get_existing(m, FrameType::L1) {
                 Ok(true) => {
                     let r = {
-                        let _g = hold(&f.lock);
+                        let _g = hold(f.lock);
                         self.update_entry(m, Level::L1, index, value, slot, l)
                     };
                     self.put_type(m, l);
@@ -1691,14 +1915,24 @@ pub fn xen_env<M: PagingMode, L: RawLock>(
     seed: u64,
     trap_cost_ns: u64,
 ) -> Result<XenEnv<L>, SimError> {
+    let mut cfg = SimConfig::for_mode::<M>(nr_pages, seed);
+    cfg.trap_cost_ns = trap_cost_ns;
+    xen_env_with(table_frames, cfg)
+}
+
+/// [`xen_env`] with a configuration of one's own (`cfg.nr_pages` frames,
+/// the top `table_frames` of them table memory).
+pub fn xen_env_with<L: RawLock>(
+    table_frames: usize,
+    cfg: SimConfig,
+) -> Result<XenEnv<L>, SimError> {
+    let nr_pages = cfg.nr_pages;
     if table_frames == 0 || table_frames > nr_pages {
         return Err(SimError::BadSize);
     }
     let base = (nr_pages - table_frames) as u64;
     let store: Arc<FrameStore<L>> = Arc::new(FrameStore::new(table_frames, base));
     let mem: Arc<dyn TableMemory> = store.clone();
-    let mut cfg = SimConfig::for_mode::<M>(nr_pages, seed);
-    cfg.trap_cost_ns = trap_cost_ns;
     let sim = Arc::new(XenSim::new(cfg, mem)?);
     let map = P2m::new(sim.p2m_table().to_vec()).ok_or(SimError::BadSize)?;
     let backend = Arc::new(XenBackend::new(sim.clone(), map));
