@@ -122,7 +122,7 @@ impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
 }
 
 /// Holds a PTE-page lock for a writer.
-struct PteLockGuard<'a, L: RawLock> {
+pub(crate) struct PteLockGuard<'a, L: RawLock> {
     lock: &'a L,
 }
 
@@ -246,7 +246,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     }
 
     #[inline]
-    fn entry_slot(&self, pfn: Pfn, index: usize) -> &crate::sync::AtomicU64 {
+    pub(crate) fn entry_slot(&self, pfn: Pfn, index: usize) -> &crate::sync::AtomicU64 {
         // Table frames of this space are always in the store: they were
         // allocated from it and validated on every walk.
         self.store
@@ -273,7 +273,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// requires: a pinned (read-only) table of level 2+ only through
     /// `mmu_update`; an L1 by `path`. Mirrors user-half root writes into the
     /// user root.
-    fn write_entry(
+    pub(crate) fn write_entry(
         &self,
         pfn: Pfn,
         level: Level,
@@ -373,40 +373,49 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     pfn = c;
                     level = level.child()?;
                 }
-                None => {
-                    let size = match level {
-                        Level::L1 => PageSize::Size4K,
-                        Level::L2 => PageSize::Size2M,
-                        _ => PageSize::Size1G,
-                    };
-                    let base_mfn = Mfn(e.addr() >> 12);
-                    let pat_mask = if size == PageSize::Size4K {
-                        0
-                    } else {
-                        EntryFlags::PAT_LARGE.bits()
-                    };
-                    // Reserved bits in the leaf (address bits above
-                    // MAXPHYADDR; in a large leaf, the address bits below
-                    // its size other than PAT): the CPU faults, so there
-                    // is no translation.
-                    let low = e.addr() & !pat_mask & (size.bytes() - 1);
-                    if e.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 || low != 0 {
-                        return None;
-                    }
-                    // Bit 12 is PAT in a large leaf, not an address bit.
-                    let mut flags = e.flags();
-                    if e.bits() & pat_mask != 0 {
-                        flags |= EntryFlags::PAT_LARGE;
-                    }
-                    let base_pfn = self
-                        .backend
-                        .mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12))
-                        .unwrap_or(Pfn(base_mfn.0));
-                    let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
-                    return Some(Translation { phys, size, flags });
-                }
+                None => return self.leaf_translation(e, level, va),
             }
         }
+    }
+
+    /// The translation of `va` by the present leaf `e` found at `level`
+    /// (`None` when the CPU would fault on its reserved bits).
+    #[inline]
+    pub(crate) fn leaf_translation(
+        &self,
+        e: PageTableEntry,
+        level: Level,
+        va: u64,
+    ) -> Option<Translation> {
+        let size = match level {
+            Level::L1 => PageSize::Size4K,
+            Level::L2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
+        };
+        let base_mfn = Mfn(e.addr() >> 12);
+        let pat_mask = if size == PageSize::Size4K {
+            0
+        } else {
+            EntryFlags::PAT_LARGE.bits()
+        };
+        // Reserved bits in the leaf (address bits above MAXPHYADDR; in a
+        // large leaf, the address bits below its size other than PAT): the
+        // CPU faults, so there is no translation.
+        let low = e.addr() & !pat_mask & (size.bytes() - 1);
+        if e.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 || low != 0 {
+            return None;
+        }
+        // Bit 12 is PAT in a large leaf, not an address bit.
+        let mut flags = e.flags();
+        if e.bits() & pat_mask != 0 {
+            flags |= EntryFlags::PAT_LARGE;
+        }
+        let base_pfn = self
+            .backend
+            .mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12))
+            .unwrap_or(Pfn(base_mfn.0));
+        let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
+        Some(Translation { phys, size, flags })
     }
 
     fn leaf_flags_ok(flags: EntryFlags, size: PageSize) -> Result<(), Error> {
@@ -422,7 +431,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Allocate and link a table at `level` under `parent[index]`, made
     /// read-only (and pinned, split) first when the space is pinned.
-    fn link_new_table(
+    pub(crate) fn link_new_table(
         &self,
         parent: Pfn,
         parent_level: Level,
@@ -450,9 +459,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(child)
     }
 
-    /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
-    /// (PRESENT required), allocating intermediate tables.
-    pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
+    /// The checks of [`Self::map`]'s arguments (no lock, no table read), in
+    /// its order; returns the leaf's flags (HUGE added for a large page).
+    /// Shared with the map cursor so both validate alike.
+    #[inline]
+    pub(crate) fn map_args(
+        va: u64,
+        pa: u64,
+        size: PageSize,
+        flags: EntryFlags,
+    ) -> Result<EntryFlags, Error> {
         Self::check_va(va, size)?;
         if pa & (size.bytes() - 1) != 0 {
             return Err(Error::Misaligned { addr: pa });
@@ -469,6 +485,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if size != PageSize::Size4K {
             flags |= EntryFlags::HUGE;
         }
+        Ok(flags)
+    }
+
+    /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
+    /// (PRESENT required), allocating intermediate tables.
+    pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
+        let flags = Self::map_args(va, pa, size, flags)?;
         let target_level = size.level();
         let _space = self.lock_space();
         let mut pfn = self.root;
@@ -501,7 +524,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Under split, the PTE lock of an L1 (taken inside the space lock);
     /// under global the space lock already covers it.
-    fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_, P::Lock>> {
+    pub(crate) fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_, P::Lock>> {
         if P::SPLIT_PTE_LOCKS && level == Level::L1 {
             let l = self.store.meta(pfn)?.lock();
             crate::lock::lock_spin_first(l);
