@@ -281,9 +281,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         value: u64,
         path: WritePath,
     ) -> Result<(), Error> {
-        let pinned_table = B::PINNING && self.store.meta(pfn).is_some_and(|m| m.is_pinned());
-        let hyper = pinned_table && (level != Level::L1 || path == WritePath::Hypercall)
-            || (B::PINNING && path == WritePath::Hypercall);
+        // The same condition as "pinned table and (not an L1 or by
+        // hypercall), or by hypercall on a pinning platform", ordered so an
+        // L1 store (the common write) does not read the pinned flag.
+        let hyper = B::PINNING
+            && (path == WritePath::Hypercall
+                || (level != Level::L1 && self.store.meta(pfn).is_some_and(|m| m.is_pinned())));
         let mfn = self.backend.pfn_to_mfn(pfn);
         if hyper {
             let mut b: Batch<1> = Batch::new();
