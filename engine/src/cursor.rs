@@ -179,6 +179,7 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
     /// errors as [`AddressSpace::map`] at [`Self::va`], plus
     /// [`Error::OutOfRange`] if the page does not end inside the range. On
     /// an error the cursor stays where it was.
+    #[inline]
     pub fn map(&mut self, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
         let va = self.va;
         let flags = AddressSpace::<M, P, B>::map_args(va, pa, size, flags)?;
@@ -196,7 +197,13 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
         if cur.is_present() {
             return Err(Error::AlreadyMapped { va });
         }
-        space.write_entry(table, level, index, leaf.bits(), WritePath::Store)?;
+        if level == Level::L1 {
+            // The common case, with the level known here so the write path
+            // folds to the L1 store it is.
+            space.write_entry(table, Level::L1, index, leaf.bits(), WritePath::Store)?;
+        } else {
+            space.write_entry(table, level, index, leaf.bits(), WritePath::Store)?;
+        }
         self.va = end;
         Ok(())
     }

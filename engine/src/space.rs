@@ -273,6 +273,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// requires: a pinned (read-only) table of level 2+ only through
     /// `mmu_update`; an L1 by `path`. Mirrors user-half root writes into the
     /// user root.
+    #[inline]
     pub(crate) fn write_entry(
         &self,
         pfn: Pfn,
