@@ -314,6 +314,14 @@ fn check_xen<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(pinned: bool, 
     assert_eq!(image(&ea.store), image(&eb.store));
     assert_eq!(xen_common::snap(&ea, &a), xen_common::snap(&eb, &b));
     assert!(!xen_common::any_lock_held(&eb, &b));
+    // A reader on the simulator's p2m (machine frames in the entries).
+    let mut r = b.reader();
+    for o in &ops {
+        for va in [o.va, o.va + 0x123, o.va + o.size.bytes() - 1] {
+            assert_eq!(r.translate(va), b.translate(va), "{va:#x}");
+        }
+    }
+    drop(r);
     if pinned {
         b.unpin(&mut Batch::<32>::new()).unwrap();
         a.unpin(&mut Batch::<32>::new()).unwrap();

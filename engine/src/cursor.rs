@@ -29,6 +29,7 @@
 //! reused while the reader lives, so an unchanged entry still names the
 //! same table.
 
+use core::marker::PhantomData;
 use core::ops::Range;
 
 use crate::backend::Backend;
@@ -73,6 +74,20 @@ const EMPTY: Cached = Cached {
 /// on the PTE page the cursor is writing into. PTE writers on other PTE
 /// pages (split) and lock-free readers go on. Dropping it releases the
 /// locks.
+///
+/// It holds at most two locks (the space lock and one PTE lock), so it adds
+/// at most two to the preempt count. Like a spinlock guard it stays on the
+/// thread that made it (it is neither `Send` nor `Sync`), and that thread
+/// must not call the space's locking operations (`map`, `pin`, ...) while
+/// it lives: the space lock is not recursive.
+///
+/// ```compile_fail
+/// use pagepin_engine::{AddressSpace, Backend, Global, X86_64};
+/// fn send<T: Send>(_: T) {}
+/// fn f<B: Backend>(s: &AddressSpace<X86_64, Global, B>) {
+///     send(s.cursor_mut(0..4096).unwrap());
+/// }
+/// ```
 pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     space: &'a AddressSpace<M, P, B>,
     /// Split: the lock of the PTE page `path[0]` names, held while the
@@ -87,6 +102,8 @@ pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     /// space lock is held. Under split, `path[0]` is set only while `pte`
     /// holds its lock.
     path: [Cached; 3],
+    /// Lock guards stay on their thread.
+    _not_send: PhantomData<*mut ()>,
 }
 
 impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
@@ -125,6 +142,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             va: range.start,
             range,
             path: [EMPTY; 3],
+            _not_send: PhantomData,
         })
     }
 
