@@ -683,7 +683,11 @@ fn cursor_holds_one_pte_lock() {
     };
     let l1_a = s.table_frames().unwrap()[2].0;
     assert_eq!(locked(&s), vec![l1_a]);
+    // A jump inside the page keeps the lock; to another page lets it go.
+    c.jump(base + (7 << 12)).unwrap();
+    assert_eq!(locked(&s), vec![l1_a]);
     c.jump(base + (1 << 21)).unwrap();
+    assert!(locked(&s).is_empty());
     c.map(0x2000, PageSize::Size4K, RW).unwrap();
     let l1s: Vec<Pfn> = s
         .table_frames()

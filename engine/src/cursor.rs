@@ -179,14 +179,19 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
     }
 
     /// Move to `va` (4 KiB aligned, inside the range or at its end).
-    /// Keeps the remembered path and the PTE lock: jumping within the same
-    /// PTE page costs nothing.
+    /// Within the same PTE page this costs nothing; to another one, the
+    /// cursor lets go of the current PTE page's lock (it keeps the upper
+    /// tables it remembers).
     pub fn jump(&mut self, va: u64) -> Result<(), Error> {
         if va < self.range.start || va > self.range.end {
             return Err(Error::OutOfRange { va });
         }
         if va & (PageSize::Size4K.bytes() - 1) != 0 {
             return Err(Error::Misaligned { addr: va });
+        }
+        if self.path[0].tag != tag(va, Level::L1) {
+            self.path[0] = EMPTY;
+            self.pte = None;
         }
         self.va = va;
         Ok(())
@@ -312,9 +317,11 @@ struct PathStep<'a, P: LockPolicy> {
 /// Lock-free translations in one read section; see the
 /// [module documentation](self). Made by [`AddressSpace::reader`].
 ///
-/// Results are those of [`AddressSpace::translate`]. Keep a reader short-lived,
-/// as an RCU read section: table frames released while it lives are not
-/// reused until it is dropped.
+/// Results are those of [`AddressSpace::translate`]. Keep a reader
+/// short-lived, as an RCU read section: with `std`, table frames released
+/// while it lives are not reused until it is dropped; without, the
+/// embedder's grace period ([`FrameStore::quiesce`](crate::FrameStore::quiesce))
+/// must not end while one lives.
 pub struct Reader<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     space: &'a AddressSpace<M, P, B>,
     _guard: ReadGuard,
