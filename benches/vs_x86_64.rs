@@ -3,7 +3,8 @@
 //! over zeroed table memory allocated before the timed part (pagepin's
 //! `FrameStore`; a `Vec<PageTable>` with a bump frame allocator for the
 //! crate, reached through the physical-memory offset, as in
-//! `tests/native_x86_64_diff.rs`).
+//! `tests/native_x86_64_diff.rs`). The `_cursor` rows map through one
+//! `AddressSpace::cursor_mut` and translate through one `AddressSpace::reader`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -31,35 +32,76 @@ const TABLE_BASE_PFN: u64 = 0x100;
 /// Data pages' first frame number (not backed: never dereferenced).
 const DATA_BASE_PFN: u64 = 0x10_0000;
 
+/// How the pagepin rows map and translate.
+#[derive(Clone, Copy)]
+enum Way {
+    /// `map` and `translate` per call (a read section per translation).
+    PerCall,
+    /// `map` per call; translations in one read section (`translate_in`).
+    OneSection,
+    /// One `cursor_mut` over the range for the maps (space lock taken once,
+    /// split: one PTE lock per PTE page), one `reader` for the
+    /// translations.
+    Cursor,
+}
+
+impl Way {
+    fn suffix(self) -> &'static str {
+        match self {
+            Way::PerCall => "",
+            Way::OneSection => "_one_read_section",
+            Way::Cursor => "_cursor",
+        }
+    }
+}
+
 /// Returns the space too, so it is dropped outside the timed part (as
 /// the crate's buffer is).
-/// With `one_section`, the translations run in one read section
-/// (`translate_in`) instead of entering one per call (`translate`).
 fn pagepin_run<P: LockPolicy<Lock = DefaultRawLock>>(
     s: AddressSpace<X86_64, P, NullBackend>,
-    one_section: bool,
+    way: Way,
 ) -> (u64, AddressSpace<X86_64, P, NullBackend>) {
     let flags = EntryFlags::PRESENT | EntryFlags::WRITABLE;
-    for i in 0..PAGES {
-        s.map(
-            BASE_VA + (i << 12),
-            (DATA_BASE_PFN + i) << 12,
-            PageSize::Size4K,
-            flags,
-        )
-        .expect("map");
-    }
-    let mut sum = 0u64;
-    if one_section {
-        let guard = read_guard();
+    if let Way::Cursor = way {
+        let mut c = s
+            .cursor_mut(BASE_VA..BASE_VA + (PAGES << 12))
+            .expect("cursor");
         for i in 0..PAGES {
-            let t = s.translate_in(&guard, BASE_VA + (i << 12) + 8);
-            sum = sum.wrapping_add(t.expect("mapped").phys);
+            c.map((DATA_BASE_PFN + i) << 12, PageSize::Size4K, flags)
+                .expect("map");
         }
     } else {
         for i in 0..PAGES {
-            let t = s.translate(BASE_VA + (i << 12) + 8);
-            sum = sum.wrapping_add(t.expect("mapped").phys);
+            s.map(
+                BASE_VA + (i << 12),
+                (DATA_BASE_PFN + i) << 12,
+                PageSize::Size4K,
+                flags,
+            )
+            .expect("map");
+        }
+    }
+    let mut sum = 0u64;
+    match way {
+        Way::PerCall => {
+            for i in 0..PAGES {
+                let t = s.translate(BASE_VA + (i << 12) + 8);
+                sum = sum.wrapping_add(t.expect("mapped").phys);
+            }
+        }
+        Way::OneSection => {
+            let guard = read_guard();
+            for i in 0..PAGES {
+                let t = s.translate_in(&guard, BASE_VA + (i << 12) + 8);
+                sum = sum.wrapping_add(t.expect("mapped").phys);
+            }
+        }
+        Way::Cursor => {
+            let mut r = s.reader();
+            for i in 0..PAGES {
+                let t = r.translate(BASE_VA + (i << 12) + 8);
+                sum = sum.wrapping_add(t.expect("mapped").phys);
+            }
         }
     }
     (sum, s)
@@ -127,14 +169,14 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(4));
-    for one_section in [false, true] {
-        let sfx = if one_section { "_one_read_section" } else { "" };
+    for way in [Way::PerCall, Way::OneSection, Way::Cursor] {
+        let sfx = way.suffix();
         g.bench_function(
             BenchmarkId::from_parameter(format!("pagepin_split{sfx}")),
             |b| {
                 b.iter_batched(
                     pagepin_space::<Split<DefaultRawLock>>,
-                    |s| black_box(pagepin_run(s, one_section)),
+                    |s| black_box(pagepin_run(s, way)),
                     BatchSize::PerIteration,
                 )
             },
@@ -144,7 +186,7 @@ fn bench(c: &mut Criterion) {
             |b| {
                 b.iter_batched(
                     pagepin_space::<Global<DefaultRawLock>>,
-                    |s| black_box(pagepin_run(s, one_section)),
+                    |s| black_box(pagepin_run(s, way)),
                     BatchSize::PerIteration,
                 )
             },

@@ -380,10 +380,19 @@ fn check_walk_and_translate(space: &Space, rng: &mut Rng, what: &str) {
     for _ in 0..16 {
         vas.push(rng.next()); // mostly non-canonical
     }
+    // One reader across all the addresses: its remembered path must never
+    // stand in for a walk the reference refuses.
+    let mut reader = space.reader();
     for va in vas {
         let got = space.translate(va).map(|t| (t.phys, t.size));
         assert_eq!(got, ref_translate(space, va), "{what}: translate {va:#x}");
+        assert_eq!(
+            reader.translate(va).map(|t| (t.phys, t.size)),
+            got,
+            "{what}: reader {va:#x}"
+        );
     }
+    drop(reader);
     assert_eq!(
         state(space),
         before,
@@ -408,7 +417,41 @@ fn check_map(space: &Space, rng: &mut Rng, what: &str) {
     ] {
         let before = state(space);
         let calls = space.backend().batch_count();
-        match space.map(va, pa, size, f) {
+        // A cursor over the page first: the same outcome as `map`.
+        let by_cursor = space
+            .cursor_mut(va..va.wrapping_add(size.bytes()))
+            .and_then(|mut c| c.map(pa, size, f));
+        match by_cursor {
+            Ok(()) => {
+                assert_eq!(
+                    space.translate(va).map(|t| t.phys),
+                    Some(pa),
+                    "{what}: cursor map {va:#x} then translate"
+                );
+                space.unmap(va).expect("unmap what the cursor mapped");
+            }
+            Err(e) => {
+                assert_eq!(
+                    state(space),
+                    before,
+                    "{what}: cursor map {va:#x} failed with {e:?} but changed the tables"
+                );
+                assert_eq!(
+                    space.backend().batch_count(),
+                    calls,
+                    "{what}: failed cursor map issued calls"
+                );
+            }
+        }
+        let before = state(space);
+        let calls = space.backend().batch_count();
+        let by_map = space.map(va, pa, size, f);
+        assert_eq!(
+            by_map.err(),
+            by_cursor.err(),
+            "{what}: cursor and map disagree at {va:#x}"
+        );
+        match by_map {
             Ok(()) => {
                 assert_eq!(
                     space.translate(va).map(|t| t.phys),

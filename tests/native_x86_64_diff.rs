@@ -7,7 +7,8 @@
 //! address minus `base_pfn * 4096`. Every mapped page (its base, an inner
 //! address and its last byte), its neighbours, and thousands of random
 //! canonical addresses must translate identically (frame, offset, size,
-//! flags); non-canonical addresses are refused by both.
+//! flags); non-canonical addresses are refused by both. A `Reader` kept
+//! across all the addresses must agree with `translate` on every one.
 
 mod native_support;
 
@@ -107,8 +108,16 @@ fn compare_space<P: LockPolicy, B: Backend>(backend: Arc<B>, seed: u64) -> (usiz
     let table = unsafe { OffsetPageTable::new(&mut *root_ptr, offset) };
 
     let (mut n_mapped, mut n_unmapped) = (0, 0);
+    // One reader for all the addresses: its remembered path must give what
+    // a fresh walk gives.
+    let mut reader = space.reader();
     let mut check = |va: u64| {
         let ours = pagepin_view(space.translate(va));
+        assert_eq!(
+            pagepin_view(reader.translate(va)),
+            ours,
+            "seed {seed}: reader at {va:#x}"
+        );
         let Ok(v) = VirtAddr::try_new(va) else {
             assert_eq!(ours, None, "non-canonical {va:#x} must not translate");
             n_unmapped += 1;

@@ -148,6 +148,12 @@ pub enum Error {
     },
     /// A guest store into a table entry faulted.
     Fault(StoreFault),
+    /// An address outside the virtual-address range a cursor was made for
+    /// (or a range that is empty or crosses a non-canonical hole).
+    OutOfRange {
+        /// The address.
+        va: u64,
+    },
 }
 
 impl fmt::Display for Error {

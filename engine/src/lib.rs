@@ -12,6 +12,8 @@
 //! - [`batch`]: the multicall batch;
 //! - [`walk`]: the walk in protocol order;
 //! - [`space`]: an address space and its writers;
+//! - [`cursor`]: a writer holding a range's locks, a reader in one read
+//!   section;
 //! - [`pin`]: pin and unpin with rollback;
 //! - [`backend`]: what a hypervisor or hardware provides.
 //!
@@ -24,6 +26,7 @@ extern crate alloc;
 
 pub mod backend;
 pub mod batch;
+pub mod cursor;
 pub mod entry;
 pub mod error;
 pub mod frame;
@@ -36,6 +39,7 @@ pub mod walk;
 
 pub use backend::{Backend, Call, CallKind, CallResult, ExtCmd, MmuExtOp, MmuUpdate, StoreFault};
 pub use batch::{Batch, BatchStats, Deferred, FlushTarget, DEFAULT_BATCH};
+pub use cursor::{CursorMut, Reader};
 pub use entry::{EntryFlags, PageTableEntry};
 pub use error::{Error, HypercallFailure, StepKind};
 pub use frame::{Frame, FrameStore, Mfn, Pfn, TableMemory};

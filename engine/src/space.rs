@@ -259,7 +259,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     }
 
     #[inline]
-    fn entry_slot(&self, pfn: Pfn, index: usize) -> &crate::sync::AtomicU64 {
+    pub(crate) fn entry_slot(&self, pfn: Pfn, index: usize) -> &crate::sync::AtomicU64 {
         // Table frames of this space are always in the store: they were
         // allocated from it and validated on every walk.
         self.store
@@ -286,7 +286,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// requires: a pinned (read-only) table of level 2+ only through
     /// `mmu_update`; an L1 by `path`. Mirrors user-half root writes into the
     /// user root.
-    fn write_entry(
+    #[inline]
+    pub(crate) fn write_entry(
         &self,
         pfn: Pfn,
         level: Level,
@@ -294,9 +295,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         value: u64,
         path: WritePath,
     ) -> Result<(), Error> {
-        let pinned_table = B::PINNING && self.store.meta(pfn).is_some_and(|m| m.is_pinned());
-        let hyper = pinned_table && (level != Level::L1 || path == WritePath::Hypercall)
-            || (B::PINNING && path == WritePath::Hypercall);
+        // The same condition as "pinned table and (not an L1 or by
+        // hypercall), or by hypercall on a pinning platform", ordered so an
+        // L1 store (the common write) does not read the pinned flag.
+        let hyper = B::PINNING
+            && (path == WritePath::Hypercall
+                || (level != Level::L1 && self.store.meta(pfn).is_some_and(|m| m.is_pinned())));
         let mfn = self.backend.pfn_to_mfn(pfn);
         if hyper {
             let mut b: Batch<1> = Batch::new();
@@ -386,40 +390,49 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     pfn = c;
                     level = level.child()?;
                 }
-                None => {
-                    let size = match level {
-                        Level::L1 => PageSize::Size4K,
-                        Level::L2 => PageSize::Size2M,
-                        _ => PageSize::Size1G,
-                    };
-                    let base_mfn = Mfn(e.addr() >> 12);
-                    let pat_mask = if size == PageSize::Size4K {
-                        0
-                    } else {
-                        EntryFlags::PAT_LARGE.bits()
-                    };
-                    // Reserved bits in the leaf (address bits above
-                    // MAXPHYADDR; in a large leaf, the address bits below
-                    // its size other than PAT): the CPU faults, so there
-                    // is no translation.
-                    let low = e.addr() & !pat_mask & (size.bytes() - 1);
-                    if e.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 || low != 0 {
-                        return None;
-                    }
-                    // Bit 12 is PAT in a large leaf, not an address bit.
-                    let mut flags = e.flags();
-                    if e.bits() & pat_mask != 0 {
-                        flags |= EntryFlags::PAT_LARGE;
-                    }
-                    let base_pfn = self
-                        .backend
-                        .mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12))
-                        .unwrap_or(Pfn(base_mfn.0));
-                    let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
-                    return Some(Translation { phys, size, flags });
-                }
+                None => return self.leaf_translation(e, level, va),
             }
         }
+    }
+
+    /// The translation of `va` by the present leaf `e` found at `level`
+    /// (`None` when the CPU would fault on its reserved bits).
+    #[inline]
+    pub(crate) fn leaf_translation(
+        &self,
+        e: PageTableEntry,
+        level: Level,
+        va: u64,
+    ) -> Option<Translation> {
+        let size = match level {
+            Level::L1 => PageSize::Size4K,
+            Level::L2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
+        };
+        let base_mfn = Mfn(e.addr() >> 12);
+        let pat_mask = if size == PageSize::Size4K {
+            0
+        } else {
+            EntryFlags::PAT_LARGE.bits()
+        };
+        // Reserved bits in the leaf (address bits above MAXPHYADDR; in a
+        // large leaf, the address bits below its size other than PAT): the
+        // CPU faults, so there is no translation.
+        let low = e.addr() & !pat_mask & (size.bytes() - 1);
+        if e.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 || low != 0 {
+            return None;
+        }
+        // Bit 12 is PAT in a large leaf, not an address bit.
+        let mut flags = e.flags();
+        if e.bits() & pat_mask != 0 {
+            flags |= EntryFlags::PAT_LARGE;
+        }
+        let base_pfn = self
+            .backend
+            .mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12))
+            .unwrap_or(Pfn(base_mfn.0));
+        let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
+        Some(Translation { phys, size, flags })
     }
 
     fn leaf_flags_ok(flags: EntryFlags, size: PageSize) -> Result<(), Error> {
@@ -435,7 +448,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Allocate and link a table at `level` under `parent[index]`, made
     /// read-only (and pinned, split) first when the space is pinned.
-    fn link_new_table(
+    pub(crate) fn link_new_table(
         &self,
         parent: Pfn,
         parent_level: Level,
@@ -466,9 +479,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(child)
     }
 
-    /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
-    /// (PRESENT required), allocating intermediate tables.
-    pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
+    /// The checks of [`Self::map`]'s arguments (no lock, no table read), in
+    /// its order; returns the leaf's flags (HUGE added for a large page).
+    /// Shared with the map cursor so both validate alike.
+    #[inline]
+    pub(crate) fn map_args(
+        va: u64,
+        pa: u64,
+        size: PageSize,
+        flags: EntryFlags,
+    ) -> Result<EntryFlags, Error> {
         Self::check_va(va, size)?;
         if pa & (size.bytes() - 1) != 0 {
             return Err(Error::Misaligned { addr: pa });
@@ -485,6 +505,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if size != PageSize::Size4K {
             flags |= EntryFlags::HUGE;
         }
+        Ok(flags)
+    }
+
+    /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
+    /// (PRESENT required), allocating intermediate tables.
+    pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
+        let flags = Self::map_args(va, pa, size, flags)?;
         let target_level = size.level();
         let _space = self.lock_space();
         let mut pfn = self.root;

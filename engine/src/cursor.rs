@@ -1,0 +1,409 @@
+//! Cursors over an address space: a writer that holds the locks of a
+//! virtual-address range while it maps many pages, and a reader that
+//! translates many addresses in one read section.
+//!
+//! [`CursorMut`] (after asterinas' `ostd::mm::page_table::CursorMut`) takes
+//! the space lock once, for its whole life. Under the split policy it also
+//! holds the lock of the PTE page it is writing into, and trades it for the
+//! next page's lock when it moves on (lock order: space lock, then one PTE
+//! lock at a time). It remembers the tables of the path it last walked, so
+//! mapping consecutive pages walks and validates the upper levels once per
+//! table instead of once per page. Every page goes through the same argument
+//! checks, table allocation (made read-only and pinned first when the space
+//! is pinned) and entry write path as [`AddressSpace::map`], so a cursor
+//! produces the same tables and entries and the same typed errors.
+//!
+//! Why the remembered path stays valid: entries above L1 change only with
+//! the space lock held (map links new tables into empty slots; only
+//! [`AddressSpace::release_table`] unlinks one), and the cursor holds that
+//! lock. PTE writers ([`AddressSpace::set_pte`]) change L1 entries only, and
+//! under split they take the PTE lock, which the cursor holds for the page
+//! it writes.
+//!
+//! [`Reader`] enters one lock-free read section (as an RCU reader would) and
+//! remembers the last L1 it reached with the path to it. The next address
+//! in the same 2 MiB re-reads each entry of that path and the level of each
+//! table on it and uses the remembered L1 only if they are all unchanged;
+//! anything else is a full, validated walk, exactly as
+//! [`AddressSpace::translate`] does. Frames released meanwhile are not
+//! reused while the reader lives, so an unchanged entry still names the
+//! same table.
+
+use core::marker::PhantomData;
+use core::ops::Range;
+
+use crate::backend::Backend;
+use crate::entry::{EntryFlags, PageTableEntry};
+use crate::error::Error;
+use crate::frame::{read_guard, Frame, FrameMeta, Pfn, ReadGuard};
+use crate::lock::LockPolicy;
+use crate::mode::{Level, PageSize, PagingMode};
+use crate::space::{AddressSpace, PteLockGuard, SpaceLockGuard, Translation, WritePath};
+use crate::sync::{AtomicU64, Ordering};
+use crate::walk;
+
+/// No table remembered at this level.
+const NO_TAG: u64 = u64::MAX;
+
+/// The tag of the table at `level` that covers `va`: the address bits above
+/// what that table spans (never [`NO_TAG`]: `va >> 21` is at most 2^43).
+#[inline]
+fn tag(va: u64, level: Level) -> u64 {
+    va >> (level.shift() + 9)
+}
+
+/// A remembered table of the cursor's path.
+#[derive(Clone, Copy)]
+struct Cached {
+    tag: u64,
+    pfn: Pfn,
+}
+
+const EMPTY: Cached = Cached {
+    tag: NO_TAG,
+    pfn: Pfn(0),
+};
+
+/// A writer holding the locks of a virtual-address range; see the
+/// [module documentation](self). Made by [`AddressSpace::cursor_mut`].
+///
+/// The cursor is at an address ([`Self::va`]); [`Self::map`] maps a page
+/// there and moves past it, [`Self::jump`] moves it anywhere in its range.
+/// While it lives, other writers of this space wait: [`AddressSpace::map`],
+/// pin and unpin on the space lock, and (split) [`AddressSpace::set_pte`]
+/// on the PTE page the cursor is writing into. PTE writers on other PTE
+/// pages (split) and lock-free readers go on. Dropping it releases the
+/// locks.
+///
+/// It holds at most two locks (the space lock and one PTE lock), so it adds
+/// at most two to the preempt count. Like a spinlock guard it stays on the
+/// thread that made it (it is neither `Send` nor `Sync`), and that thread
+/// must not call the space's locking operations (`map`, `pin`, ...) while
+/// it lives: the space lock is not recursive.
+///
+/// ```compile_fail
+/// use pagepin_engine::{AddressSpace, Backend, Global, X86_64};
+/// fn send<T: Send>(_: T) {}
+/// fn f<B: Backend>(s: &AddressSpace<X86_64, Global, B>) {
+///     send(s.cursor_mut(0..4096).unwrap());
+/// }
+/// ```
+pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
+    space: &'a AddressSpace<M, P, B>,
+    /// Split: the lock of the PTE page `path[0]` names, held while the
+    /// cursor writes into that page. Declared before `_space` so that it
+    /// is released first.
+    pte: Option<PteLockGuard<'a>>,
+    _space: SpaceLockGuard<'a, P::Lock>,
+    range: Range<u64>,
+    va: u64,
+    /// `path[l - 1]`: the table at level `l` (below the root) the cursor
+    /// last walked through. All are linked tables of this space while the
+    /// space lock is held. Under split, `path[0]` is set only while `pte`
+    /// holds its lock.
+    path: [Cached; 3],
+    /// Lock guards stay on their thread.
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
+    /// A writer for the virtual addresses in `range`, positioned at its
+    /// start. Takes the space lock (waiting for it) and keeps it until the
+    /// cursor is dropped.
+    ///
+    /// `range` must be non-empty, 4 KiB aligned at both ends and canonical
+    /// throughout: [`Error::OutOfRange`] if it is empty or crosses the
+    /// non-canonical hole, [`Error::NonCanonical`], [`Error::Misaligned`].
+    pub fn cursor_mut(&self, range: Range<u64>) -> Result<CursorMut<'_, M, P, B>, Error> {
+        if range.start >= range.end {
+            return Err(Error::OutOfRange { va: range.start });
+        }
+        let last = range.end - 1;
+        for va in [range.start, last] {
+            if !M::is_canonical(va) {
+                return Err(Error::NonCanonical { va });
+            }
+        }
+        // Both ends canonical: the range crosses the hole iff they are in
+        // different halves.
+        if (range.start ^ last) >> 63 != 0 {
+            return Err(Error::OutOfRange { va: last });
+        }
+        for addr in [range.start, range.end] {
+            if addr & (PageSize::Size4K.bytes() - 1) != 0 {
+                return Err(Error::Misaligned { addr });
+            }
+        }
+        let guard = self.lock_space();
+        Ok(CursorMut {
+            space: self,
+            pte: None,
+            _space: guard,
+            va: range.start,
+            range,
+            path: [EMPTY; 3],
+            _not_send: PhantomData,
+        })
+    }
+
+    /// A reader: one lock-free read section for many translations (see
+    /// [`Reader`]).
+    pub fn reader(&self) -> Reader<'_, M, P, B> {
+        Reader {
+            space: self,
+            _guard: read_guard(),
+            tag: NO_TAG,
+            l1: None,
+            path: [None, None, None],
+        }
+    }
+}
+
+impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
+    /// The address the next [`Self::map`] maps at.
+    #[inline]
+    pub fn va(&self) -> u64 {
+        self.va
+    }
+
+    /// The range the cursor was made for.
+    #[inline]
+    pub fn range(&self) -> Range<u64> {
+        self.range.clone()
+    }
+
+    /// The space the cursor writes.
+    #[inline]
+    pub fn space(&self) -> &'a AddressSpace<M, P, B> {
+        self.space
+    }
+
+    /// Move to `va` (4 KiB aligned, inside the range or at its end).
+    /// Within the same PTE page this costs nothing; to another one, the
+    /// cursor lets go of the current PTE page's lock (it keeps the upper
+    /// tables it remembers).
+    pub fn jump(&mut self, va: u64) -> Result<(), Error> {
+        if va < self.range.start || va > self.range.end {
+            return Err(Error::OutOfRange { va });
+        }
+        if va & (PageSize::Size4K.bytes() - 1) != 0 {
+            return Err(Error::Misaligned { addr: va });
+        }
+        if self.path[0].tag != tag(va, Level::L1) {
+            self.path[0] = EMPTY;
+            self.pte = None;
+        }
+        self.va = va;
+        Ok(())
+    }
+
+    /// Map `size` bytes at the cursor to guest-physical `pa` with `flags`
+    /// and move the cursor past them. The same checks, tables, entries and
+    /// errors as [`AddressSpace::map`] at [`Self::va`], plus
+    /// [`Error::OutOfRange`] if the page does not end inside the range. On
+    /// an error the cursor stays where it was.
+    #[inline]
+    pub fn map(&mut self, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
+        let va = self.va;
+        let flags = AddressSpace::<M, P, B>::map_args(va, pa, size, flags)?;
+        let end = va.wrapping_add(size.bytes());
+        if end > self.range.end || end < va {
+            return Err(Error::OutOfRange { va });
+        }
+        let level = size.level();
+        let table = self.table_for(va, level)?;
+        let index = M::index(va, level);
+        let space = self.space;
+        let mfn = space.backend.pfn_to_mfn(Pfn(pa >> 12));
+        let leaf = PageTableEntry::new(mfn.0, flags);
+        let cur = PageTableEntry::from_bits(space.entry_slot(table, index).load(Ordering::Acquire));
+        if cur.is_present() {
+            return Err(Error::AlreadyMapped { va });
+        }
+        if level == Level::L1 {
+            // The common case, with the level known here so the write path
+            // folds to the L1 store it is.
+            space.write_entry(table, Level::L1, index, leaf.bits(), WritePath::Store)?;
+        } else {
+            space.write_entry(table, level, index, leaf.bits(), WritePath::Store)?;
+        }
+        self.va = end;
+        Ok(())
+    }
+
+    /// The table at `level` covering `va`, walked (and created) from the
+    /// lowest remembered table above it; under split, with the PTE lock
+    /// held when `level` is L1.
+    #[inline]
+    fn table_for(&mut self, va: u64, level: Level) -> Result<Pfn, Error> {
+        if level < M::ROOT_LEVEL {
+            let c = self.path[level as usize - 1];
+            if c.tag == tag(va, level) {
+                return Ok(c.pfn);
+            }
+        } else {
+            return Ok(self.space.root);
+        }
+        self.walk_to(va, level)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn walk_to(&mut self, va: u64, target: Level) -> Result<Pfn, Error> {
+        if target == Level::L1 {
+            // Moving to another PTE page: release this one's lock first (one
+            // PTE lock at a time; a new L1 of a pinned space is locked by its
+            // own pin while it is prepared).
+            self.path[0] = EMPTY;
+            self.pte = None;
+        }
+        let space = self.space;
+        // Start from the lowest remembered table above the target.
+        let mut pfn = space.root;
+        let mut level = M::ROOT_LEVEL;
+        let mut l = target as usize + 1;
+        while l < M::ROOT_LEVEL as usize {
+            let c = self.path[l - 1];
+            if let Some(lv) = Level::from_u8(l as u8) {
+                if c.tag == tag(va, lv) {
+                    pfn = c.pfn;
+                    level = lv;
+                    break;
+                }
+            }
+            l += 1;
+        }
+        // The walk of `AddressSpace::map`, remembering each table.
+        while level > target {
+            let index = M::index(va, level);
+            let e = PageTableEntry::from_bits(space.entry_slot(pfn, index).load(Ordering::Acquire));
+            let child_level = level.child().ok_or(Error::UnsupportedPageSize)?;
+            pfn = if !e.is_present() {
+                space.link_new_table(pfn, level, index, child_level)?
+            } else {
+                match walk::classify::<M, P::Lock, B>(
+                    &space.store,
+                    &space.backend,
+                    level,
+                    index,
+                    e,
+                )? {
+                    Some(c) => c,
+                    None => return Err(Error::AlreadyMapped { va }),
+                }
+            };
+            level = child_level;
+            if level == Level::L1 {
+                self.pte = space.lock_pte(pfn, level);
+            }
+            self.path[level as usize - 1] = Cached {
+                tag: tag(va, level),
+                pfn,
+            };
+        }
+        Ok(pfn)
+    }
+}
+
+/// One remembered entry of a [`Reader`]'s path: the entry, the value it had
+/// when the walk validated it, and the table it points to.
+struct PathStep<'a> {
+    slot: &'a AtomicU64,
+    value: u64,
+    child: FrameMeta<'a>,
+    child_level: Level,
+}
+
+/// Lock-free translations in one read section; see the
+/// [module documentation](self). Made by [`AddressSpace::reader`].
+///
+/// Results are those of [`AddressSpace::translate`]. Keep a reader
+/// short-lived, as an RCU read section: with `std`, table frames released
+/// while it lives are not reused until it is dropped; without, the
+/// embedder's grace period ([`FrameStore::quiesce`](crate::FrameStore::quiesce))
+/// must not end while one lives.
+pub struct Reader<'a, M: PagingMode, P: LockPolicy, B: Backend> {
+    space: &'a AddressSpace<M, P, B>,
+    _guard: ReadGuard,
+    /// `va >> 21` of the remembered L1, or [`NO_TAG`].
+    tag: u64,
+    l1: Option<&'a Frame>,
+    /// The entries from the root down to the one naming the L1.
+    path: [Option<PathStep<'a>>; 3],
+}
+
+impl<'a, M: PagingMode, P: LockPolicy, B: Backend> Reader<'a, M, P, B> {
+    /// Translate `va`: the same result as [`AddressSpace::translate`].
+    #[inline]
+    pub fn translate(&mut self, va: u64) -> Option<Translation> {
+        if !M::is_canonical(va) {
+            return None;
+        }
+        if va >> 21 == self.tag && self.path_unchanged() {
+            if let Some(l1) = self.l1 {
+                let e = PageTableEntry::from_bits(
+                    l1.entry(M::index(va, Level::L1)).load(Ordering::Acquire),
+                );
+                if !e.is_present() {
+                    return None;
+                }
+                return self.space.leaf_translation(e, Level::L1, va);
+            }
+        }
+        self.walk(va)
+    }
+
+    /// Whether every remembered entry still has its value and every table
+    /// on the path still serves at its level.
+    #[inline]
+    fn path_unchanged(&self) -> bool {
+        self.path.iter().flatten().all(|s| {
+            s.slot.load(Ordering::Acquire) == s.value && s.child.level() == Some(s.child_level)
+        })
+    }
+
+    /// The full walk of [`AddressSpace::translate_in`], remembering the
+    /// path when it reaches an L1.
+    #[cold]
+    #[inline(never)]
+    fn walk(&mut self, va: u64) -> Option<Translation> {
+        self.tag = NO_TAG;
+        self.l1 = None;
+        self.path = [None, None, None];
+        let space = self.space;
+        let store: &'a _ = &*space.store;
+        let mut pfn = space.root;
+        let mut level = M::ROOT_LEVEL;
+        let mut depth = 0;
+        loop {
+            let index = M::index(va, level);
+            let slot = store.entry(pfn, index)?;
+            let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
+            if !e.is_present() {
+                return None;
+            }
+            let child =
+                walk::classify::<M, P::Lock, B>(store, &space.backend, level, index, e).ok()?;
+            match child {
+                Some(c) => {
+                    level = level.child()?;
+                    pfn = c;
+                    if let Some(step) = self.path.get_mut(depth) {
+                        *step = Some(PathStep {
+                            slot,
+                            value: e.bits(),
+                            child: store.meta(c)?,
+                            child_level: level,
+                        });
+                    }
+                    depth += 1;
+                    if level == Level::L1 {
+                        self.l1 = store.frame(c);
+                        self.tag = va >> 21;
+                    }
+                }
+                None => return space.leaf_translation(e, level, va),
+            }
+        }
+    }
+}
