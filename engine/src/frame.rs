@@ -162,8 +162,21 @@ impl<'a> PteLock<'a> {
     /// Take the lock if it is free.
     #[inline]
     pub fn try_lock(&self) -> bool {
-        // `lock bts`: setting a bit that is already set changes nothing.
-        self.state.fetch_or(state::LOCKED, Ordering::Acquire) & state::LOCKED == 0
+        // A compare-exchange, not a `fetch_or`: a waiter never writes the
+        // byte while it is held, so the holder may release with a store.
+        let mut cur = self.state.load(Ordering::Relaxed);
+        while cur & state::LOCKED == 0 {
+            match self.state.compare_exchange_weak(
+                cur,
+                cur | state::LOCKED,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+        false
     }
 
     /// Release the lock.
@@ -173,11 +186,14 @@ impl<'a> PteLock<'a> {
     /// (the engine releases PTE locks from batch callbacks).
     #[inline]
     pub unsafe fn unlock(&self) {
-        // A read-modify-write: the pinned flag shares the byte. (A plain
-        // store of the byte loaded just before deadlocked the loom model:
-        // kept out until a proof says which interleaving allows it.)
-        let prev = self.state.fetch_and(!state::LOCKED, Ordering::Release);
-        debug_assert!(prev & state::LOCKED != 0, "unlock of a free PTE lock");
+        // A store, not a read-modify-write (as a spinlock's release): while
+        // the lock is held nobody else writes this byte. Waiters only
+        // compare-exchange (failing while it is held), and the pinned flag
+        // of a lockable page changes only under its lock; so the value
+        // loaded here is the current one.
+        let cur = self.state.load(Ordering::Relaxed);
+        debug_assert!(cur & state::LOCKED != 0, "unlock of a free PTE lock");
+        self.state.store(cur & !state::LOCKED, Ordering::Release);
         #[cfg(any(loom, shuttle))]
         {
             let _g = self.unlocked.lock.lock().unwrap();
@@ -378,6 +394,12 @@ pub trait TableMemory: Send + Sync {
     fn frame(&self, pfn: Pfn) -> Option<&Frame>;
 }
 
+/// A frame's state byte, alone on its cache line: a writer locking one PTE
+/// page never contends for a line with a pinner flagging and locking
+/// others (a kernel's `struct page` is a line too).
+#[repr(C, align(64))]
+struct StateCell(AtomicU8);
+
 /// The frames that hold page tables (and, optionally, data pages), with an
 /// allocator and per-frame metadata.
 pub struct FrameStore<L: RawLock> {
@@ -391,7 +413,7 @@ pub struct FrameStore<L: RawLock> {
     unlocked: UnlockSignal,
     /// Per-frame state bits (pinned flag and PTE lock: written by pin,
     /// unpin and PTE writers).
-    states: Box<[AtomicU8]>,
+    states: Box<[StateCell]>,
     base_pfn: u64,
     free_lock: L,
     /// Free frame indices, guarded by `free_lock`.
@@ -442,7 +464,7 @@ impl<L: RawLock> FrameStore<L> {
     fn with_storage(storage: Storage, base_pfn: u64) -> Self {
         let n = storage.frames().len();
         let tags: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        let states: Box<[AtomicU8]> = (0..n).map(|_| AtomicU8::new(0)).collect();
+        let states: Box<[StateCell]> = (0..n).map(|_| StateCell(AtomicU8::new(0))).collect();
         // Hand out low frames first: pop from the end.
         let free: Vec<u32> = (0..n as u32).rev().collect();
         FrameStore {
@@ -462,7 +484,7 @@ impl<L: RawLock> FrameStore<L> {
 
     /// Bytes of metadata per frame.
     pub const fn meta_size() -> usize {
-        core::mem::size_of::<AtomicU64>() + core::mem::size_of::<AtomicU8>()
+        core::mem::size_of::<AtomicU64>() + core::mem::size_of::<StateCell>()
     }
 
     /// Number of frames.
@@ -518,7 +540,7 @@ impl<L: RawLock> FrameStore<L> {
             tag: &self.tags[i],
             #[cfg(any(loom, shuttle))]
             unlocked: &self.unlocked,
-            state: &self.states[i],
+            state: &self.states[i].0,
         })
     }
 
@@ -551,7 +573,9 @@ impl<L: RawLock> FrameStore<L> {
             e.store(0, Ordering::Relaxed);
         }
         self.tags[idx].store(tag(level, owner), Ordering::Release);
-        self.states[idx].store(state::ALLOCATED | bits, Ordering::Release);
+        self.states[idx]
+            .0
+            .store(state::ALLOCATED | bits, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx as u64))
     }
@@ -598,7 +622,7 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return false;
         };
-        if self.states[idx].swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
+        if self.states[idx].0.swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
         }
         self.tags[idx].store(0, Ordering::Release);
@@ -681,7 +705,7 @@ mod tests {
     #[test]
     fn alloc_free_and_meta() {
         let s: FrameStore<SpinLock> = FrameStore::new(4, 100);
-        assert_eq!(FrameStore::<SpinLock>::meta_size(), 9);
+        assert_eq!(FrameStore::<SpinLock>::meta_size(), 72);
         let a = s.alloc_table(Level::L1).unwrap();
         assert_eq!(a, Pfn(100));
         assert_eq!(s.meta(a).unwrap().level(), Some(Level::L1));

@@ -310,13 +310,23 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// pinned as L1 under split), the root last with the only TLB flush,
     /// then the root pinned (and the user root). On any failure everything
     /// is undone and the first failure is returned.
+    ///
+    /// On a backend without pinning (`Backend::PINNING == false`, e.g.
+    /// native x86-64) there is nothing to walk or tell the hardware: `pin`
+    /// and `unpin` only record the state, with a load and a store and no
+    /// locked instruction. A pin of a pinned space (or an unpin of an
+    /// unpinned one) is still reported; two threads pinning one such space
+    /// at the same instant may both succeed, which changes nothing a
+    /// hardware walker sees.
     pub fn pin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
         if !B::PINNING {
-            // Nothing to tell the hardware: pinning is bookkeeping only.
-            return match self.pinned.swap(true, Ordering::AcqRel) {
-                true => Err(Error::AlreadyPinned),
-                false => Ok(PinStats::default()),
-            };
+            // Nothing to tell the hardware: pinning is bookkeeping only, a
+            // load and a store (no locked instruction; see the method docs).
+            if self.pinned.load(Ordering::Acquire) {
+                return Err(Error::AlreadyPinned);
+            }
+            self.pinned.store(true, Ordering::Release);
+            return Ok(PinStats::default());
         }
         b.preempt_mut().acquire()?;
         let space = self.lock_space();
@@ -341,10 +351,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// root, the PAE kernel PMD, and every page made writable, the root last.
     pub fn unpin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
         if !B::PINNING {
-            return match self.pinned.swap(false, Ordering::AcqRel) {
-                true => Ok(PinStats::default()),
-                false => Err(Error::NotPinned),
-            };
+            if !self.pinned.load(Ordering::Acquire) {
+                return Err(Error::NotPinned);
+            }
+            self.pinned.store(false, Ordering::Release);
+            return Ok(PinStats::default());
         }
         b.preempt_mut().acquire()?;
         let space = self.lock_space();
