@@ -132,6 +132,9 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     ext: ArrayVec<MmuExtOp, N>,
     ext_tags: ArrayVec<Tag, N>,
     arg_bytes: usize,
+    /// `mmu_update` and `mmuext_op` calls queued (the rest of `slots` are
+    /// `update_va_mapping`s), so a flush need not scan the slots to count.
+    mmu_calls: usize,
     deferred: ArrayVec<Deferred, N>,
     results: ArrayVec<CallResult, N>,
     /// Calls (and callbacks) per flush: `N` unless lowered at run time.
@@ -170,6 +173,7 @@ impl<const N: usize> Batch<N> {
             ext: ArrayVec::new(),
             ext_tags: ArrayVec::new(),
             arg_bytes: 0,
+            mmu_calls: 0,
             deferred: ArrayVec::new(),
             results: ArrayVec::new(),
             limit: N,
@@ -310,6 +314,7 @@ impl<const N: usize> Batch<N> {
                 }
                 let start = self.updates.len() as u16;
                 self.slots.push(Slot::Mmu { start, count: 1 });
+                self.mmu_calls += 1;
             }
         }
         self.updates.push(req);
@@ -331,6 +336,7 @@ impl<const N: usize> Batch<N> {
                 }
                 let start = self.ext.len() as u16;
                 self.slots.push(Slot::Ext { start, count: 1 });
+                self.mmu_calls += 1;
             }
         }
         self.ext.push(op);
@@ -383,6 +389,7 @@ impl<const N: usize> Batch<N> {
         self.ext.clear();
         self.ext_tags.clear();
         self.arg_bytes = 0;
+        self.mmu_calls = 0;
         failed
     }
 
@@ -419,8 +426,8 @@ impl<const N: usize> Batch<N> {
         self.stats.mmu_updates += self.updates.len() as u64;
         self.stats.mmuext_ops += self.ext.len() as u64;
 
-        let uvms = self.slots.iter().filter(|s| matches!(s, Slot::Uvm { .. }));
-        self.stats.update_va_mappings += uvms.count() as u64;
+        // Every call that is not an `update_va_mapping` holds requests.
+        self.stats.update_va_mappings += (n - self.mmu_calls) as u64;
         let mut failed = 0;
         if self.results.iter().all(|r| r.rc == 0) {
             return 0;

@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
 use crate::batch::{Batch, Failure, Tag, NO_TAG};
 use crate::error::{Error, HypercallFailure, StepKind};
-use crate::frame::Pfn;
+use crate::frame::{Owner, Pfn};
 use crate::lock::LockPolicy;
 use crate::mode::{Level, PagingMode};
 use crate::space::{unlock_after, AddressSpace, PinStats};
@@ -198,8 +198,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// which pin and unpin hold: a plain load and store. Unowned pages, which
     /// another space may reach too, take the atomic read-modify-write.
     #[inline]
-    fn flip_flag(&self, meta: &crate::frame::FrameMeta<'_>, pinned: bool) -> bool {
-        if meta.owner() == self.owner {
+    fn flip_flag(
+        &self,
+        meta: &crate::frame::FrameMeta<'_>,
+        owner: crate::frame::Owner,
+        pinned: bool,
+    ) -> bool {
+        if owner == self.owner {
             // SAFETY: the space lock is held by the caller (pin, unpin, or a
             // table's preparation or retirement under `map` / `release_table`),
             // the frame belongs to this space, and the caller never takes
@@ -214,12 +219,28 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Pin one page: set its flag, (split L1) lock it, remap it read-only,
     /// (split L1) pin it and release the lock after the batch.
+    #[inline]
     fn pin_page<const N: usize>(
         &self,
         b: &mut Batch<N>,
         j: &mut Journal,
         pfn: Pfn,
         level: Level,
+        flush: bool,
+    ) -> Result<Descend, Error> {
+        let owner = self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner());
+        self.pin_page_of(b, j, pfn, level, owner, flush)
+    }
+
+    /// [`Self::pin_page`] of a page whose owner the walk has just read.
+    #[inline]
+    fn pin_page_of<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        pfn: Pfn,
+        level: Level,
+        owner: Owner,
         flush: bool,
     ) -> Result<Descend, Error> {
         let meta = match self.store.meta(pfn) {
@@ -237,7 +258,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 b.preempt_mut().release();
                 return Ok(Descend::No);
             }
-        } else if self.flip_flag(&meta, true) {
+        } else if self.flip_flag(&meta, owner, true) {
             return Ok(Descend::No);
         }
         let split_l1 = lockable && !self.sabotage.skip_l1_pin;
@@ -267,12 +288,28 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Unpin one page: clear its flag, (split L1) lock it and unpin it,
     /// remap it writable, release the lock after the batch.
+    #[inline]
     fn unpin_page<const N: usize>(
         &self,
         b: &mut Batch<N>,
         j: &mut Journal,
         pfn: Pfn,
         level: Level,
+        flush: bool,
+    ) -> Result<Descend, Error> {
+        let owner = self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner());
+        self.unpin_page_of(b, j, pfn, level, owner, flush)
+    }
+
+    /// [`Self::unpin_page`] of a page whose owner the walk has just read.
+    #[inline]
+    fn unpin_page_of<const N: usize>(
+        &self,
+        b: &mut Batch<N>,
+        j: &mut Journal,
+        pfn: Pfn,
+        level: Level,
+        owner: Owner,
         flush: bool,
     ) -> Result<Descend, Error> {
         let meta = match self.store.meta(pfn) {
@@ -286,7 +323,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 b.preempt_mut().release();
                 return Ok(Descend::No);
             }
-        } else if self.flip_flag(&meta, false) {
+        } else if self.flip_flag(&meta, owner, false) {
             return Ok(Descend::No);
         }
         let split_l1 = lockable && !self.sabotage.skip_l1_pin;
@@ -427,7 +464,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             root,
             self.walk_owner(),
             Scope::User,
-            &mut |pfn, level, is_root| {
+            &mut |pfn, level, owner, is_root| {
                 if b.has_failures() {
                     return Err(Error::NotPinned); // replaced by the recorded failure
                 }
@@ -441,7 +478,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                         self.pin_page(b, j, k, Level::L2, false)?;
                     }
                 }
-                self.pin_page(b, j, pfn, level, is_root)
+                self.pin_page_of(b, j, pfn, level, owner, is_root)
             },
         )?;
         if b.has_failures() {
@@ -475,11 +512,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             root,
             self.walk_owner(),
             Scope::User,
-            &mut |pfn, level, is_root| {
+            &mut |pfn, level, owner, is_root| {
                 if b.has_failures() {
                     return Err(Error::NotPinned);
                 }
-                self.unpin_page(b, j, pfn, level, is_root)
+                self.unpin_page_of(b, j, pfn, level, owner, is_root)
             },
         )
     }

@@ -776,8 +776,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             self.root,
             None,
             Scope::User,
-            &mut |pfn, _, _| {
-                let o = store.meta(pfn).map_or(Owner::NONE, |m| m.owner());
+            &mut |pfn, _, o, _| {
                 if o != owner && o != Owner::NONE {
                     return Ok(Descend::No);
                 }

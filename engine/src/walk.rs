@@ -145,12 +145,12 @@ fn walk_child<M: PagingMode, L: RawLock, B: Backend>(
     level: Level,
     index: usize,
     entry: PageTableEntry,
-) -> Result<Option<Pfn>, Error> {
+) -> Result<Option<(Pfn, Owner)>, Error> {
     match classify_owned::<M, L, B>(store, backend, level, index, entry)? {
         Some((pfn, o)) if owner.is_some_and(|w| w != o) && o != Owner::NONE => {
             Err(Error::ForeignTable { level, index, pfn })
         }
-        c => Ok(c.map(|(p, _)| p)),
+        c => Ok(c),
     }
 }
 
@@ -174,11 +174,19 @@ where
     F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
 {
     let owner = store.meta(root).map_or(Owner::NONE, |m| m.owner());
-    walk_as::<M, L, B, F>(store, backend, root, Some(owner), scope, visit)
+    walk_as::<M, L, B, _>(
+        store,
+        backend,
+        root,
+        Some(owner),
+        scope,
+        &mut |p, l, _, r| visit(p, l, r),
+    )
 }
 
 /// [`walk`], admitting tables of `owner` (and unowned ones); `None` admits
-/// any owner (only for the negative control of the ownership check).
+/// any owner (only for the negative control of the ownership check). The
+/// visitor also gets each table's owner, read with its level.
 pub(crate) fn walk_as<M, L, B, F>(
     store: &FrameStore<L>,
     backend: &B,
@@ -191,7 +199,7 @@ where
     M: PagingMode,
     L: RawLock,
     B: Backend,
-    F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
+    F: FnMut(Pfn, Level, Owner, bool) -> Result<Descend, Error>,
 {
     let Some(frame) = store.frame(root) else {
         return Err(Error::FrameOutOfRange {
@@ -225,7 +233,8 @@ where
             )?;
         }
     }
-    visit(root, M::ROOT_LEVEL, true)?;
+    let root_owner = store.meta(root).map_or(Owner::NONE, |m| m.owner());
+    visit(root, M::ROOT_LEVEL, root_owner, true)?;
     Ok(())
 }
 
@@ -233,7 +242,7 @@ fn walk_table<M, L, B, F>(
     store: &FrameStore<L>,
     backend: &B,
     owner: Option<Owner>,
-    pfn: Pfn,
+    (pfn, pfn_owner): (Pfn, Owner),
     level: Level,
     visit: &mut F,
 ) -> Result<(), Error>
@@ -241,9 +250,9 @@ where
     M: PagingMode,
     L: RawLock,
     B: Backend,
-    F: FnMut(Pfn, Level, bool) -> Result<Descend, Error>,
+    F: FnMut(Pfn, Level, Owner, bool) -> Result<Descend, Error>,
 {
-    if visit(pfn, level, false)? == Descend::No || level == Level::L1 {
+    if visit(pfn, level, pfn_owner, false)? == Descend::No || level == Level::L1 {
         return Ok(());
     }
     let Some(frame) = store.frame(pfn) else {
@@ -255,14 +264,14 @@ where
             continue;
         }
         if let Some(child) = walk_child::<M, L, B>(store, backend, owner, level, index, e)? {
-            walk_table::<M, L, B, F>(
-                store,
-                backend,
-                owner,
-                child,
-                level.child().unwrap_or(Level::L1),
-                visit,
-            )?;
+            let child_level = level.child().unwrap_or(Level::L1);
+            if child_level == Level::L1 {
+                // A PTE page has no children: visit it here rather than
+                // through a call per page.
+                visit(child.0, Level::L1, child.1, false)?;
+            } else {
+                walk_table::<M, L, B, F>(store, backend, owner, child, child_level, visit)?;
+            }
         }
     }
     Ok(())
