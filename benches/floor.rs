@@ -6,6 +6,10 @@
 //! "issued" (handed to `black_box`) when full. No locks, no pinned flags,
 //! no callbacks, no journal, no validation beyond present / large bits.
 //!
+//! Under split a third row, "floor+locks", adds the protocol's own atomics:
+//! each PTE page's lock taken when its entries are written and released
+//! when the buffer is issued.
+//!
 //! Sizes: 1 GiB and 16 GiB mapped with 4 KiB pages; batch 32; split (L1s
 //! get a separate pin) and global (they do not).
 
@@ -19,6 +23,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use pagepin::backends::mock::NullBackend;
 use pagepin::backends::xen::abi::hypercall;
 use pagepin::backends::xen::{MmuExtOpAbi, MulticallEntry, DOMID_SELF};
+use pagepin::frame::PteLock;
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, EntryFlags, ExtCmd, FrameStore, Global, LockPolicy, Pfn,
     Split, X86_64,
@@ -29,13 +34,16 @@ const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 const USER_SLOTS: usize = 256;
 
 /// A multicall buffer of `N` entries and the `mmuext_op`s they point to.
-struct Buf {
+struct Buf<'s> {
     entries: [MulticallEntry; N],
     ops: [MmuExtOpAbi; N],
     len: usize,
+    /// PTE locks taken since the last issue, released by it (the
+    /// "floor + locks" variant only).
+    held: Vec<PteLock<'s>>,
 }
 
-impl Buf {
+impl Buf<'_> {
     #[inline(always)]
     fn issue_if_full(&mut self) {
         if self.len == N {
@@ -48,6 +56,10 @@ impl Buf {
             black_box(&mut self.entries[..self.len]);
             black_box(&mut self.ops[..self.len]);
             self.len = 0;
+        }
+        for l in self.held.drain(..) {
+            // SAFETY: taken by `floor` for this batch and not released yet.
+            unsafe { l.unlock() };
         }
     }
     #[inline(always)]
@@ -121,10 +133,33 @@ fn walk(store: &FrameStore<DefaultRawLock>, root: u64, f: &mut impl FnMut(u64, u
 }
 
 /// The floor of one pin and one unpin (identity p2m, as `NullBackend`).
-fn floor(store: &FrameStore<DefaultRawLock>, root: u64, split: bool, buf: &mut Buf) {
+/// With `locks` (split only), each PTE page's lock is also taken when its
+/// entries are written and released when the buffer is issued: the
+/// protocol's own atomics, which no implementation can drop.
+fn floor<'s>(
+    store: &'s FrameStore<DefaultRawLock>,
+    root: u64,
+    split: bool,
+    locks: bool,
+    buf: &mut Buf<'s>,
+) {
+    let lock = |buf: &mut Buf<'s>, pfn: u64| {
+        if locks {
+            let l = store.meta(Pfn(pfn)).expect("meta").lock();
+            l.lock();
+            buf.held.push(l);
+        }
+    };
     // Pin: every table read-only (split: L1s pinned), root last with the
     // flush, then the root pinned.
     walk(store, root, &mut |pfn, level| {
+        if split && level == 1 {
+            // Both entries in one batch, so the lock spans them.
+            if locks && buf.len + 2 > N {
+                buf.issue();
+            }
+            lock(buf, pfn);
+        }
         buf.remap(pfn, false, false);
         if split && level == 1 {
             buf.ext(ExtCmd::PinL1Table, pfn);
@@ -138,6 +173,10 @@ fn floor(store: &FrameStore<DefaultRawLock>, root: u64, split: bool, buf: &mut B
     buf.ext(ExtCmd::UnpinTable, root);
     walk(store, root, &mut |pfn, level| {
         if split && level == 1 {
+            if locks && buf.len + 2 > N {
+                buf.issue();
+            }
+            lock(buf, pfn);
             buf.ext(ExtCmd::UnpinTable, pfn);
         }
         buf.remap(pfn, true, false);
@@ -164,11 +203,17 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion, mib: u64) {
         entries: [MulticallEntry::default(); N],
         ops: [MmuExtOpAbi::default(); N],
         len: 0,
+        held: Vec::with_capacity(N),
     };
     let root = s.root().0;
     g.bench_function(BenchmarkId::from_parameter("floor"), |b| {
-        b.iter(|| floor(s.store(), black_box(root), P::SPLIT_PTE_LOCKS, &mut buf))
+        b.iter(|| floor(s.store(), black_box(root), P::SPLIT_PTE_LOCKS, false, &mut buf))
     });
+    if P::SPLIT_PTE_LOCKS {
+        g.bench_function(BenchmarkId::from_parameter("floor+locks"), |b| {
+            b.iter(|| floor(s.store(), black_box(root), true, true, &mut buf))
+        });
+    }
     g.finish();
 }
 
