@@ -34,6 +34,8 @@ pub const DEFAULT_BATCH: usize = 32;
 pub trait FlushTarget {
     /// Issue the calls; one result per call.
     fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);
+    /// Take the PTE-page lock of `pfn` (waiting while it is held).
+    fn lock_pte(&self, pfn: Pfn);
     /// Release the PTE-page lock of `pfn`.
     ///
     /// # Safety
@@ -146,6 +148,9 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     failures: Vec<Failure>,
     not_applied: Vec<Tag>,
     kept_locks: Vec<Pfn>,
+    /// PTE pages to lock right before the next issue (see
+    /// [`Self::hold_pte`]).
+    to_lock: Vec<Pfn>,
     /// The pin/unpin journal's step buffer, kept between operations so
     /// its capacity is reused (the engine borrows it per operation).
     pub(crate) journal: Vec<crate::pin::Step>,
@@ -184,6 +189,7 @@ impl<const N: usize> Batch<N> {
             failures: Vec::new(),
             not_applied: Vec::new(),
             kept_locks: Vec::new(),
+            to_lock: Vec::new(),
             journal: Vec::new(),
         }
     }
@@ -344,14 +350,35 @@ impl<const N: usize> Batch<N> {
         self.arg_bytes += MMUEXT_OP_BYTES;
     }
 
+    /// Hold `pfn`'s PTE lock from the issue of the request just queued: the
+    /// lock is taken right before the flush that issues it (not now, so
+    /// writers of that page are kept out only while the batch is issued)
+    /// and released by a [`Deferred::UnlockPte`] registered after the
+    /// request that ends the page's change (it may be issued by a later
+    /// flush; the lock is held across). The caller counts the lock in the
+    /// preempt count.
+    #[inline]
+    pub fn hold_pte(&mut self, pfn: Pfn) {
+        self.to_lock.push(pfn);
+    }
+
     /// Register a callback to run after this batch is issued; flushes first
     /// if the callback list is full.
-    #[inline]
+    #[inline(always)]
     pub fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
         if self.deferred.len() >= self.limit {
-            self.flush(target);
+            self.flush_cold(target);
         }
+        // Inlined into the caller, so the callback is written in place (a
+        // 16-byte copy of one built on the caller's stack stalled on
+        // store forwarding).
         self.deferred.push(d);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn flush_cold<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+        self.flush(target);
     }
 
     /// Enter lazy-MMU mode: [`Self::issue`] no longer flushes.
@@ -377,6 +404,12 @@ impl<const N: usize> Batch<N> {
     /// calls that failed.
     pub fn flush<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
         let mut failed = 0;
+        // The held pages' locks, taken as late as possible: a writer of
+        // one of them waits only while the batch is issued.
+        for &pfn in &self.to_lock {
+            target.lock_pte(pfn);
+        }
+        self.to_lock.clear();
         if !self.slots.is_empty() {
             failed = self.issue_calls(target);
         }
@@ -517,6 +550,7 @@ mod tests {
                 };
             }
         }
+        fn lock_pte(&self, _pfn: Pfn) {}
         unsafe fn unlock_pte(&self, pfn: Pfn) {
             self.unlocked.borrow_mut().push(pfn.0);
         }

@@ -80,22 +80,20 @@ mod state {
     pub const PINNED: u8 = 1 << 1;
     /// The frame is a data page, not a table.
     pub const DATA: u8 = 1 << 2;
-    /// The frame's PTE-page lock is held (split policy).
-    pub const LOCKED: u8 = 1 << 3;
 }
 
-/// A PTE page's lock: a bit in the frame's state byte, next to its pinned
-/// flag (as Linux keeps `PG_pinned` and the split ptlock in the same
-/// `struct page`), so the pinner tests the flag, sets it and takes the
-/// lock with one compare-exchange.
+/// A PTE page's lock: a byte of its own next to the frame's state byte, on
+/// the frame's cache line (as Linux keeps the split ptlock in the page's
+/// `struct page`). Taking it is one compare-exchange; releasing it is a
+/// store, as a spinlock's release is (nobody else writes a held lock).
 ///
 /// Waiters spin (with a spin-loop hint) for [`crate::lock::SPIN_ROUNDS`]
 /// rounds, then, with `std`, yield the CPU between attempts: the lock is
-/// only ever held for one entry write or from a page's read-only remap
-/// until its batch is flushed.
+/// only ever held for one entry write, or by a pinner across the flush
+/// that issues a page's read-only remap and L1 pin.
 #[derive(Clone, Copy)]
 pub struct PteLock<'a> {
-    state: &'a AtomicU8,
+    lock: &'a AtomicU8,
     /// Under a model checker, waiters block here instead of spinning (a
     /// checker would otherwise explore every spin).
     #[cfg(any(loom, shuttle))]
@@ -162,21 +160,9 @@ impl<'a> PteLock<'a> {
     /// Take the lock if it is free.
     #[inline]
     pub fn try_lock(&self) -> bool {
-        // A compare-exchange, not a `fetch_or`: a waiter never writes the
-        // byte while it is held, so the holder may release with a store.
-        let mut cur = self.state.load(Ordering::Relaxed);
-        while cur & state::LOCKED == 0 {
-            match self.state.compare_exchange_weak(
-                cur,
-                cur | state::LOCKED,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(now) => cur = now,
-            }
-        }
-        false
+        self.lock
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Release the lock.
@@ -186,14 +172,8 @@ impl<'a> PteLock<'a> {
     /// (the engine releases PTE locks from batch callbacks).
     #[inline]
     pub unsafe fn unlock(&self) {
-        // A store, not a read-modify-write (as a spinlock's release): while
-        // the lock is held nobody else writes this byte. Waiters only
-        // compare-exchange (failing while it is held), and the pinned flag
-        // of a lockable page changes only under its lock; so the value
-        // loaded here is the current one.
-        let cur = self.state.load(Ordering::Relaxed);
-        debug_assert!(cur & state::LOCKED != 0, "unlock of a free PTE lock");
-        self.state.store(cur & !state::LOCKED, Ordering::Release);
+        debug_assert!(self.is_locked(), "unlock of a free PTE lock");
+        self.lock.store(0, Ordering::Release);
         #[cfg(any(loom, shuttle))]
         {
             let _g = self.unlocked.lock.lock().unwrap();
@@ -204,38 +184,7 @@ impl<'a> PteLock<'a> {
     /// Whether the lock is held by anyone (diagnostics, tests, waiting).
     #[inline]
     pub fn is_locked(&self) -> bool {
-        self.state.load(Ordering::Relaxed) & state::LOCKED != 0
-    }
-
-    /// Wait for the lock to be free, then with one compare-exchange flip
-    /// the pinned flag to `want_pinned` and take the lock; unless the flag
-    /// already has that value: then nothing changes and false is returned.
-    #[inline]
-    fn claim(&self, want_pinned: bool) -> bool {
-        let mut rounds = 0;
-        let mut cur = self.state.load(Ordering::Relaxed);
-        loop {
-            if (cur & state::PINNED != 0) == want_pinned {
-                return false;
-            }
-            if cur & state::LOCKED == 0 {
-                let new = (cur ^ state::PINNED) | state::LOCKED;
-                match self.state.compare_exchange_weak(
-                    cur,
-                    new,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return true,
-                    Err(now) => {
-                        cur = now;
-                        continue;
-                    }
-                }
-            }
-            self.wait_free(&mut rounds);
-            cur = self.state.load(Ordering::Relaxed);
-        }
+        self.lock.load(Ordering::Relaxed) != 0
     }
 }
 
@@ -283,6 +232,8 @@ pub struct FrameMeta<'a> {
     unlocked: &'a UnlockSignal,
     /// `state::*` bits.
     state: &'a AtomicU8,
+    /// The PTE-page lock byte.
+    lock: &'a AtomicU8,
 }
 
 impl<'a> FrameMeta<'a> {
@@ -290,24 +241,10 @@ impl<'a> FrameMeta<'a> {
     #[inline]
     pub fn lock(&self) -> PteLock<'a> {
         PteLock {
-            state: self.state,
+            lock: self.lock,
             #[cfg(any(loom, shuttle))]
             unlocked: self.unlocked,
         }
-    }
-    /// Wait for the PTE lock, then in one step take it and set the pinned
-    /// flag. Returns false (nothing taken, nothing changed) if the flag was
-    /// already set.
-    #[inline]
-    pub fn lock_and_set_pinned(&self) -> bool {
-        self.lock().claim(true)
-    }
-    /// Wait for the PTE lock, then in one step take it and clear the pinned
-    /// flag. Returns false (nothing taken, nothing changed) if the flag was
-    /// not set.
-    #[inline]
-    pub fn lock_and_clear_pinned(&self) -> bool {
-        self.lock().claim(false)
     }
     /// The level this frame serves at, if it is an allocated table.
     #[inline]
@@ -330,8 +267,8 @@ impl<'a> FrameMeta<'a> {
     ///
     /// # Safety
     /// No other context may modify this frame's state byte meanwhile: the
-    /// caller holds the space lock of the frame's owner, and the frame's
-    /// PTE lock is never taken (it is not an L1 under the split policy).
+    /// caller holds the space lock of the frame's owner (writers never
+    /// write the state byte; the PTE lock is a byte of its own).
     #[inline]
     pub(crate) unsafe fn set_pinned_exclusive(&self, pinned: bool) -> bool {
         let cur = self.state.load(Ordering::Relaxed);
@@ -394,11 +331,14 @@ pub trait TableMemory: Send + Sync {
     fn frame(&self, pfn: Pfn) -> Option<&Frame>;
 }
 
-/// A frame's state byte, alone on its cache line: a writer locking one PTE
-/// page never contends for a line with a pinner flagging and locking
-/// others (a kernel's `struct page` is a line too).
+/// A frame's state byte and PTE lock, alone on their cache line: a writer
+/// locking one PTE page never contends for a line with a pinner flagging
+/// and locking others (a kernel's `struct page` is a line too).
 #[repr(C, align(64))]
-struct StateCell(AtomicU8);
+struct StateCell {
+    state: AtomicU8,
+    lock: AtomicU8,
+}
 
 /// The frames that hold page tables (and, optionally, data pages), with an
 /// allocator and per-frame metadata.
@@ -464,7 +404,12 @@ impl<L: RawLock> FrameStore<L> {
     fn with_storage(storage: Storage, base_pfn: u64) -> Self {
         let n = storage.frames().len();
         let tags: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        let states: Box<[StateCell]> = (0..n).map(|_| StateCell(AtomicU8::new(0))).collect();
+        let states: Box<[StateCell]> = (0..n)
+            .map(|_| StateCell {
+                state: AtomicU8::new(0),
+                lock: AtomicU8::new(0),
+            })
+            .collect();
         // Hand out low frames first: pop from the end.
         let free: Vec<u32> = (0..n as u32).rev().collect();
         FrameStore {
@@ -540,7 +485,8 @@ impl<L: RawLock> FrameStore<L> {
             tag: &self.tags[i],
             #[cfg(any(loom, shuttle))]
             unlocked: &self.unlocked,
-            state: &self.states[i].0,
+            state: &self.states[i].state,
+            lock: &self.states[i].lock,
         })
     }
 
@@ -574,7 +520,7 @@ impl<L: RawLock> FrameStore<L> {
         }
         self.tags[idx].store(tag(level, owner), Ordering::Release);
         self.states[idx]
-            .0
+            .state
             .store(state::ALLOCATED | bits, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx as u64))
@@ -622,7 +568,7 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return false;
         };
-        if self.states[idx].0.swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
+        if self.states[idx].state.swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
         }
         self.tags[idx].store(0, Ordering::Release);

@@ -206,9 +206,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     ) -> bool {
         if owner == self.owner {
             // SAFETY: the space lock is held by the caller (pin, unpin, or a
-            // table's preparation or retirement under `map` / `release_table`),
-            // the frame belongs to this space, and the caller never takes
-            // this page's PTE lock (it is not a split L1).
+            // table's preparation or retirement under `map` / `release_table`,
+            // or their rollback), and the frame belongs to this space; no
+            // writer writes a frame's state byte (its PTE lock is a byte of
+            // its own).
             unsafe { meta.set_pinned_exclusive(pinned) }
         } else if pinned {
             meta.test_and_set_pinned()
@@ -247,34 +248,28 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             Some(m) => m,
             None => return Ok(Descend::No),
         };
-        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
-        let lockable = P::SPLIT_PTE_LOCKS && level == Level::L1;
-        if lockable {
-            // One compare-exchange tests the flag, sets it and takes the
-            // page's lock (refused, with nothing changed, past the preempt
-            // limit). The flag of a lockable page changes only under its lock.
-            b.preempt_mut().acquire()?;
-            if !meta.lock_and_set_pinned() {
-                b.preempt_mut().release();
-                return Ok(Descend::No);
-            }
-        } else if self.flip_flag(&meta, owner, true) {
+        if self.flip_flag(&meta, owner, true) {
             return Ok(Descend::No);
         }
-        let split_l1 = lockable && !self.sabotage.skip_l1_pin;
-        if lockable && !split_l1 {
-            // Broken on purpose: no L1 pin, so no reason to hold the lock.
-            // SAFETY: locked just above by this context.
-            unsafe { meta.lock().unlock() };
-            b.preempt_mut().release();
+        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
+        if split_l1 {
+            // The page's lock is counted now (refused, with the flag put
+            // back, past the preempt limit) and taken by the batch right
+            // before the flush that issues the remap.
+            if let Err(e) = b.preempt_mut().acquire() {
+                self.flip_flag(&meta, owner, false);
+                return Err(e);
+            }
         }
         self.queue_remap(b, j, pfn, true, flush, split_l1, true);
         if split_l1 {
+            b.hold_pte(pfn);
             if self.sabotage.unlock_before_pin {
                 // Broken on purpose: the page is read-only and unlocked
                 // before it is pinned.
                 b.flush(&self.target());
-                // SAFETY: locked above by this context.
+                // SAFETY: the flush above took it for this context.
                 unsafe { meta.lock().unlock() };
                 b.preempt_mut().release();
                 self.queue_ext(b, j, pfn, Action::Pin(Level::L1), false, false);
@@ -316,24 +311,17 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             Some(m) => m,
             None => return Ok(Descend::No),
         };
-        let lockable = P::SPLIT_PTE_LOCKS && level == Level::L1;
-        if lockable {
-            b.preempt_mut().acquire()?;
-            if !meta.lock_and_clear_pinned() {
-                b.preempt_mut().release();
-                return Ok(Descend::No);
-            }
-        } else if self.flip_flag(&meta, owner, false) {
+        if self.flip_flag(&meta, owner, false) {
             return Ok(Descend::No);
         }
-        let split_l1 = lockable && !self.sabotage.skip_l1_pin;
-        if lockable && !split_l1 {
-            // SAFETY: locked just above by this context.
-            unsafe { meta.lock().unlock() };
-            b.preempt_mut().release();
-        }
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
         if split_l1 {
+            if let Err(e) = b.preempt_mut().acquire() {
+                self.flip_flag(&meta, owner, true);
+                return Err(e);
+            }
             self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true, true);
+            b.hold_pte(pfn);
         }
         let tag = j.steps.len() as Tag;
         self.queue_remap(b, j, pfn, false, flush, split_l1, !split_l1);

@@ -105,6 +105,12 @@ impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
         self.backend.issue(calls, results)
     }
     #[inline]
+    fn lock_pte(&self, pfn: Pfn) {
+        if let Some(m) = self.store.meta(pfn) {
+            m.lock().lock();
+        }
+    }
+    #[inline]
     unsafe fn unlock_pte(&self, pfn: Pfn) {
         if let Some(m) = self.store.meta(pfn) {
             // SAFETY: forwarded: the caller holds this lock.
