@@ -207,7 +207,15 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion, mib: u64) {
     };
     let root = s.root().0;
     g.bench_function(BenchmarkId::from_parameter("floor"), |b| {
-        b.iter(|| floor(s.store(), black_box(root), P::SPLIT_PTE_LOCKS, false, &mut buf))
+        b.iter(|| {
+            floor(
+                s.store(),
+                black_box(root),
+                P::SPLIT_PTE_LOCKS,
+                false,
+                &mut buf,
+            )
+        })
     });
     if P::SPLIT_PTE_LOCKS {
         g.bench_function(BenchmarkId::from_parameter("floor+locks"), |b| {
