@@ -80,6 +80,36 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
             })
         })
     });
+    // Control: the same writer while the other thread runs a busy loop that
+    // shares nothing with it. On a VM whose two vCPUs may land on one host
+    // core, this shows how much of a slowdown is the host's, not pagepin's.
+    g.bench_function(
+        BenchmarkId::from_parameter("during_independent_spin"),
+        |b| {
+            b.iter_custom(|iters| {
+                let stop = AtomicBool::new(false);
+                let started = AtomicBool::new(false);
+                std::thread::scope(|sc| {
+                    sc.spawn(|| {
+                        let mut x = 1u64;
+                        started.store(true, Ordering::Release);
+                        while !stop.load(Ordering::Relaxed) {
+                            for _ in 0..1000 {
+                                x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                            }
+                        }
+                        black_box(x);
+                    });
+                    while !started.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    let d = write_loop(&s, iters, &mut seed);
+                    stop.store(true, Ordering::Release);
+                    d
+                })
+            })
+        },
+    );
     eprintln!(
         "writers/{}: {} pin/unpin rounds ran against the writer",
         P::NAME,

@@ -443,12 +443,12 @@ fn translate_and_protect() {
 
 #[test]
 fn frame_metadata_is_small() {
-    // A tag word (level and owner) and the state byte (flags and the PTE
-    // lock) alone on a cache line, whatever the space lock type: 72 bytes,
-    // under 2 % of a 4 KiB frame (a kernel's `struct page` is 64).
-    assert_eq!(pagepin::FrameStore::<pagepin::SpinLock>::meta_size(), 72);
+    // A tag word (level and owner), a state byte (flags) and the PTE lock
+    // alone on a cache line, whatever the space lock type: 73 bytes, under
+    // 2 % of a 4 KiB frame (a kernel's `struct page` is 64).
+    assert_eq!(pagepin::FrameStore::<pagepin::SpinLock>::meta_size(), 73);
     assert_eq!(
         pagepin::FrameStore::<pagepin::DefaultRawLock>::meta_size(),
-        72
+        73
     );
 }

@@ -217,13 +217,15 @@ const fn tag(level: u8, owner: Owner) -> u64 {
 }
 
 /// The metadata of one frame (see [`FrameStore::meta_size`]): its tag
-/// (level and owner) and its state byte (allocated, data, pinned flag,
-/// PTE-page lock).
+/// (level and owner), its state byte (allocated, data, pinned flag) and
+/// its PTE-page lock.
 ///
-/// The store keeps tags and states in separate arrays, so the tags that
-/// lock-free walkers and writers read every time are not on the cache lines
-/// that a pinner on another CPU keeps writing (pinned flags, PTE locks).
-/// This is a handle onto both.
+/// The store keeps the three in separate arrays. Tags and states are dense
+/// (a pin walk reads and writes them for every table, in order); writers
+/// never write either. Each PTE lock is alone on its cache line, the one
+/// line a writer and a pinner on other CPUs both write: a writer locking
+/// one PTE page never contends for a line with a pinner working on others.
+/// This is a handle onto the three.
 #[derive(Clone, Copy)]
 pub struct FrameMeta<'a> {
     /// Level the frame serves at (0: none) and its owner.
@@ -331,14 +333,9 @@ pub trait TableMemory: Send + Sync {
     fn frame(&self, pfn: Pfn) -> Option<&Frame>;
 }
 
-/// A frame's state byte and PTE lock, alone on their cache line: a writer
-/// locking one PTE page never contends for a line with a pinner flagging
-/// and locking others (a kernel's `struct page` is a line too).
+/// A frame's PTE lock, alone on its cache line (see [`FrameMeta`]).
 #[repr(C, align(64))]
-struct StateCell {
-    state: AtomicU8,
-    lock: AtomicU8,
-}
+struct LockCell(AtomicU8);
 
 /// The frames that hold page tables (and, optionally, data pages), with an
 /// allocator and per-frame metadata.
@@ -351,9 +348,10 @@ pub struct FrameStore<L: RawLock> {
     owners: AtomicU64,
     #[cfg(any(loom, shuttle))]
     unlocked: UnlockSignal,
-    /// Per-frame state bits (pinned flag and PTE lock: written by pin,
-    /// unpin and PTE writers).
-    states: Box<[StateCell]>,
+    /// Per-frame state bits (pinned flag: written by pin and unpin).
+    states: Box<[AtomicU8]>,
+    /// Per-frame PTE locks (split policy: pinners and writers).
+    locks: Box<[LockCell]>,
     base_pfn: u64,
     free_lock: L,
     /// Free frame indices, guarded by `free_lock`.
@@ -404,12 +402,8 @@ impl<L: RawLock> FrameStore<L> {
     fn with_storage(storage: Storage, base_pfn: u64) -> Self {
         let n = storage.frames().len();
         let tags: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
-        let states: Box<[StateCell]> = (0..n)
-            .map(|_| StateCell {
-                state: AtomicU8::new(0),
-                lock: AtomicU8::new(0),
-            })
-            .collect();
+        let states: Box<[AtomicU8]> = (0..n).map(|_| AtomicU8::new(0)).collect();
+        let locks: Box<[LockCell]> = (0..n).map(|_| LockCell(AtomicU8::new(0))).collect();
         // Hand out low frames first: pop from the end.
         let free: Vec<u32> = (0..n as u32).rev().collect();
         FrameStore {
@@ -419,6 +413,7 @@ impl<L: RawLock> FrameStore<L> {
             #[cfg(any(loom, shuttle))]
             unlocked: UnlockSignal::default(),
             states,
+            locks,
             base_pfn,
             free_lock: L::new(),
             free: core::cell::UnsafeCell::new(free),
@@ -429,7 +424,9 @@ impl<L: RawLock> FrameStore<L> {
 
     /// Bytes of metadata per frame.
     pub const fn meta_size() -> usize {
-        core::mem::size_of::<AtomicU64>() + core::mem::size_of::<StateCell>()
+        core::mem::size_of::<AtomicU64>()
+            + core::mem::size_of::<AtomicU8>()
+            + core::mem::size_of::<LockCell>()
     }
 
     /// Number of frames.
@@ -485,8 +482,8 @@ impl<L: RawLock> FrameStore<L> {
             tag: &self.tags[i],
             #[cfg(any(loom, shuttle))]
             unlocked: &self.unlocked,
-            state: &self.states[i].state,
-            lock: &self.states[i].lock,
+            state: &self.states[i],
+            lock: &self.locks[i].0,
         })
     }
 
@@ -519,9 +516,7 @@ impl<L: RawLock> FrameStore<L> {
             e.store(0, Ordering::Relaxed);
         }
         self.tags[idx].store(tag(level, owner), Ordering::Release);
-        self.states[idx]
-            .state
-            .store(state::ALLOCATED | bits, Ordering::Release);
+        self.states[idx].store(state::ALLOCATED | bits, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
         Some(Pfn(self.base_pfn + idx as u64))
     }
@@ -568,7 +563,7 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return false;
         };
-        if self.states[idx].state.swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
+        if self.states[idx].swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
         }
         self.tags[idx].store(0, Ordering::Release);
@@ -651,7 +646,7 @@ mod tests {
     #[test]
     fn alloc_free_and_meta() {
         let s: FrameStore<SpinLock> = FrameStore::new(4, 100);
-        assert_eq!(FrameStore::<SpinLock>::meta_size(), 72);
+        assert_eq!(FrameStore::<SpinLock>::meta_size(), 73);
         let a = s.alloc_table(Level::L1).unwrap();
         assert_eq!(a, Pfn(100));
         assert_eq!(s.meta(a).unwrap().level(), Some(Level::L1));

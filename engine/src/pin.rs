@@ -187,6 +187,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(())
     }
 
+    /// The owner recorded for `pfn` (none if it is outside the store).
+    fn owner_of(&self, pfn: Pfn) -> Owner {
+        self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner())
+    }
+
     /// The owner a pin or unpin walk admits (besides unowned tables).
     fn walk_owner(&self) -> Option<crate::frame::Owner> {
         (!self.sabotage.admit_foreign_tables).then_some(self.owner)
@@ -218,24 +223,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         }
     }
 
-    /// Pin one page: set its flag, (split L1) lock it, remap it read-only,
-    /// (split L1) pin it and release the lock after the batch.
+    /// Pin one page (`owner`: its owner, as the walk read it): set its flag,
+    /// remap it read-only and, under split for an L1, pin it, holding its
+    /// lock across the flushes that issue the two.
     #[inline]
     fn pin_page<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        pfn: Pfn,
-        level: Level,
-        flush: bool,
-    ) -> Result<Descend, Error> {
-        let owner = self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner());
-        self.pin_page_of(b, j, pfn, level, owner, flush)
-    }
-
-    /// [`Self::pin_page`] of a page whose owner the walk has just read.
-    #[inline]
-    fn pin_page_of<const N: usize>(
         &self,
         b: &mut Batch<N>,
         j: &mut Journal,
@@ -281,24 +273,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(Descend::Yes)
     }
 
-    /// Unpin one page: clear its flag, (split L1) lock it and unpin it,
-    /// remap it writable, release the lock after the batch.
+    /// Unpin one page (`owner` as for [`Self::pin_page`]): clear its flag,
+    /// under split for an L1 unpin it, and remap it writable, holding its
+    /// lock across the flushes that issue the two.
     #[inline]
     fn unpin_page<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        pfn: Pfn,
-        level: Level,
-        flush: bool,
-    ) -> Result<Descend, Error> {
-        let owner = self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner());
-        self.unpin_page_of(b, j, pfn, level, owner, flush)
-    }
-
-    /// [`Self::unpin_page`] of a page whose owner the walk has just read.
-    #[inline]
-    fn unpin_page_of<const N: usize>(
         &self,
         b: &mut Batch<N>,
         j: &mut Journal,
@@ -444,7 +423,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn pin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
         let root = self.root;
         if self.sabotage.root_first {
-            self.pin_page(b, j, root, M::ROOT_LEVEL, true)?;
+            self.pin_page(b, j, root, M::ROOT_LEVEL, self.owner_of(root), true)?;
         }
         walk::walk_as::<M, P::Lock, B, _>(
             &self.store,
@@ -460,13 +439,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     // Extra roots first, so the root's remap (the one carrying
                     // the TLB flush) is the last remap of the pin.
                     if let Some(u) = self.user_root {
-                        self.pin_page(b, j, u, M::ROOT_LEVEL, false)?;
+                        self.pin_page(b, j, u, M::ROOT_LEVEL, self.owner_of(u), false)?;
                     }
                     if let Some(k) = self.kernel_pmd {
-                        self.pin_page(b, j, k, Level::L2, false)?;
+                        self.pin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
                     }
                 }
-                self.pin_page_of(b, j, pfn, level, owner, is_root)
+                self.pin_page(b, j, pfn, level, owner, is_root)
             },
         )?;
         if b.has_failures() {
@@ -484,14 +463,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         self.queue_ext(b, j, root, Action::Unpin(M::ROOT_LEVEL), false, false);
         if let Some(u) = self.user_root {
             self.queue_ext(b, j, u, Action::Unpin(M::ROOT_LEVEL), false, false);
-            self.unpin_page(b, j, u, M::ROOT_LEVEL, false)?;
+            self.unpin_page(b, j, u, M::ROOT_LEVEL, self.owner_of(u), false)?;
         }
         if let Some(k) = self.kernel_pmd {
             if self.sabotage.pae_kpmd_pin_on_unpin {
                 // The pre-2008 bug: the pin routine called on unpin.
-                self.pin_page(b, j, k, Level::L2, false)?;
+                self.pin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
             } else {
-                self.unpin_page(b, j, k, Level::L2, false)?;
+                self.unpin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
             }
         }
         walk::walk_as::<M, P::Lock, B, _>(
@@ -504,7 +483,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 if b.has_failures() {
                     return Err(Error::NotPinned);
                 }
-                self.unpin_page_of(b, j, pfn, level, owner, is_root)
+                self.unpin_page(b, j, pfn, level, owner, is_root)
             },
         )
     }
@@ -645,7 +624,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub(crate) fn prepare_new_table(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
         let mut b: Batch<4> = Batch::new();
         let mut j = Journal::default();
-        let r = self.pin_page(&mut b, &mut j, pfn, level, false).map(|_| ());
+        let r = self
+            .pin_page(&mut b, &mut j, pfn, level, self.owner_of(pfn), false)
+            .map(|_| ());
         b.flush(&self.target());
         let first = b.failures().first().map(|f| Self::failure_of(&j, f));
         if r.is_err() || first.is_some() {
@@ -663,7 +644,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let mut b: Batch<4> = Batch::new();
         let mut j = Journal::default();
         let r = self
-            .unpin_page(&mut b, &mut j, pfn, level, false)
+            .unpin_page(&mut b, &mut j, pfn, level, self.owner_of(pfn), false)
             .map(|_| ());
         b.flush(&self.target());
         let first = b.failures().first().map(|f| Self::failure_of(&j, f));
