@@ -535,6 +535,8 @@ mod tests {
     struct Rec {
         issued: RefCell<Vec<Vec<(CallKind, usize)>>>,
         unlocked: RefCell<Vec<u64>>,
+        /// (pfn, flushes issued when it was locked / unlocked)
+        lock_events: RefCell<Vec<(&'static str, u64, usize)>>,
         fail: Option<(usize, usize, i32, usize)>, // (flush, call, errno, done)
     }
     impl FlushTarget for Rec {
@@ -550,9 +552,14 @@ mod tests {
                 };
             }
         }
-        fn lock_pte(&self, _pfn: Pfn) {}
+        fn lock_pte(&self, pfn: Pfn) {
+            let n = self.issued.borrow().len();
+            self.lock_events.borrow_mut().push(("lock", pfn.0, n));
+        }
         unsafe fn unlock_pte(&self, pfn: Pfn) {
             self.unlocked.borrow_mut().push(pfn.0);
+            let n = self.issued.borrow().len();
+            self.lock_events.borrow_mut().push(("unlock", pfn.0, n));
         }
     }
 
@@ -587,6 +594,47 @@ mod tests {
         );
         assert_eq!(b.stats().mmu_updates, 2);
         assert_eq!(b.stats().multicalls, 1);
+    }
+
+    /// A held page is locked right before the flush that issues its first
+    /// request and unlocked after the one that issues its last, also when
+    /// the two land in different flushes.
+    #[test]
+    fn held_pte_is_locked_across_the_issues_only() {
+        let t = Rec::default();
+        let mut b: Batch<8> = Batch::new();
+        b.update_va_mapping(&t, 0x1000, 0, 0, 0);
+        b.preempt_mut().acquire().unwrap();
+        b.hold_pte(Pfn(7));
+        assert!(t.lock_events.borrow().is_empty(), "locked while queueing");
+        b.mmuext(&t, ext(7), 1);
+        b.defer(
+            &t,
+            Deferred::UnlockPte {
+                pfn: Pfn(7),
+                watch: 1,
+            },
+        );
+        b.flush(&t);
+        assert_eq!(*t.lock_events.borrow(), [("lock", 7, 0), ("unlock", 7, 1)]);
+        // Capacity 1: the remap and the pin go out in two flushes, and the
+        // lock spans both.
+        let t = Rec::default();
+        let mut b: Batch<1> = Batch::new();
+        b.update_va_mapping(&t, 0x1000, 0, 0, 0);
+        b.preempt_mut().acquire().unwrap();
+        b.hold_pte(Pfn(9));
+        b.mmuext(&t, ext(9), 1);
+        b.defer(
+            &t,
+            Deferred::UnlockPte {
+                pfn: Pfn(9),
+                watch: 1,
+            },
+        );
+        b.flush(&t);
+        assert_eq!(t.issued.borrow().len(), 2);
+        assert_eq!(*t.lock_events.borrow(), [("lock", 9, 0), ("unlock", 9, 2)]);
     }
 
     #[test]
