@@ -275,24 +275,7 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
         }
         // The walk of `AddressSpace::map`, remembering each table.
         while level > target {
-            let index = M::index(va, level);
-            let e = PageTableEntry::from_bits(space.entry_slot(pfn, index).load(Ordering::Acquire));
-            let child_level = level.child().ok_or(Error::UnsupportedPageSize)?;
-            pfn = if !e.is_present() {
-                space.link_new_table(pfn, level, index, child_level)?
-            } else {
-                match walk::classify::<M, P::Lock, B>(
-                    &space.store,
-                    &space.backend,
-                    level,
-                    index,
-                    e,
-                )? {
-                    Some(c) => c,
-                    None => return Err(Error::AlreadyMapped { va }),
-                }
-            };
-            level = child_level;
+            (pfn, level) = space.map_step(pfn, level, va)?;
             if level == Level::L1 {
                 self.pte = space.lock_pte(pfn, level);
             }

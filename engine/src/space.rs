@@ -514,6 +514,25 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(flags)
     }
 
+    /// One level of a map walk (space lock held): the table under
+    /// `pfn[index of va]`, linked first if the entry is empty; a leaf there
+    /// is `AlreadyMapped`. Returns the child and its level.
+    #[inline]
+    pub(crate) fn map_step(&self, pfn: Pfn, level: Level, va: u64) -> Result<(Pfn, Level), Error> {
+        let index = M::index(va, level);
+        let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+        let child_level = level.child().ok_or(Error::UnsupportedPageSize)?;
+        let child = if !e.is_present() {
+            self.link_new_table(pfn, level, index, child_level)?
+        } else {
+            match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)? {
+                Some(c) => c,
+                None => return Err(Error::AlreadyMapped { va }),
+            }
+        };
+        Ok((child, child_level))
+    }
+
     /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
     /// (PRESENT required), allocating intermediate tables.
     pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
@@ -523,19 +542,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let mut pfn = self.root;
         let mut level = M::ROOT_LEVEL;
         while level > target_level {
-            let index = M::index(va, level);
-            let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
-            let child_level = level.child().ok_or(Error::UnsupportedPageSize)?;
-            pfn = if !e.is_present() {
-                self.link_new_table(pfn, level, index, child_level)?
-            } else {
-                match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)?
-                {
-                    Some(c) => c,
-                    None => return Err(Error::AlreadyMapped { va }),
-                }
-            };
-            level = child_level;
+            (pfn, level) = self.map_step(pfn, level, va)?;
         }
         let index = M::index(va, level);
         let mfn = self.backend.pfn_to_mfn(Pfn(pa >> 12));
