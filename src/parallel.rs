@@ -18,7 +18,7 @@ use crate::{AddressSpace, Backend, Batch, Error, LockPolicy, PagingMode, PinnedS
 
 /// What one space's pin attempt came to.
 enum Outcome {
-    /// Already pinned before the call: not ours.
+    /// Pinned by someone else (before or during the call): not ours.
     Skipped,
     /// Pinned by this call.
     Pinned,
@@ -42,17 +42,12 @@ where
 {
     let outcomes: Vec<Outcome> = spaces
         .par_iter()
-        .map_init(Batch::<N>::new, |b, s| {
-            if s.is_pinned() {
-                return Outcome::Skipped;
-            }
-            match s.pin(b) {
-                Ok(_) => Outcome::Pinned,
-                // Pinned by someone else between the check and the pin:
-                // like the engine's pin_all, count it as ours.
-                Err(Error::AlreadyPinned) => Outcome::Pinned,
-                Err(e) => Outcome::Failed(e),
-            }
+        .map_init(Batch::<N>::new, |b, s| match s.pin(b) {
+            Ok(_) => Outcome::Pinned,
+            // Pinned already or by another thread meanwhile (decided under
+            // the space lock): its pin, not ours, as in the engine's pin_all.
+            Err(Error::AlreadyPinned) => Outcome::Skipped,
+            Err(e) => Outcome::Failed(e),
         })
         .collect();
     let indices: Vec<usize> = outcomes

@@ -259,6 +259,15 @@ pub trait Backend: Send + Sync {
     /// are compiled down to the space's bookkeeping: no walk, no batch.
     const PINNING: bool;
 
+    /// Whether the platform accepts large leaves (2 MiB / 1 GiB pages).
+    /// Xen PV does not (it refuses PS in a guest's L2 and L3 entries), so
+    /// `map` refuses them there with [`Error::UnsupportedPageSize`]
+    /// whether or not the space is pinned: the answer must not depend on
+    /// what a concurrent pin happens to have done.
+    ///
+    /// [`Error::UnsupportedPageSize`]: crate::Error::UnsupportedPageSize
+    const LARGE_LEAVES: bool = true;
+
     /// Issue one batch of calls; `results.len() == calls.len()`.
     fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);
 
@@ -282,6 +291,14 @@ pub trait Backend: Send + Sync {
     #[inline]
     fn pfn_to_mfn(&self, pfn: Pfn) -> Mfn {
         Mfn(pfn.0)
+    }
+
+    /// The machine frame of a guest frame, or `None` if the guest has no
+    /// such frame (outside its memory, a hole of its p2m): what `map`
+    /// checks before it links anything. The default accepts every frame.
+    #[inline]
+    fn try_pfn_to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
+        Some(self.pfn_to_mfn(pfn))
     }
 
     /// The guest frame of a machine frame, if the guest owns it.

@@ -210,11 +210,11 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
         if end > self.range.end || end < va {
             return Err(Error::OutOfRange { va });
         }
+        let space = self.space;
+        let mfn = space.leaf_mfn(pa)?;
         let level = size.level();
         let table = self.table_for(va, level)?;
         let index = M::index(va, level);
-        let space = self.space;
-        let mfn = space.backend.pfn_to_mfn(Pfn(pa >> 12));
         let leaf = PageTableEntry::new(mfn.0, flags);
         let cur = PageTableEntry::from_bits(space.entry_slot(table, index).load(Ordering::Acquire));
         if cur.is_present() {

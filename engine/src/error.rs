@@ -148,6 +148,19 @@ pub enum Error {
     },
     /// A guest store into a table entry faulted.
     Fault(StoreFault),
+    /// A virtual address in root slots a space never maps: the hypervisor's
+    /// hole of the kernel half (x86-64 root slots 256..271, Xen's own).
+    HypervisorHole {
+        /// The address.
+        va: u64,
+    },
+    /// A physical address beyond what an entry can hold (the mode's
+    /// physical-address width), or a guest frame the backend cannot
+    /// translate (outside the guest's memory).
+    PhysicalOutOfRange {
+        /// The physical address.
+        pa: u64,
+    },
     /// An address outside the virtual-address range a cursor was made for
     /// (or a range that is empty or crosses a non-canonical hole).
     OutOfRange {

@@ -194,7 +194,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// The owner a pin or unpin walk admits (besides unowned tables).
     fn walk_owner(&self) -> Option<crate::frame::Owner> {
-        (!self.sabotage.admit_foreign_tables).then_some(self.owner)
+        (!self.sabotage().admit_foreign_tables).then_some(self.owner)
     }
 
     /// Flip a page's pinned flag to `pinned` outside a PTE lock; returns
@@ -244,7 +244,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             return Ok(Descend::No);
         }
         // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage().skip_l1_pin;
         if split_l1 {
             // The page's lock is counted now (refused, with the flag put
             // back, past the preempt limit) and taken by the batch right
@@ -257,7 +257,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         self.queue_remap(b, j, pfn, true, flush, split_l1, true);
         if split_l1 {
             b.hold_pte(pfn);
-            if self.sabotage.unlock_before_pin {
+            if self.sabotage().unlock_before_pin {
                 // Broken on purpose: the page is read-only and unlocked
                 // before it is pinned.
                 b.flush(&self.target());
@@ -293,7 +293,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if self.flip_flag(&meta, owner, false) {
             return Ok(Descend::No);
         }
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage.skip_l1_pin;
+        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage().skip_l1_pin;
         if split_l1 {
             if let Err(e) = b.preempt_mut().acquire() {
                 self.flip_flag(&meta, owner, true);
@@ -315,66 +315,88 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// then the root pinned (and the user root). On any failure everything
     /// is undone and the first failure is returned.
     ///
+    /// The space's pinned state changes inside the critical section that
+    /// walks the tables (the space lock), so a writer that links or
+    /// releases a table under that lock (`map`, a cursor, `release_table`)
+    /// always sees either the state before the walk or the state after it.
+    ///
     /// On a backend without pinning (`Backend::PINNING == false`, e.g.
     /// native x86-64) there is nothing to walk or tell the hardware: `pin`
-    /// and `unpin` only record the state, with a load and a store and no
-    /// locked instruction. A pin of a pinned space (or an unpin of an
-    /// unpinned one) is still reported; two threads pinning one such space
-    /// at the same instant may both succeed, which changes nothing a
-    /// hardware walker sees.
+    /// and `unpin` only record the state with one compare-exchange, so of
+    /// two threads pinning one space at the same instant exactly one
+    /// succeeds and the other gets [`Error::AlreadyPinned`], as on a
+    /// pinning backend.
     pub fn pin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
         if !B::PINNING {
-            // Nothing to tell the hardware: pinning is bookkeeping only, a
-            // load and a store (no locked instruction; see the method docs).
-            if self.pinned.load(Ordering::Acquire) {
-                return Err(Error::AlreadyPinned);
-            }
-            self.pinned.store(true, Ordering::Release);
-            return Ok(PinStats::default());
+            return self.flip_pinned_unlocked(true);
         }
-        b.preempt_mut().acquire()?;
-        let space = self.lock_space();
-        b.preempt_mut().reset_max();
-        let r = if self.pinned.load(Ordering::Acquire) {
-            Err(Error::AlreadyPinned)
-        } else {
-            self.run(b, Dir::Pin)
-        };
-        drop(space);
-        let max = b.preempt().max();
-        b.preempt_mut().release();
-        r.map(|mut s| {
-            s.max_locks_held = max;
-            self.pinned.store(true, Ordering::Release);
-            s
-        })
+        self.pin_or_unpin(b, Dir::Pin)
     }
 
     /// Unpin the space: the root unpinned first (while it is pinned the
     /// hypervisor holds type references on every child), then the user
     /// root, the PAE kernel PMD, and every page made writable, the root last.
+    /// The pinned state changes under the space lock, as for [`Self::pin`].
     pub fn unpin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
         if !B::PINNING {
-            if !self.pinned.load(Ordering::Acquire) {
-                return Err(Error::NotPinned);
-            }
-            self.pinned.store(false, Ordering::Release);
-            return Ok(PinStats::default());
+            return self.flip_pinned_unlocked(false);
         }
+        self.pin_or_unpin(b, Dir::Unpin)
+    }
+
+    /// The state change of a backend without pinning: one compare-exchange,
+    /// no lock (nothing else depends on the state there: every table-linking
+    /// path checks `B::PINNING` first).
+    #[inline]
+    fn flip_pinned_unlocked(&self, pinned: bool) -> Result<PinStats, Error> {
+        self.pinned
+            .compare_exchange(!pinned, pinned, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| PinStats::default())
+            .map_err(|_| {
+                if pinned {
+                    Error::AlreadyPinned
+                } else {
+                    Error::NotPinned
+                }
+            })
+    }
+
+    /// Pin or unpin under the space lock, the pinned state published before
+    /// the lock is released (never after: see [`Self::pin`]).
+    fn pin_or_unpin<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
+        let pinned = dir == Dir::Pin;
         b.preempt_mut().acquire()?;
         let space = self.lock_space();
         b.preempt_mut().reset_max();
-        let r = if !self.pinned.load(Ordering::Acquire) {
-            Err(Error::NotPinned)
+        let r = if self.pinned.load(Ordering::Acquire) == pinned {
+            Err(if pinned {
+                Error::AlreadyPinned
+            } else {
+                Error::NotPinned
+            })
         } else {
-            self.run(b, Dir::Unpin)
+            self.run(b, dir)
         };
+        let publish_unlocked = self.sabotage().publish_pin_state_unlocked;
+        if r.is_ok() && !publish_unlocked {
+            self.pinned.store(pinned, Ordering::Release);
+        }
         drop(space);
+        if r.is_ok() && publish_unlocked {
+            // Broken on purpose: a writer that takes the space lock now
+            // links or releases a table by the old state. Outside the model
+            // checkers (which schedule every step themselves) the window is
+            // held open a little so a stress test meets it.
+            #[cfg(not(any(loom, shuttle)))]
+            for _ in 0..2_000 {
+                core::hint::spin_loop();
+            }
+            self.pinned.store(pinned, Ordering::Release);
+        }
         let max = b.preempt().max();
         b.preempt_mut().release();
         r.map(|mut s| {
             s.max_locks_held = max;
-            self.pinned.store(false, Ordering::Release);
             s
         })
     }
@@ -422,7 +444,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     fn pin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
         let root = self.root;
-        if self.sabotage.root_first {
+        if self.sabotage().root_first {
             self.pin_page(b, j, root, M::ROOT_LEVEL, self.owner_of(root), true)?;
         }
         walk::walk_as::<M, P::Lock, B, _>(
@@ -430,7 +452,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             &self.backend,
             root,
             self.walk_owner(),
-            Scope::User,
+            Scope::Full,
             &mut |pfn, level, owner, is_root| {
                 if b.has_failures() {
                     return Err(Error::NotPinned); // replaced by the recorded failure
@@ -466,7 +488,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             self.unpin_page(b, j, u, M::ROOT_LEVEL, self.owner_of(u), false)?;
         }
         if let Some(k) = self.kernel_pmd {
-            if self.sabotage.pae_kpmd_pin_on_unpin {
+            if self.sabotage().pae_kpmd_pin_on_unpin {
                 // The pre-2008 bug: the pin routine called on unpin.
                 self.pin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
             } else {
@@ -478,7 +500,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             &self.backend,
             root,
             self.walk_owner(),
-            Scope::User,
+            Scope::Full,
             &mut |pfn, level, owner, is_root| {
                 if b.has_failures() {
                     return Err(Error::NotPinned);
@@ -670,17 +692,25 @@ pub struct PinnedSet {
 /// Pin every unpinned space (suspend path). Each space's own lock is taken
 /// before any of its PTE locks. On a failure the spaces pinned so far are
 /// unpinned again and the failure is returned.
+///
+/// The returned set names exactly the spaces this call pinned: a space
+/// that is pinned already, or that another thread pins while this call
+/// runs, is skipped (its pin belongs to that thread), decided under the
+/// space's lock by [`AddressSpace::pin`]'s own answer, not by a check
+/// beforehand. Until [`unpin_all`], the spaces in the set belong to the
+/// caller: another thread that unpins one of them (and pins it again)
+/// takes it over, and `unpin_all` would then undo that thread's pin.
 pub fn pin_all<M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
     spaces: &[&AddressSpace<M, P, B>],
     b: &mut Batch<N>,
 ) -> Result<PinnedSet, Error> {
     let mut set = PinnedSet::default();
     for (i, s) in spaces.iter().enumerate() {
-        if s.is_pinned() {
-            continue;
-        }
         match s.pin(b) {
-            Ok(_) | Err(Error::AlreadyPinned) => set.indices.push(i),
+            Ok(_) => set.indices.push(i),
+            // Pinned already, or by another thread meanwhile: its pin, not
+            // ours (unpin_all must not undo it).
+            Err(Error::AlreadyPinned) => {}
             Err(e) => {
                 for &k in set.indices.iter().rev() {
                     let _ = spaces[k].unpin(b);

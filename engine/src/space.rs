@@ -48,8 +48,10 @@ pub struct SpaceOptions {
 }
 
 /// Test-only breakages of the protocol, used by negative controls to show
-/// that the tests guarding each rule can fail. Never set in production.
-#[doc(hidden)]
+/// that the tests guarding each rule can fail. Public only with the
+/// `sabotage` feature (tests enable it); without it every field reads
+/// `false` from a constant and the broken branches are compiled out.
+#[cfg_attr(not(feature = "sabotage"), doc(hidden))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sabotage {
     /// Release a PTE page's lock between its read-only remap and its L1 pin.
@@ -62,6 +64,22 @@ pub struct Sabotage {
     pub pae_kpmd_pin_on_unpin: bool,
     /// Let pin and unpin walk into tables that belong to another space.
     pub admit_foreign_tables: bool,
+    /// Publish the space's pinned state after releasing the space lock
+    /// instead of before (a writer then links or releases a table by the
+    /// state before the walk).
+    pub publish_pin_state_unlocked: bool,
+}
+
+impl Sabotage {
+    /// Nothing broken.
+    pub const NONE: Sabotage = Sabotage {
+        unlock_before_pin: false,
+        skip_l1_pin: false,
+        root_first: false,
+        pae_kpmd_pin_on_unpin: false,
+        admit_foreign_tables: false,
+        publish_pin_state_unlocked: false,
+    };
 }
 
 /// Counters of one pin or unpin.
@@ -88,6 +106,7 @@ pub struct AddressSpace<M: PagingMode, P: LockPolicy, B: Backend> {
     pub(crate) lock: P::Lock,
     pub(crate) pinned: AtomicBool,
     pub(crate) torn_down: bool,
+    #[cfg(feature = "sabotage")]
     pub(crate) sabotage: Sabotage,
     _mode: PhantomData<M>,
 }
@@ -164,7 +183,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             lock: P::Lock::new(),
             pinned: AtomicBool::new(false),
             torn_down: false,
-            sabotage: Sabotage::default(),
+            #[cfg(feature = "sabotage")]
+            sabotage: Sabotage::NONE,
             _mode: PhantomData,
         };
         if M::HAS_USER_ROOT && options.user_root {
@@ -227,10 +247,25 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub fn space_lock(&self) -> &P::Lock {
         &self.lock
     }
-    /// Break the protocol on purpose (negative-control tests only).
-    #[doc(hidden)]
+    /// Break the protocol on purpose (negative-control tests only; needs
+    /// the `sabotage` feature).
+    #[cfg(feature = "sabotage")]
     pub fn set_sabotage(&mut self, s: Sabotage) {
         self.sabotage = s;
+    }
+
+    /// The breakages in force: a constant [`Sabotage::NONE`] without the
+    /// `sabotage` feature, so production builds carry no test branch.
+    #[inline(always)]
+    pub(crate) fn sabotage(&self) -> Sabotage {
+        #[cfg(feature = "sabotage")]
+        {
+            self.sabotage
+        }
+        #[cfg(not(feature = "sabotage"))]
+        {
+            Sabotage::NONE
+        }
     }
 
     /// The kernel virtual address of a table frame in the direct map: the
@@ -286,6 +321,26 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             return Err(Error::Misaligned { addr: va });
         }
         Ok(())
+    }
+
+    /// Refuse the hypervisor's hole: root slots the walks skip and Xen
+    /// keeps for itself, so a space never maps there on any backend.
+    #[inline]
+    pub(crate) fn check_not_hole(va: u64) -> Result<(), Error> {
+        if M::HYPERVISOR_HOLE.contains(&M::index(va, M::ROOT_LEVEL)) {
+            return Err(Error::HypervisorHole { va });
+        }
+        Ok(())
+    }
+
+    /// The machine frame a leaf for guest-physical `pa` holds; refused
+    /// when the backend has no such guest frame (checked before anything
+    /// is linked, so a refused map changes nothing).
+    #[inline]
+    pub(crate) fn leaf_mfn(&self, pa: u64) -> Result<Mfn, Error> {
+        self.backend
+            .try_pfn_to_mfn(Pfn(pa >> 12))
+            .ok_or(Error::PhysicalOutOfRange { pa })
     }
 
     /// Write one entry of one of this space's tables, by the path its state
@@ -415,12 +470,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             Level::L2 => PageSize::Size2M,
             _ => PageSize::Size1G,
         };
-        let base_mfn = Mfn(e.addr() >> 12);
-        let pat_mask = if size == PageSize::Size4K {
-            0
-        } else {
-            EntryFlags::PAT_LARGE.bits()
-        };
+        let pat_mask = Self::pat_mask(size);
         // Reserved bits in the leaf (address bits above MAXPHYADDR; in a
         // large leaf, the address bits below its size other than PAT): the
         // CPU faults, so there is no translation.
@@ -428,17 +478,35 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if e.bits() & PageTableEntry::RESERVED_ADDR_BITS != 0 || low != 0 {
             return None;
         }
-        // Bit 12 is PAT in a large leaf, not an address bit.
+        let (base, flags) = self.leaf_parts(e, size);
+        let phys = base + (va & (size.bytes() - 1));
+        Some(Translation { phys, size, flags })
+    }
+
+    /// Bit 12 of a large leaf is PAT, not an address bit.
+    #[inline]
+    fn pat_mask(size: PageSize) -> u64 {
+        if size == PageSize::Size4K {
+            0
+        } else {
+            EntryFlags::PAT_LARGE.bits()
+        }
+    }
+
+    /// The guest-physical base and the flags of a present leaf of `size`:
+    /// in a large leaf bit 12 is taken out of the address and reported as
+    /// [`EntryFlags::PAT_LARGE`]. The one decoding `translate` and `unmap`
+    /// share, so they cannot disagree.
+    #[inline]
+    fn leaf_parts(&self, e: PageTableEntry, size: PageSize) -> (u64, EntryFlags) {
+        let pat_mask = Self::pat_mask(size);
         let mut flags = e.flags();
         if e.bits() & pat_mask != 0 {
             flags |= EntryFlags::PAT_LARGE;
         }
-        let base_pfn = self
-            .backend
-            .mfn_to_pfn(Mfn((e.addr() & !pat_mask) >> 12))
-            .unwrap_or(Pfn(base_mfn.0));
-        let phys = (base_pfn.0 << 12) + (va & (size.bytes() - 1));
-        Some(Translation { phys, size, flags })
+        let mfn = (e.addr() & !pat_mask) >> 12;
+        let pfn = self.backend.mfn_to_pfn(Mfn(mfn)).map_or(mfn, |p| p.0);
+        (pfn << 12, flags)
     }
 
     fn leaf_flags_ok(flags: EntryFlags, size: PageSize) -> Result<(), Error> {
@@ -499,12 +567,20 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if pa & (size.bytes() - 1) != 0 {
             return Err(Error::Misaligned { addr: pa });
         }
-        if size == PageSize::Size1G && !M::HAS_1G_PAGES {
+        if (size == PageSize::Size1G && !M::HAS_1G_PAGES)
+            || (size != PageSize::Size4K && !B::LARGE_LEAVES)
+        {
             return Err(Error::UnsupportedPageSize);
         }
         if M::KERNEL_PMD_SLOT == Some(M::index(va, M::ROOT_LEVEL)) {
             // The PAE kernel PMD belongs to pin/unpin, not to user mappings.
             return Err(Error::NonCanonical { va });
+        }
+        Self::check_not_hole(va)?;
+        // An entry holds MAX_PHYS_BITS of address: anything above would be
+        // cut off (or set reserved bits) instead of mapped.
+        if pa >> PageTableEntry::MAX_PHYS_BITS != 0 {
+            return Err(Error::PhysicalOutOfRange { pa });
         }
         Self::leaf_flags_ok(flags, size)?;
         let mut flags = flags;
@@ -537,6 +613,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// (PRESENT required), allocating intermediate tables.
     pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
         let flags = Self::map_args(va, pa, size, flags)?;
+        let mfn = self.leaf_mfn(pa)?;
         let target_level = size.level();
         let _space = self.lock_space();
         let mut pfn = self.root;
@@ -545,7 +622,6 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             (pfn, level) = self.map_step(pfn, level, va)?;
         }
         let index = M::index(va, level);
-        let mfn = self.backend.pfn_to_mfn(Pfn(pa >> 12));
         let leaf = PageTableEntry::new(mfn.0, flags);
         let _pte = self.lock_pte(pfn, level);
         let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
@@ -620,15 +696,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             size = s;
             Ok(PageTableEntry::EMPTY)
         })?;
-        let pfn = self
-            .backend
-            .mfn_to_pfn(Mfn(old.frame()))
-            .map_or(old.frame(), |p| p.0);
-        Ok(Translation {
-            phys: pfn << 12,
-            size,
-            flags: old.flags(),
-        })
+        let (phys, flags) = self.leaf_parts(old, size);
+        Ok(Translation { phys, size, flags })
     }
 
     /// Change the flags of the mapping at `va` (a page base), keeping its frame.
@@ -767,7 +836,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             &self.store,
             &self.backend,
             self.root,
-            Scope::User,
+            Scope::Full,
             &mut |pfn, level, _| {
                 out.push((pfn, level));
                 Ok(Descend::Yes)
@@ -788,7 +857,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             &self.backend,
             self.root,
             None,
-            Scope::User,
+            Scope::Full,
             &mut |pfn, _, o, _| {
                 if o != owner && o != Owner::NONE {
                     return Ok(Descend::No);

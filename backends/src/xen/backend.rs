@@ -270,6 +270,8 @@ impl<H: XenHypercalls, F: FrameMap> XenBackend<H, F> {
 impl<H: XenHypercalls, F: FrameMap> Backend for XenBackend<H, F> {
     const NAME: &'static str = "xen";
     const PINNING: bool = true;
+    /// Xen PV refuses PS in a guest's L2 and L3 entries.
+    const LARGE_LEAVES: bool = false;
 
     fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
         let mut scratch = Scratch::default();
@@ -314,6 +316,11 @@ impl<H: XenHypercalls, F: FrameMap> Backend for XenBackend<H, F> {
     #[inline]
     fn pfn_to_mfn(&self, pfn: Pfn) -> Mfn {
         self.frames.to_mfn(pfn).unwrap_or(Mfn(INVALID_MFN))
+    }
+
+    #[inline]
+    fn try_pfn_to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
+        self.frames.to_mfn(pfn)
     }
 
     #[inline]
