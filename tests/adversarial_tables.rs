@@ -9,7 +9,8 @@
 //! pins and unpins balanced).
 //!
 //! "Correct" is a reference model written here from DESIGN §2 and §7: a
-//! walk over root slots 0..256, tables before children, root last; a
+//! walk over every root slot but the hypervisor's hole (256..272), tables
+//! before children, root last; a
 //! present non-leaf entry must have no address bits at or above bit 46,
 //! point into the store, at a table of the next level; PS is a leaf at L2
 //! and L3 and reserved at L4. `translate` follows the CPU: no translation
@@ -128,7 +129,8 @@ fn ref_walk(space: &Space) -> Result<Vec<(Pfn, Level)>, Bad> {
         Ok(())
     }
     let mut out = Vec::new();
-    for slot in 0..X86_64::USER_ROOT_SLOTS {
+    let slots = (0..X86_64::ROOT_ENTRIES).filter(|s| !X86_64::HYPERVISOR_HOLE.contains(s));
+    for slot in slots {
         let e = entry(space, space.root(), slot);
         if e & 1 == 0 {
             continue;
@@ -248,7 +250,6 @@ fn build(seed: u64) -> (Space, Pfn) {
         pages_1g: rng.below(2) as usize,
         regions: 2,
     };
-    // Keep every mapping in the user half, where pin walks.
     let (space, _) =
         random_space::<Split, MockBackend>(Arc::new(MockBackend::new()), FRAMES, shape, &mut rng);
     let data = space.store().alloc_data().expect("a data frame");

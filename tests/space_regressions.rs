@@ -11,7 +11,6 @@
 
 mod xen_common;
 
-#[allow(dead_code)]
 #[path = "mock_common.rs"]
 mod mock_common;
 
@@ -97,7 +96,7 @@ fn map_refuses_physical_addresses_beyond_an_entry_and_changes_nothing() {
     let s = mock_space::<Split>(64);
     s.map(0x1000, 0x2000, PageSize::Size4K, RW).unwrap();
     let before = mock_common::snapshot(s.store());
-    for pa in [1u64 << 52, 1 << 47, 1 << 46, u64::MAX & !0xfff] {
+    for pa in [1u64 << 52, 1 << 47, 1 << 46, !0xfff] {
         assert_eq!(
             s.map(0x7000, pa, PageSize::Size4K, RW),
             Err(Error::PhysicalOutOfRange { pa }),

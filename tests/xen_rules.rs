@@ -384,13 +384,23 @@ fn large_pages_are_refused_and_pin_rolls_back() {
     let e = env::<X86_64>(5);
     let s: Space<X86_64, GlobalX> = space(&e, false);
     populate(&s, 2);
-    s.map(
-        0x20_0000_0000,
-        0x20_0000,
-        PageSize::Size2M,
-        EntryFlags::PRESENT,
-    )
-    .unwrap();
+    // `map` refuses large leaves on Xen; one written straight into an L2
+    // (as a hostile or foreign writer would) must be refused by the pin.
+    assert_eq!(
+        s.map(
+            0x20_0000_0000,
+            0x20_0000,
+            PageSize::Size2M,
+            EntryFlags::PRESENT
+        ),
+        Err(Error::UnsupportedPageSize)
+    );
+    let l2 = tables_at(&s, Level::L2)[0];
+    let huge = leaf(&s, 0x200, EntryFlags::PRESENT | EntryFlags::HUGE);
+    e.store
+        .entry(l2, 100)
+        .unwrap()
+        .store(huge.bits(), std::sync::atomic::Ordering::Release);
     let before = snap(&e, &s);
     let mut b: Batch = Batch::new();
     match s.pin(&mut b) {

@@ -213,7 +213,7 @@ fn writer_round<P: LockPolicy>(
         let v = PageTableEntry::from_bits(
             leaf(s, (64 + j * WRITERS + w) as u64, f).bits() | (((k & 0x7f) as u64) << 52),
         );
-        let path = if (k + j + w) % 2 == 0 {
+        let path = if (k + j + w).is_multiple_of(2) {
             WritePath::Store
         } else {
             WritePath::Hypercall

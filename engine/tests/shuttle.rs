@@ -21,7 +21,8 @@ fn iterations() -> usize {
 }
 
 /// One schedule: pin and unpin twice while three writers each rewrite their
-/// own pages (page % 3 == writer) twice.
+/// own pages (page % 3 == writer) twice and a fourth links, unmaps and
+/// releases PTE pages in three fresh regions.
 fn scenario<P: LockPolicy>(
     sabotage: Sabotage,
     found: Findings,
@@ -40,7 +41,13 @@ fn scenario<P: LockPolicy>(
                 })
             })
             .collect();
+        // A writer that links and frees PTE pages in fresh 2 MiB regions.
+        let tables = {
+            let s = s.clone();
+            thread::spawn(move || (0..3).try_for_each(|k| map_release(&s, PTE_PAGES as u64 + k)))
+        };
         let mut result = pin_unpin::<P, 32>(&s).and_then(|()| pin_unpin::<P, 32>(&s));
+        result = result.and(tables.join().unwrap());
         let mut last = Vec::new();
         for h in handles {
             match h.join().unwrap() {
@@ -116,5 +123,16 @@ fn negative_root_first() {
             ..Default::default()
         },
         "root first",
+    );
+}
+
+#[test]
+fn negative_publish_pin_state_unlocked() {
+    broken::<SplitM>(
+        Sabotage {
+            publish_pin_state_unlocked: true,
+            ..Default::default()
+        },
+        "pinned state published unlocked",
     );
 }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use pagepin::{
-    AddressSpace, Backend, EntryFlags, Error, FrameStore, LockPolicy, PageSize, SpaceOptions,
-    X86_64,
+    AddressSpace, Backend, EntryFlags, Error, FrameStore, LockPolicy, PageSize, PagingMode,
+    SpaceOptions, X86_64,
 };
 
 /// SplitMix64: small, seeded, good enough to pick addresses.
@@ -93,6 +93,17 @@ pub fn slot_va(slot: u64, offset: u64) -> u64 {
     ((raw << 16) as i64 >> 16) as u64
 }
 
+/// A random root slot a space may map: not the last one (the KVM checker
+/// may use it) and not the hypervisor's hole, which `map` refuses.
+fn random_slot(rng: &mut Rng) -> u64 {
+    loop {
+        let slot = rng.below(511);
+        if !X86_64::HYPERVISOR_HOLE.contains(&(slot as usize)) {
+            return slot;
+        }
+    }
+}
+
 /// Build a random space in a store of `frames` frames. Mappings cluster in
 /// `shape.regions` random 1 GiB regions (both halves of the address space,
 /// never the last root slot, which the KVM checker may use); collisions
@@ -107,7 +118,7 @@ pub fn random_space<P: LockPolicy, B: Backend>(
     let space = AddressSpace::<X86_64, P, B>::new(store, backend, SpaceOptions::default())
         .expect("new space");
     let regions: Vec<u64> = (0..shape.regions.max(1))
-        .map(|_| slot_va(rng.below(511), rng.below(512) << 30))
+        .map(|_| slot_va(random_slot(rng), rng.below(512) << 30))
         .collect();
     let mut mapped = Vec::new();
     let mut attempt = |size: PageSize, rng: &mut Rng| {
@@ -115,7 +126,7 @@ pub fn random_space<P: LockPolicy, B: Backend>(
         let va = match size {
             PageSize::Size4K => region + (rng.below(8) << 21) + (rng.below(512) << 12),
             PageSize::Size2M => region + (rng.below(512) << 21),
-            PageSize::Size1G => slot_va(rng.below(511), rng.below(512) << 30),
+            PageSize::Size1G => slot_va(random_slot(rng), rng.below(512) << 30),
         };
         let pa = DATA_BASE + (rng.below(DATA_SPAN / size.bytes()) * size.bytes());
         let flags = random_flags(rng);

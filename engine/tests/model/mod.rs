@@ -8,6 +8,12 @@
 //! typed as a page table is mapped writable. At the root pin it also checks
 //! that every read-only remap was followed by a TLB flush (the root's
 //! flushing remap must come after all the others: "root visited last").
+//!
+//! The PTE pages are those linked in the one L2 (frame 2) at any moment:
+//! the model follows the L2's entries, so a writer that links a new PTE
+//! page (`map` into a fresh 2 MiB region) or unlinks one (`release_table`)
+//! is checked as Xen checks it: into a validated L2 only a read-only page
+//! may be linked (it takes an L1 type reference), and an unlink drops it.
 #![allow(dead_code)]
 
 use std::sync::atomic::Ordering as StdOrdering;
@@ -24,8 +30,8 @@ pub use shuttle::thread;
 use pagepin_engine::backend::{uvmf, Backend, Call, CallResult, ExtCmd, StoreFault};
 pub use pagepin_engine::space::Sabotage;
 use pagepin_engine::{
-    AddressSpace, Batch, EntryFlags, FrameStore, LockPolicy, Mfn, PageSize, PageTableEntry, Pfn,
-    SpaceOptions, WritePath, X86_64,
+    AddressSpace, Batch, EntryFlags, FrameStore, Level, LockPolicy, Mfn, PageSize, PageTableEntry,
+    Pfn, SpaceOptions, TableMemory, WritePath, X86_64,
 };
 
 mod lock;
@@ -49,31 +55,73 @@ struct Page {
 pub struct HvState {
     pages: Vec<Page>,
     root_pinned: bool,
-    /// L1 pages the root pin took references on.
+    /// PTE pages linked in the L2 (frame 2), in link order.
+    linked: Vec<usize>,
+    /// L1 pages the root pin (and links into the pinned tree since) took
+    /// references on.
     root_l1s: Vec<usize>,
     pub faults: u32,
     pub emulated: u32,
+    /// Entry updates the hypervisor refused (a writer's hypercall failed).
+    pub refused_updates: u32,
     pub violations: Vec<String>,
 }
 
-/// The model hypervisor. `l1s` are the PTE pages of the one space.
+/// The root, L3 and L2 frames of the one space ([`tiny_space`]'s layout).
+pub const ROOT: usize = 0;
+pub const L2: usize = 2;
+
+/// The model hypervisor, over the space's table memory.
 pub struct ModelHv {
     pub state: Mutex<HvState>,
-    pub l1s: Vec<usize>,
+    memory: std::sync::Arc<dyn TableMemory>,
 }
 
 pub const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 
 impl ModelHv {
-    pub fn new(l1s: Vec<usize>) -> Self {
+    pub fn new(memory: std::sync::Arc<dyn TableMemory>) -> Self {
         let state = HvState {
             pages: vec![Page::default(); FRAMES],
             ..HvState::default()
         };
         ModelHv {
             state: Mutex::new(state),
-            l1s,
+            memory,
         }
+    }
+
+    /// Follow a write of `new` over `old` in the L2's entry: which PTE
+    /// page is linked. While the tree is pinned the L2 is validated: a
+    /// newly linked page must be read-only and takes an L1 reference, an
+    /// unlinked one drops its reference. Err: the update is refused.
+    fn l2_entry_changed(st: &mut HvState, old: u64, new: u64) -> Result<(), i32> {
+        let present = |e: u64| e & EntryFlags::PRESENT.bits() != 0;
+        let frame = |e: u64| PageTableEntry::from_bits(e).frame() as usize;
+        if present(new) {
+            let f = frame(new);
+            if st.root_pinned {
+                if !st.pages[f].read_only {
+                    return Err(EINVAL);
+                }
+                st.pages[f].l1_refs += 1;
+                st.root_l1s.push(f);
+            }
+            st.linked.push(f);
+        }
+        if present(old) {
+            let f = frame(old);
+            if st.root_pinned {
+                if let Some(k) = st.root_l1s.iter().position(|&l| l == f) {
+                    st.root_l1s.swap_remove(k);
+                    st.pages[f].l1_refs -= 1;
+                }
+            }
+            if let Some(k) = st.linked.iter().position(|&l| l == f) {
+                st.linked.remove(k);
+            }
+        }
+        Ok(())
     }
 
     fn check(st: &mut HvState, what: &str) {
@@ -148,20 +196,21 @@ impl Backend for ModelHv {
                                 }
                                 if !st.pages[f].read_only || st.root_pinned {
                                     Err(EINVAL)
-                                } else if self.l1s.iter().any(|&l| !st.pages[l].read_only) {
+                                } else if st.linked.iter().any(|&l| !st.pages[l].read_only) {
                                     Err(EINVAL)
                                 } else {
                                     st.root_pinned = true;
                                     st.pages[f].pinned = true;
-                                    for &l in &self.l1s {
+                                    let linked = st.linked.clone();
+                                    for &l in &linked {
                                         st.pages[l].l1_refs += 1;
                                     }
-                                    st.root_l1s = self.l1s.clone();
+                                    st.root_l1s = linked;
                                     Ok(())
                                 }
                             }
                             ExtCmd::UnpinTable => {
-                                if st.root_pinned && st.pages[f].pinned && !self.l1s.contains(&f) {
+                                if st.root_pinned && st.pages[f].pinned && f == ROOT {
                                     st.root_pinned = false;
                                     st.pages[f].pinned = false;
                                     for l in std::mem::take(&mut st.root_l1s) {
@@ -185,9 +234,21 @@ impl Backend for ModelHv {
                     }
                 }
                 Call::MmuUpdate(reqs) => {
-                    // Entry updates through the hypervisor: always allowed here
-                    // (the model writes no page-table memory of its own).
-                    let _ = reqs;
+                    // Entry updates through the hypervisor: checked for the
+                    // L2 (what is linked there), written for every table.
+                    for (k, r) in reqs.iter().enumerate() {
+                        let (mfn, index) = ((r.ptr >> 12) as usize, (r.ptr & 0xfff) as usize / 8);
+                        let slot = self.memory.frame(Pfn(mfn as u64)).unwrap().entry(index);
+                        if mfn == L2 {
+                            let old = slot.load(StdOrdering::Acquire);
+                            if let Err(e) = Self::l2_entry_changed(&mut st, old, r.val) {
+                                st.refused_updates += 1;
+                                *res = CallResult::err(e, k);
+                                break;
+                            }
+                        }
+                        slot.store(r.val, StdOrdering::Release);
+                    }
                 }
             }
             Self::check(&mut st, "after call");
@@ -214,6 +275,11 @@ impl Backend for ModelHv {
         if p.read_only {
             st.emulated += 1;
         }
+        if mfn.0 as usize == L2 {
+            let old = slot.load(StdOrdering::Acquire);
+            // A writable L2 is not validated: nothing to refuse.
+            let _ = Self::l2_entry_changed(&mut st, old, value);
+        }
         slot.store(value, StdOrdering::Release);
         Ok(())
     }
@@ -225,7 +291,8 @@ pub type Space<P> = AddressSpace<X86_64, P, ModelHv>;
 /// regions): frames 0 root, 1 L3, 2 L2, 3.. L1s.
 pub fn tiny_space<P: LockPolicy>(ptes: usize, sabotage: Sabotage) -> Arc<Space<P>> {
     let store = std::sync::Arc::new(FrameStore::<P::Lock>::new(FRAMES, 0));
-    let hv = std::sync::Arc::new(ModelHv::new((3..3 + ptes).collect()));
+    let memory: std::sync::Arc<dyn TableMemory> = store.clone();
+    let hv = std::sync::Arc::new(ModelHv::new(memory));
     let mut s = AddressSpace::new(store, hv, SpaceOptions::default()).unwrap();
     s.set_sabotage(sabotage);
     for i in 0..ptes as u64 {
@@ -294,6 +361,18 @@ pub fn write<P: LockPolicy>(s: &Space<P>, page: u64, n: u64) -> Result<u64, Stri
     Ok(last)
 }
 
+/// A writer that links and frees a PTE page: map a page in the fresh
+/// 2 MiB region `region` (a new PTE page is linked), unmap it, release the
+/// PTE page. Every call must succeed whatever a pin or unpin is doing.
+pub fn map_release<P: LockPolicy>(s: &Space<P>, region: u64) -> Result<(), String> {
+    let va = region << 21;
+    s.map(va, 0x100_0000, PageSize::Size4K, leaf(0))
+        .map_err(|e| format!("map: {e:?}"))?;
+    s.unmap(va).map_err(|e| format!("unmap: {e:?}"))?;
+    s.release_table(va, Level::L1)
+        .map_err(|e| format!("release_table: {e:?}"))
+}
+
 /// Check the end state: no fault, no violation, writes kept, nothing left
 /// read-only, typed or pinned, no lock held.
 pub fn check_end<P: LockPolicy>(s: &Space<P>, last: &[(u64, u64)]) -> Result<(), String> {
@@ -306,6 +385,9 @@ pub fn check_end<P: LockPolicy>(s: &Space<P>, last: &[(u64, u64)]) -> Result<(),
         if let Some(v) = st.violations.first() {
             return Err(v.clone());
         }
+        if st.refused_updates > 0 {
+            return Err(format!("{} entry updates refused", st.refused_updates));
+        }
     }
     for &(page, v) in last {
         let got = s.read_pte(page << 21).map_err(|e| format!("{e:?}"))?.bits();
@@ -314,6 +396,9 @@ pub fn check_end<P: LockPolicy>(s: &Space<P>, last: &[(u64, u64)]) -> Result<(),
         }
     }
     hv.clean()?;
+    if s.is_pinned() || pagepin_engine::RawLock::is_locked(s.space_lock()) {
+        return Err("space left pinned or locked".into());
+    }
     for i in 0..FRAMES as u64 {
         let m = s.store().meta(Pfn(i)).unwrap();
         if m.lock().is_locked() || m.is_pinned() {
