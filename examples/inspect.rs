@@ -21,7 +21,10 @@ fn main() {
         }
         Err(e) => {
             drop(out);
-            eprintln!("inspect: error: {e}");
+            eprintln!(
+                "inspect: error: {}",
+                pagepin::dump::cli::error_message(&args, &e)
+            );
             std::process::exit(pagepin::dump::cli::exit_code(&e));
         }
     }

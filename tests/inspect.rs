@@ -724,3 +724,173 @@ fn pin_report_verdict_is_the_simulators() {
     assert!(out.contains("xen: REFUSED: rule 2"), "{out}");
     assert!(out.contains("simulator: hypercall failed"), "{out}");
 }
+
+/// QEMU's `tlb_info_la48` and `mem_info_la48` / `mem_print`, transcribed
+/// straight from `target/i386/monitor.c` over the image's bytes (no
+/// pagepin code): the oracle the inspector's `--tlb` / `--mem` must match
+/// line for line. It follows every path, as QEMU does, so callers keep it
+/// to bounded tables.
+fn qemu_oracle(img: &[u8], cr3: u64) -> (String, String) {
+    let rd = |pa: u64| {
+        let pa = (pa & 0x000f_ffff_ffff_fff8) as usize;
+        u64::from_le_bytes(img[pa..pa + 8].try_into().unwrap())
+    };
+    let canon = |a: u64| {
+        if a & (1 << 47) != 0 {
+            a | 0xffff_0000_0000_0000
+        } else {
+            a
+        }
+    };
+    let print_pte = |out: &mut String, addr: u64, pte: u64, mask: u64| {
+        let c = |bit: u32, ch: char| if pte & (1 << bit) != 0 { ch } else { '-' };
+        out.push_str(&format!(
+            "{:016x}: {:016x} {}{}{}{}{}{}{}{}{}\n",
+            canon(addr),
+            pte & mask,
+            c(63, 'X'),
+            c(8, 'G'),
+            c(7, 'P'),
+            c(6, 'D'),
+            c(5, 'A'),
+            c(4, 'C'),
+            c(3, 'T'),
+            c(2, 'U'),
+            c(1, 'W')
+        ));
+    };
+    let mut tlb = String::new();
+    let mut mem = String::new();
+    let (mut start, mut last_prot): (i64, u64) = (-1, 0);
+    let mut mem_print = |out: &mut String, end: u64, prot: u64| {
+        if prot != last_prot {
+            if start != -1 {
+                let s = start as u64;
+                out.push_str(&format!(
+                    "{:016x}-{:016x} {:016x} {}r{}\n",
+                    canon(s),
+                    canon(end),
+                    canon(end.wrapping_sub(s)),
+                    if last_prot & 4 != 0 { 'u' } else { '-' },
+                    if last_prot & 2 != 0 { 'w' } else { '-' }
+                ));
+            }
+            start = if prot != 0 { end as i64 } else { -1 };
+            last_prot = prot;
+        }
+    };
+    let pml4_addr = cr3 & 0x3_ffff_ffff_f000;
+    for l1 in 0..512u64 {
+        let pml4e = rd(pml4_addr + l1 * 8);
+        let end1 = l1 << 39;
+        if pml4e & 1 == 0 {
+            mem_print(&mut mem, end1, 0);
+            continue;
+        }
+        let pdp_addr = pml4e & 0x3_ffff_ffff_f000;
+        for l2 in 0..512u64 {
+            let pdpe = rd(pdp_addr + l2 * 8);
+            let end2 = end1 + (l2 << 30);
+            if pdpe & 1 == 0 {
+                mem_print(&mut mem, end2, 0);
+                continue;
+            }
+            if pdpe & 0x80 != 0 {
+                print_pte(&mut tlb, end2, pdpe, 0x3_ffff_c000_0000);
+                mem_print(&mut mem, end2, pdpe & 7 & pml4e);
+                continue;
+            }
+            let pd_addr = pdpe & 0x3_ffff_ffff_f000;
+            for l3 in 0..512u64 {
+                let pde = rd(pd_addr + l3 * 8);
+                let end3 = end2 + (l3 << 21);
+                if pde & 1 == 0 {
+                    mem_print(&mut mem, end3, 0);
+                    continue;
+                }
+                if pde & 0x80 != 0 {
+                    print_pte(&mut tlb, end3, pde, 0x3_ffff_ffe0_0000);
+                    mem_print(&mut mem, end3, pde & 7 & pml4e & pdpe);
+                    continue;
+                }
+                let pt_addr = pde & 0x3_ffff_ffff_f000;
+                for l4 in 0..512u64 {
+                    let pte = rd(pt_addr + l4 * 8);
+                    let end4 = end3 + (l4 << 12);
+                    if pte & 1 != 0 {
+                        print_pte(&mut tlb, end4, pte & !0x80, 0x3_ffff_ffff_f000);
+                        mem_print(&mut mem, end4, pte & 7 & pml4e & pdpe & pde);
+                    } else {
+                        mem_print(&mut mem, end4, 0);
+                    }
+                }
+            }
+        }
+    }
+    mem_print(&mut mem, 1 << 48, 0);
+    (mem, tlb)
+}
+
+/// A Windows-style recursive slot (PML4 entry 0x1ed pointing at the PML4
+/// itself): QEMU walks it like any table, the root appearing as an L3, the
+/// L3s as L2s and so on. One such slot keeps the walk bounded (each table
+/// at each level once), so `--mem` and `--tlb` print exactly QEMU's lines,
+/// `--stats` and `--pin-report` work, and only a recursion that makes the
+/// paths explode is refused.
+#[test]
+fn single_self_map_slot_prints_what_qemu_prints() {
+    let b = build::<Split>(true);
+    let raw = write_raw(&b.store, "selfmap.raw", 0x14_0000);
+    let mut img = fs::read(&raw).unwrap();
+    let cr3 = root_cr3(&b);
+    let slot = 0x1ed_u64;
+    // P | RW | A | D, no U: what Windows puts there.
+    let self_entry = cr3 | 0x63;
+    let at = (cr3 + slot * 8) as usize;
+    img[at..at + 8].copy_from_slice(&self_entry.to_le_bytes());
+    let p = tmp("selfmap-slot.raw");
+    fs::write(&p, &img).unwrap();
+    let ps = p.to_str().unwrap();
+    let cr3s = format!("{cr3:#x}");
+
+    let mem = run(&["--raw", ps, "--cr3", &cr3s, "--mem"]).unwrap();
+    let tlb = run(&["--raw", ps, "--cr3", &cr3s, "--tlb"]).unwrap();
+    let (want_mem, want_tlb) = qemu_oracle(&img, cr3);
+    assert_eq!(mem, want_mem);
+    assert_eq!(tlb, want_tlb);
+    // The recursion adds lines, but boundedly: the tables once more at
+    // each lower level (the golden table had 3 + 2 + FRAMES + 2 leaves).
+    let normal = 3 + 2 + FRAMES + 2;
+    let lines = tlb.lines().count();
+    assert!(lines > normal && lines < 4 * (normal + 512), "{lines}");
+    // The PML4 seen as a PTE through the slot four times: Windows'
+    // well-known PXE self-map address, mapping the root itself.
+    assert!(
+        tlb.contains(&format!("fffff6fb7dbed000: {cr3:016x} ---DA---W\n")),
+        "{tlb}"
+    );
+    // Every present root entry appears as a PTE of the self-map page.
+    for i in [0u64, 1, 0x111, slot, 511] {
+        let e = u64::from_le_bytes(img[(cr3 + i * 8) as usize..][..8].try_into().unwrap());
+        let va = 0xffff_f6fb_7dbe_d000u64 - (slot << 12) + (i << 12);
+        assert!(
+            tlb.contains(&format!("{va:016x}: {:016x} ", e & 0x3_ffff_ffff_f000)),
+            "root entry {i:#x} as a PTE at {va:#x}:\n{tlb}"
+        );
+    }
+    // The statistics see the recursion; the pin report (user half) is
+    // unaffected by a kernel-half slot.
+    let stats = run(&["--raw", ps, "--cr3", &cr3s, "--stats"]).unwrap();
+    assert!(stats.contains("at two levels "), "{stats}");
+    let dump = Dump::open_raw(&p).unwrap();
+    let w = Walker::new(&dump.mem, cr3).unwrap();
+    let s = w.stats(0..512).unwrap();
+    assert!(s.multi_level_tables >= 1, "{s:?}");
+    assert_eq!(
+        s.leaves(),
+        lines,
+        "stats count every path, as --tlb lists it"
+    );
+    let report = run(&["--raw", ps, "--cr3", &cr3s, "--pin-report"]).unwrap();
+    assert!(report.contains("xen: REFUSED: rule 3"), "{report}");
+}

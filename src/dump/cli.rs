@@ -140,6 +140,25 @@ pub fn exit_code(e: &DumpError) -> i32 {
     }
 }
 
+/// The message for an error of [`run`] with `args`: an error about the
+/// dump's contents is prefixed with the file's path (the error itself names
+/// the offset or address), so a refusal names all three: file, where, and
+/// what was expected. Usage, argument and I/O errors are left as they are
+/// (an I/O error names its file already).
+pub fn error_message(args: &[String], e: &DumpError) -> String {
+    let file = match (e, parse_args(args)) {
+        // Not about the file's contents: I/O (names its file), a bad
+        // argument or address given on the command line.
+        (DumpError::Io { .. } | DumpError::BadArgument(_) | DumpError::NonCanonical { .. }, _)
+        | (_, Err(_)) => None,
+        (_, Ok(a)) => a.core.or(a.raw),
+    };
+    match file {
+        Some(f) => format!("{}: {e}", f.display()),
+        None => e.to_string(),
+    }
+}
+
 fn io(e: std::io::Error) -> DumpError {
     DumpError::Io {
         what: "write output".into(),
@@ -337,16 +356,19 @@ pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
         .map_err(io)?;
     }
     if a.mem {
-        out.write_all(qemu::info_mem(&w)?.as_bytes()).map_err(io)?;
+        qemu::write_info_mem(&w, out)?;
     }
     if a.tlb {
-        out.write_all(qemu::info_tlb(&w)?.as_bytes()).map_err(io)?;
+        qemu::write_info_tlb(&w, out)?;
     }
     for &va in &a.translate {
         let t = w.translate(va)?;
         write_translation(out, &t).map_err(io)?;
     }
     if a.pin_report {
+        // The simulator and the engine follow every path of the user half:
+        // refuse an exploding one before printing a partial report.
+        w.census(0..256)?.check()?;
         let v = pin::xen_check(
             &w,
             XenOptions {
@@ -425,7 +447,18 @@ pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
                             None => String::new(),
                         }
                     ),
-                    (None, _) => writeln!(out, "  xen: REFUSED (-{})", errno_name(r.errno)),
+                    (None, _) => writeln!(
+                        out,
+                        "  xen: REFUSED (-{}){}",
+                        errno_name(r.errno),
+                        match b {
+                            Some(b) => format!(
+                                " [the hand-written checks: rule {} at {:#x}: {}]",
+                                b.rule, b.entry_pa, b.what
+                            ),
+                            None => String::new(),
+                        }
+                    ),
                 }
                 .map_err(io)?;
                 writeln!(out, "  simulator: {}", r.call).map_err(io)?;

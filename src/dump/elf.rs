@@ -19,7 +19,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::phys::{self, PhysMem, Region};
-use super::{DumpError, CR0_PG, CR4_LA57, CR4_PAE};
+use super::{DumpError, CR0_PG, CR4_LA57, CR4_PAE, MAX_PHYS_END};
 
 /// `PT_LOAD`.
 pub const PT_LOAD: u32 = 1;
@@ -70,7 +70,7 @@ impl CpuState {
     pub fn decode(desc: &[u8]) -> Result<CpuState, DumpError> {
         if desc.len() < 8 {
             return Err(DumpError::BadCpuState(format!(
-                "descriptor of {} bytes, shorter than its header",
+                "descriptor of {} bytes, expected at least its 8-byte header",
                 desc.len()
             )));
         }
@@ -143,7 +143,8 @@ fn slice<'a>(file: &'a [u8], off: u64, len: u64, what: &str) -> Result<&'a [u8],
     match end {
         Some(end) if end <= file.len() as u64 => Ok(&file[off as usize..end as usize]),
         _ => Err(DumpError::Truncated(format!(
-            "{what} at offset {off:#x} ({len} bytes) runs past the end of the file ({} bytes)",
+            "{what} at offset {off:#x} ({len} bytes) runs past the end of the file ({} bytes): \
+             expected it inside the file",
             file.len()
         ))),
     }
@@ -172,14 +173,20 @@ fn parse(file: &[u8]) -> Result<(Vec<Phdr>, Vec<CpuState>), DumpError> {
         2 => {}
         1 => {
             return Err(DumpError::UnsupportedElf(
-                "ELFCLASS32: QEMU writes a 32-bit core when the guest is not in long mode".into(),
+                "ELFCLASS32 at offset 0x4, expected ELFCLASS64 (2): QEMU writes a 32-bit core \
+                 when the guest is not in long mode"
+                    .into(),
             ))
         }
-        c => return Err(DumpError::UnsupportedElf(format!("ELF class {c}"))),
+        c => {
+            return Err(DumpError::UnsupportedElf(format!(
+                "ELF class {c} at offset 0x4, expected ELFCLASS64 (2)"
+            )))
+        }
     }
     if eh[5] != 1 {
         return Err(DumpError::UnsupportedElf(format!(
-            "byte order {} (only little-endian)",
+            "byte order {} at offset 0x5, expected little-endian (1)",
             eh[5]
         )));
     }
@@ -187,12 +194,12 @@ fn parse(file: &[u8]) -> Result<(Vec<Phdr>, Vec<CpuState>), DumpError> {
     let machine = u16_at(eh, 18);
     if e_type != ET_CORE {
         return Err(DumpError::UnsupportedElf(format!(
-            "e_type {e_type}, expected ET_CORE (4)"
+            "e_type {e_type} at offset 0x10, expected ET_CORE (4)"
         )));
     }
     if machine != EM_X86_64 {
         return Err(DumpError::UnsupportedElf(format!(
-            "e_machine {machine}, expected EM_X86_64 (62)"
+            "e_machine {machine} at offset 0x12, expected EM_X86_64 (62)"
         )));
     }
     let phoff = u64_at(eh, 32);
@@ -201,7 +208,7 @@ fn parse(file: &[u8]) -> Result<(Vec<Phdr>, Vec<CpuState>), DumpError> {
     let mut phnum = u16_at(eh, 56) as u64;
     if phentsize != PHDR_SIZE as u64 {
         return Err(DumpError::UnsupportedElf(format!(
-            "e_phentsize {phentsize}, expected {PHDR_SIZE}"
+            "e_phentsize {phentsize} at offset 0x36, expected {PHDR_SIZE}"
         )));
     }
     if phnum == PN_XNUM as u64 {
@@ -215,9 +222,10 @@ fn parse(file: &[u8]) -> Result<(Vec<Phdr>, Vec<CpuState>), DumpError> {
         phnum.saturating_mul(PHDR_SIZE as u64),
         "the program header table",
     )?;
-    let mut phdrs = Vec::with_capacity(phnum as usize);
-    for i in 0..phnum as usize {
-        let p = &table[i * PHDR_SIZE..(i + 1) * PHDR_SIZE];
+    // The count was checked against the file above (the table is a slice of
+    // it), so this allocation is bounded by the file's size.
+    let mut phdrs = Vec::with_capacity(table.len() / PHDR_SIZE);
+    for p in table.chunks_exact(PHDR_SIZE) {
         phdrs.push(Phdr {
             p_type: u32_at(p, 0),
             offset: u64_at(p, 8),
@@ -228,51 +236,85 @@ fn parse(file: &[u8]) -> Result<(Vec<Phdr>, Vec<CpuState>), DumpError> {
     }
     let mut cpus = Vec::new();
     for (i, p) in phdrs.iter().enumerate() {
+        // phoff + i * 56 lies inside the table, itself inside the file.
+        let header_offset = phoff + (i * PHDR_SIZE) as u64;
         match p.p_type {
             PT_NOTE => {
                 let notes = slice(file, p.offset, p.filesz, &format!("PT_NOTE segment {i}"))?;
-                parse_notes(notes, i, &mut cpus)?;
+                parse_notes(notes, i, p.offset, &mut cpus)?;
             }
             PT_LOAD => {
                 slice(file, p.offset, p.filesz, &format!("PT_LOAD segment {i}"))?;
                 if p.filesz > p.memsz {
                     return Err(DumpError::UnsupportedElf(format!(
-                        "PT_LOAD segment {i}: p_filesz {:#x} > p_memsz {:#x}",
+                        "PT_LOAD segment {i} (program header at offset {header_offset:#x}): \
+                         p_filesz {:#x} > p_memsz {:#x}, expected p_filesz <= p_memsz",
                         p.filesz, p.memsz
                     )));
                 }
-                if p.paddr.checked_add(p.memsz).is_none() {
-                    return Err(DumpError::UnsupportedElf(format!(
-                        "PT_LOAD segment {i}: p_paddr {:#x} + p_memsz {:#x} overflows",
-                        p.paddr, p.memsz
-                    )));
+                // Guest-physical memory ends at 2^52 on x86-64: a segment
+                // beyond it (or wrapping) is no guest's, and its end would
+                // overflow the arithmetic that clips overlapping segments.
+                if p.paddr
+                    .checked_add(p.memsz)
+                    .is_none_or(|e| e > MAX_PHYS_END)
+                {
+                    return Err(DumpError::ImpossibleSegment {
+                        index: i,
+                        header_offset,
+                        paddr: p.paddr,
+                        memsz: p.memsz,
+                    });
                 }
             }
             _ => {}
         }
     }
+    if !phdrs.iter().any(|p| p.p_type == PT_LOAD && p.memsz > 0) {
+        return Err(DumpError::NoMemory {
+            phoff,
+            phnum: phdrs.len() as u64,
+        });
+    }
     Ok((phdrs, cpus))
 }
 
-fn parse_notes(mut b: &[u8], seg: usize, cpus: &mut Vec<CpuState>) -> Result<(), DumpError> {
+/// Parse the notes of PT_NOTE segment `seg` (`b`, at file offset `off`).
+fn parse_notes(
+    mut b: &[u8],
+    seg: usize,
+    off: u64,
+    cpus: &mut Vec<CpuState>,
+) -> Result<(), DumpError> {
     let pad4 = |n: usize| n.div_ceil(4) * 4;
+    let mut at = off;
     while b.len() >= 12 {
         let namesz = u32_at(b, 0) as usize;
         let descsz = u32_at(b, 4) as usize;
         let ntype = u32_at(b, 8);
         let name_end = 12usize.saturating_add(pad4(namesz));
         let desc_end = name_end.saturating_add(pad4(descsz));
-        if desc_end > b.len() || 12 + namesz > b.len() || name_end + descsz > b.len() {
+        if desc_end > b.len() {
             return Err(DumpError::Truncated(format!(
-                "a note in PT_NOTE segment {seg} (name {namesz} bytes, descriptor {descsz} bytes) \
-                 runs past its segment"
+                "the note at offset {at:#x} in PT_NOTE segment {seg} (name {namesz} bytes, \
+                 descriptor {descsz} bytes) runs past its segment: expected it to end within \
+                 {} bytes",
+                b.len()
             )));
         }
         let name = &b[12..12 + namesz];
         if name == b"QEMU\0" && ntype == 0 {
-            cpus.push(CpuState::decode(&b[name_end..name_end + descsz])?);
+            let desc_at = at + name_end as u64;
+            let cpu = CpuState::decode(&b[name_end..name_end + descsz]).map_err(|e| match e {
+                DumpError::BadCpuState(s) => {
+                    DumpError::BadCpuState(format!("the descriptor at offset {desc_at:#x}: {s}"))
+                }
+                e => e,
+            })?;
+            cpus.push(cpu);
         }
         b = &b[desc_end..];
+        at += desc_end as u64;
     }
     Ok(())
 }
@@ -292,10 +334,7 @@ pub(crate) fn open_core(path: &Path) -> Result<(PhysMem, Vec<CpuState>), DumpErr
             file_len: p.filesz,
         })
         .collect();
-    if regions.is_empty() {
-        return Err(DumpError::NoMemory);
-    }
-    Ok((PhysMem::from_regions(Some(map), regions), cpus))
+    Ok((PhysMem::from_regions(Some(map), regions)?, cpus))
 }
 
 /// Writes an ELF64 core in the shape QEMU's `dump-guest-memory` gives it:
@@ -402,7 +441,8 @@ impl ElfCoreWriter {
     pub fn write_page(&self, f: &mut File, pa: u64, data: &[u8]) -> io::Result<()> {
         let (offs, _, _) = self.layout();
         for (&(paddr, len), &off) in self.ranges.iter().zip(&offs) {
-            if pa >= paddr && pa + data.len() as u64 <= paddr + len {
+            let end = pa.checked_add(data.len() as u64);
+            if pa >= paddr && end.is_some_and(|e| Some(e) <= paddr.checked_add(len)) {
                 f.seek(SeekFrom::Start(off + (pa - paddr)))?;
                 return f.write_all(data);
             }

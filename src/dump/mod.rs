@@ -21,7 +21,13 @@
 //!   §6, over the user half), and what pinning it would cost, counted by
 //!   running the engine itself on a copy of the tables.
 //!
-//! Bad input is a [`DumpError`], never a panic.
+//! Bad input is a [`DumpError`], never a panic, a hang or an allocation
+//! sized by a number read from the file: header counts and sizes are
+//! checked against the file before use, segments against the 52-bit
+//! physical address space ([`MAX_PHYS_END`]), walks are bounded by the
+//! dump's distinct tables whatever cycles they form ([`walk::Census`]), and
+//! the simulated domain of `pin::sim_check` is sized by the frames the
+//! tables map, not by their numbers.
 
 pub mod cli;
 pub mod elf;
@@ -35,7 +41,7 @@ use std::path::Path;
 
 pub use elf::{CpuState, ElfCoreWriter};
 pub use phys::{PhysMem, Region};
-pub use walk::{Leaf, Translation, WalkStats, Walker};
+pub use walk::{Census, Leaf, Translation, WalkStats, Walker};
 
 /// CR4.PAE (bit 5).
 pub const CR4_PAE: u64 = 1 << 5;
@@ -47,6 +53,9 @@ pub const CR0_PG: u64 = 1 << 31;
 pub const CR3_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// Under PTI the user root is the kernel root's frame + 4 KiB: this bit.
 pub const PTI_USER_BIT: u64 = 0x1000;
+/// One past the highest guest-physical address x86-64 can have (52-bit
+/// MAXPHYADDR): memory ranges of a dump must end at or below it.
+pub const MAX_PHYS_END: u64 = 1 << 52;
 
 /// Errors of the dump reader. Each names the problem precisely.
 #[derive(Debug)]
@@ -68,7 +77,24 @@ pub enum DumpError {
     /// The file ends before a structure it declares.
     Truncated(String),
     /// The ELF core has no `PT_LOAD` segment with memory in it.
-    NoMemory,
+    NoMemory {
+        /// File offset of the program header table (`e_phoff`).
+        phoff: u64,
+        /// Program headers in it.
+        phnum: u64,
+    },
+    /// A `PT_LOAD` segment that no guest can have: it ends beyond the
+    /// 52-bit guest-physical address space x86-64 allows (or wraps).
+    ImpossibleSegment {
+        /// The segment's program-header index.
+        index: usize,
+        /// File offset of its program header.
+        header_offset: u64,
+        /// `p_paddr`.
+        paddr: u64,
+        /// `p_memsz`.
+        memsz: u64,
+    },
     /// No CR3: the core has no QEMU CPU-state note and none was given.
     NoCr3,
     /// The CPU-state note is malformed or of an unknown version.
@@ -112,6 +138,43 @@ pub enum DumpError {
         /// The entry.
         entry: u64,
     },
+    /// A table reached at more than one level (a cycle, or a recursive
+    /// "self-map" entry) in a table whose walk would visit more tables than
+    /// its bound ([`Census::limit`]): following every path, as QEMU
+    /// does, would take time (and output) exponential in the recursion.
+    TableRecursion {
+        /// Guest-physical address of the table.
+        table: u64,
+        /// The levels it is reached at, highest first.
+        levels: Vec<u8>,
+        /// Level of the table holding the first entry that reaches it at a
+        /// second level.
+        level: u8,
+        /// That entry's index.
+        index: usize,
+        /// That entry's guest-physical address.
+        entry_pa: u64,
+        /// That entry.
+        entry: u64,
+        /// Table visits a walk of every path would make.
+        visits: u64,
+        /// The bound.
+        limit: u64,
+    },
+    /// Tables shared by so many entries at one level that a walk of every
+    /// path would visit more tables than its bound ([`Census::limit`]).
+    WalkTooLarge {
+        /// Guest-physical address of the table reached by the most paths.
+        table: u64,
+        /// Its level.
+        level: u8,
+        /// Paths reaching it.
+        paths: u64,
+        /// Table visits a walk of every path would make.
+        visits: u64,
+        /// The bound.
+        limit: u64,
+    },
     /// A virtual address outside the 48-bit canonical space.
     NonCanonical {
         /// The address.
@@ -125,27 +188,52 @@ impl fmt::Display for DumpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DumpError::Io { what, source } => write!(f, "{what}: {source}"),
-            DumpError::Empty => write!(f, "the file is empty"),
-            DumpError::NotElf => write!(f, "not an ELF file (no \\x7fELF magic)"),
+            DumpError::Empty => write!(
+                f,
+                "the file is empty: expected an ELF core or a raw image from offset 0x0"
+            ),
+            DumpError::NotElf => write!(
+                f,
+                "not an ELF file: expected the magic \\x7fELF at offset 0x0 (a raw image needs --raw)"
+            ),
             DumpError::UnsupportedElf(s) => write!(f, "unsupported ELF file: {s}"),
             DumpError::Truncated(s) => write!(f, "truncated file: {s}"),
-            DumpError::NoMemory => write!(f, "the ELF core has no PT_LOAD segment with memory"),
+            DumpError::NoMemory { phoff, phnum } => write!(
+                f,
+                "the ELF core has no PT_LOAD segment with memory: expected one among the \
+                 {phnum} program header(s) at offset {phoff:#x}"
+            ),
+            DumpError::ImpossibleSegment {
+                index,
+                header_offset,
+                paddr,
+                memsz,
+            } => write!(
+                f,
+                "PT_LOAD segment {index} (program header at offset {header_offset:#x}): p_paddr \
+                 {paddr:#x} + p_memsz {memsz:#x} ends beyond guest-physical memory: expected an \
+                 end at most {MAX_PHYS_END:#x} (52-bit physical addresses)"
+            ),
             DumpError::NoCr3 => write!(
                 f,
-                "no CR3: the core has no QEMU CPU-state note; give --cr3 ADDR"
+                "no CR3: expected a QEMU CPU-state note (\"QEMU\", type 0) in a PT_NOTE segment; \
+                 the core has none: give --cr3 ADDR"
             ),
             DumpError::BadCpuState(s) => write!(f, "bad QEMU CPU-state note: {s}"),
             DumpError::FiveLevelPaging => write!(
                 f,
-                "5-level paging (CR4.LA57) is not supported: only 4-level x86-64 tables are read"
+                "5-level paging (CR4.LA57, {CR4_LA57:#x}) is not supported: expected 4-level \
+                 x86-64 tables"
             ),
             DumpError::NotLongMode { cr0, cr4 } => write!(
                 f,
-                "the CPU is not in 4-level long mode (CR0 {cr0:#x}, CR4 {cr4:#x}: PG and PAE must be set)"
+                "the CPU is not in 4-level long mode (CR0 {cr0:#x}, CR4 {cr4:#x}): expected \
+                 CR0.PG ({CR0_PG:#x}) and CR4.PAE ({CR4_PAE:#x}) set"
             ),
             DumpError::Cr3OutsideMemory { cr3 } => write!(
                 f,
-                "CR3 {cr3:#x}: the root table at {:#x} is outside the dump's memory",
+                "CR3 {cr3:#x}: the root table at {:#x} is outside the dump's memory: expected a \
+                 page inside it",
                 cr3 & CR3_ADDR_MASK
             ),
             DumpError::TableOutsideMemory {
@@ -157,7 +245,7 @@ impl fmt::Display for DumpError {
             } => write!(
                 f,
                 "L{level} entry {index} (at {entry_pa:#x}, value {entry:#018x}, covering VA {va:#x}) \
-                 points to a table at {:#x}, outside the dump's memory",
+                 points to a table at {:#x}, outside the dump's memory: expected a page inside it",
                 entry & CR3_ADDR_MASK
             ),
             DumpError::ReservedBit {
@@ -167,10 +255,49 @@ impl fmt::Display for DumpError {
                 entry,
             } => write!(
                 f,
-                "L{level} entry {index} (at {entry_pa:#x}, value {entry:#018x}) has the reserved PS bit set"
+                "L{level} entry {index} (at {entry_pa:#x}, value {entry:#018x}) has the reserved PS \
+                 bit set: expected it clear in a root entry"
+            ),
+            DumpError::TableRecursion {
+                table,
+                levels,
+                level,
+                index,
+                entry_pa,
+                entry,
+                visits,
+                limit,
+            } => {
+                let names: Vec<String> = levels.iter().map(|l| format!("L{l}")).collect();
+                write!(
+                    f,
+                    "the table at {table:#x} is reached at levels {} (L{level} entry {index} at \
+                     {entry_pa:#x} = {entry:#018x} reaches it again as an L{}): a cycle or \
+                     recursive mapping whose walk would visit {visits} tables, over the bound \
+                     {limit}; expected each table at one level, or a recursion as bounded as \
+                     one self-map slot (--stats counts it exactly)",
+                    names.join(", "),
+                    level.saturating_sub(1),
+                )
+            }
+            DumpError::WalkTooLarge {
+                table,
+                level,
+                paths,
+                visits,
+                limit,
+            } => write!(
+                f,
+                "the L{level} table at {table:#x} is reached by {paths} paths (shared entries): a \
+                 walk of every path would visit {visits} tables, over the bound {limit}; expected \
+                 tables shared less (--stats counts them exactly)"
             ),
             DumpError::NonCanonical { va } => {
-                write!(f, "{va:#x} is not a canonical 48-bit virtual address")
+                write!(
+                    f,
+                    "{va:#x} is not a canonical 48-bit virtual address: expected bits 63..=47 \
+                     all equal"
+                )
             }
             DumpError::BadArgument(s) => write!(f, "bad argument: {s}"),
         }

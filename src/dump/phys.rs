@@ -5,7 +5,7 @@ use std::path::Path;
 
 use memmap2::{Mmap, MmapOptions};
 
-use super::DumpError;
+use super::{DumpError, MAX_PHYS_END};
 
 /// One range of guest-physical memory and where it lies in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,9 +22,10 @@ pub struct Region {
 }
 
 impl Region {
-    /// One past the last address.
+    /// One past the last address (saturating: a [`PhysMem`]'s regions are
+    /// checked to end at or below [`MAX_PHYS_END`]).
     pub fn end(&self) -> u64 {
-        self.paddr + self.len
+        self.paddr.saturating_add(self.len)
     }
 }
 
@@ -84,8 +85,28 @@ impl PhysMem {
 
     /// A view over `map` with `regions` (each already checked to lie inside
     /// the file). Overlapping regions are clipped: the lower-addressed one
-    /// wins, as QEMU writes the same memory for duplicate ranges.
-    pub(crate) fn from_regions(map: Option<Mmap>, mut regions: Vec<Region>) -> PhysMem {
+    /// wins, as QEMU writes the same memory for duplicate ranges. A region
+    /// ending beyond [`MAX_PHYS_END`], or whose file part wraps, is an
+    /// error (the ELF reader refuses such segments first, naming them).
+    pub(crate) fn from_regions(
+        map: Option<Mmap>,
+        mut regions: Vec<Region>,
+    ) -> Result<PhysMem, DumpError> {
+        for r in &regions {
+            let fits = r
+                .paddr
+                .checked_add(r.len)
+                .is_some_and(|e| e <= MAX_PHYS_END)
+                && r.offset.checked_add(r.file_len).is_some()
+                && r.file_len <= r.len;
+            if !fits {
+                return Err(DumpError::UnsupportedElf(format!(
+                    "memory range at {:#x} ({:#x} bytes, {:#x} of them at file offset {:#x}): \
+                     expected it to end at most {MAX_PHYS_END:#x}, its file part inside the file",
+                    r.paddr, r.len, r.file_len, r.offset
+                )));
+            }
+        }
         regions.retain(|r| r.len > 0);
         regions.sort_by_key(|r| (r.paddr, std::cmp::Reverse(r.len)));
         let mut out: Vec<Region> = Vec::with_capacity(regions.len());
@@ -96,16 +117,20 @@ impl PhysMem {
                     continue;
                 }
                 if r.paddr < end {
+                    // Drop the first `cut` bytes of memory; of the file, only
+                    // what backs them (the rest of `cut` is zero fill, which
+                    // has no file bytes to skip).
                     let cut = end - r.paddr;
+                    let file_cut = cut.min(r.file_len);
                     r.paddr = end;
                     r.len -= cut;
-                    r.offset += cut;
-                    r.file_len = r.file_len.saturating_sub(cut);
+                    r.offset += file_cut;
+                    r.file_len -= file_cut;
                 }
             }
             out.push(r);
         }
-        PhysMem { map, regions: out }
+        Ok(PhysMem { map, regions: out })
     }
 
     /// The regions, sorted by address.
@@ -115,7 +140,10 @@ impl PhysMem {
 
     /// Total bytes of guest memory.
     pub fn total(&self) -> u64 {
-        self.regions.iter().map(|r| r.len).sum()
+        // Disjoint regions below MAX_PHYS_END: the sum cannot wrap.
+        self.regions
+            .iter()
+            .fold(0u64, |t, r| t.saturating_add(r.len))
     }
 
     fn region_of(&self, pa: u64) -> Option<&Region> {
@@ -152,14 +180,11 @@ impl PhysMem {
         }
         let map = self.map.as_ref()?;
         let start = usize::try_from(r.offset.checked_add(off)?).ok()?;
-        if off + 8 <= r.file_len {
-            let bytes = map.get(start..start.checked_add(8)?)?;
-            return Some(u64::from_le_bytes(bytes.try_into().ok()?));
-        }
-        // A word straddling the end of the file-backed part.
+        // A word may straddle the end of the file-backed part: the rest is
+        // zero fill.
+        let avail = usize::try_from((r.file_len - off).min(8)).ok()?;
         let mut buf = [0u8; 8];
-        let avail = (r.file_len - off) as usize;
-        buf[..avail].copy_from_slice(map.get(start..start + avail)?);
+        buf[..avail].copy_from_slice(map.get(start..start.checked_add(avail)?)?);
         Some(u64::from_le_bytes(buf))
     }
 }
@@ -192,7 +217,8 @@ mod tests {
                     file_len: 0,
                 },
             ],
-        );
+        )
+        .unwrap();
         assert_eq!(m.regions().len(), 2);
         assert_eq!(m.regions()[1].paddr, 0x4000);
         assert_eq!(m.total(), 0x3000);

@@ -320,8 +320,10 @@ pub fn xen_check(w: &Walker<'_>, opts: XenOptions) -> Result<XenVerdict, DumpErr
         .map(|(f, _)| f << 12)
         .collect();
     if !tables.is_empty() {
+        // Once per distinct leaf (not per path): the kernel half may hold
+        // a recursive slot, and the set of frames is all that matters here.
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        w.walk(256..512, &mut |_, _, _| {}, &mut |l| {
+        w.census_with(256..512, &mut |l, _| {
             if l.writable {
                 ranges.push((l.phys, l.phys + l.size.bytes()));
             }
@@ -527,8 +529,8 @@ pub use sim::sim_check;
 pub struct SimVerdict {
     /// `None`: the simulator pinned (and unpinned) the table.
     pub refused: Option<SimRefusal>,
-    /// Machine frames the simulated domain had (the dump's frame numbers
-    /// up to the highest one the user half references, then the tables).
+    /// Machine frames the simulated domain had: one per distinct frame the
+    /// user half's leaves map, then the copies of its tables.
     pub nr_pages: usize,
     /// Hypercalls the pin (and unpin) trapped with.
     pub hypercalls: u64,
@@ -559,18 +561,24 @@ pub struct SimRefusal {
 mod sim {
     use super::*;
     use super::{SimRefusal, SimVerdict};
+    use pagepin_engine::PageSize;
 
     /// Pin the user half of the table under `w` on the simulated Xen
     /// hypervisor ([`XenSim`]), through the engine and [`XenBackend`] under the
     /// global policy (one `MMUEXT_PIN_L4_TABLE` validates the whole table
     /// recursively, in Xen's order), and report the first entry it refuses.
     ///
-    /// The simulated domain uses an identity p2m, so the dump's frame numbers
-    /// are its machine frames: leaves keep their frames (RAM frames are owned;
-    /// frames outside the dump's RAM are I/O memory). The user half's tables
-    /// are copied above every referenced frame (the engine's frame store holds
-    /// them there); table pointers, and L1 leaves that map a table frame, are
-    /// retargeted to the copies, and refusals are translated back.
+    /// The simulated domain is sized by what the check needs, never by the
+    /// frame numbers the dump holds (a leaf may name any frame below 2^40):
+    /// each distinct frame the user half's leaves map gets a dense machine
+    /// frame number (in the dump's RAM: owned by the domain; outside it: I/O
+    /// memory), identity-mapped, and the user half's tables are copied above
+    /// them (the engine's frame store holds them there). Table pointers, and
+    /// L1 leaves that map a table frame, are retargeted to the copies, other
+    /// leaves to their dense frames; refusals are translated back. Xen's
+    /// checks only compare frames, ask whether the domain owns them and
+    /// whether they are I/O memory, so the verdict is the one over the
+    /// dump's own frame numbers.
     pub fn sim_check(
         w: &Walker<'_>,
         opts: XenOptions,
@@ -583,50 +591,60 @@ mod sim {
             )));
         }
         let tables = user_tables(w)?;
-        // First VA each table covers (for messages), and the highest frame the
-        // user half references.
+        let table_set: std::collections::HashSet<u64> =
+            tables.iter().map(|t| t.0).chain([w.root()]).collect();
+        // First VA each table covers (for messages), and the frames the user
+        // half's 4 KiB leaves map (the walk is bounded: `user_tables` ran
+        // the census check).
         let mut first_va: HashMap<u64, u64> = HashMap::new();
-        let max_frame = std::cell::Cell::new(w.root() >> 12);
+        let mut ram_frames: Vec<u64> = Vec::new();
+        let mut io_frames: Vec<u64> = Vec::new();
+        let mut seen_frames: std::collections::HashSet<u64> = std::collections::HashSet::new();
         w.walk(
             0..256,
             &mut |_, pa, va| {
                 first_va.entry(pa).or_insert(va);
-                max_frame.set(max_frame.get().max(pa >> 12));
             },
-            &mut |l| max_frame.set(max_frame.get().max(l.phys >> 12)),
+            &mut |l| {
+                let e = l.entry;
+                // Large leaves are refused whatever their frame; a frame
+                // with reserved address bits too; table frames are copied.
+                let pa = e & PageTableEntry::ADDR_MASK;
+                if l.size != PageSize::Size4K
+                    || e & PageTableEntry::RESERVED_ADDR_BITS != 0
+                    || table_set.contains(&pa)
+                    || !seen_frames.insert(pa >> 12)
+                {
+                    return;
+                }
+                if w.mem().contains_page(pa) {
+                    ram_frames.push(pa >> 12);
+                } else {
+                    io_frames.push(pa >> 12);
+                }
+            },
         )?;
-        let max_frame = max_frame.get();
-        let base = max_frame + 1;
+        // Dense machine frames: RAM frames first, then I/O frames, then the
+        // table copies. Bounded by the leaves the dump holds.
+        let mut data_of: HashMap<u64, u64> = HashMap::new();
+        for (i, &f) in ram_frames.iter().chain(&io_frames).enumerate() {
+            data_of.insert(f, i as u64);
+        }
+        let base = data_of.len() as u64;
+        let io_range = ram_frames.len() as u64..base;
         let frames = tables.len() + 2;
-        let nr_pages = usize::try_from(base)
-            .ok()
-            .and_then(|b| b.checked_add(frames))
-            .filter(|&n| n <= u32::MAX as usize)
-            .ok_or_else(|| {
-                DumpError::BadArgument(format!(
-                    "frame {max_frame:#x} is beyond what the simulator models"
-                ))
-            })?;
-        // I/O memory: frames below `base` outside the dump's RAM.
-        let mut io_frames = Vec::new();
-        let mut next = 0u64;
-        let mut ram: Vec<(u64, u64)> = w
-            .mem()
-            .regions()
-            .iter()
-            .map(|r| (r.paddr >> 12, (r.paddr + r.len) >> 12))
+        let nr_pages = (data_of.len() + frames).max(1);
+        if nr_pages > u32::MAX as usize {
+            return Err(DumpError::BadArgument(format!(
+                "the user half maps {} frames: expected at most {:#x} for the simulator",
+                data_of.len(),
+                u32::MAX
+            )));
+        }
+        let io_frames: Vec<std::ops::Range<u64>> = Some(io_range)
+            .filter(|r| !r.is_empty())
+            .into_iter()
             .collect();
-        ram.sort_unstable();
-        for (s, e) in ram {
-            if s > next {
-                io_frames.push(next.min(base)..s.min(base));
-            }
-            next = next.max(e);
-        }
-        if next < base {
-            io_frames.push(next..base);
-        }
-        io_frames.retain(|r| !r.is_empty());
 
         let store = Arc::new(FrameStore::<DefaultRawLock>::new(frames, base));
         let mut cfg = SimConfig::for_mode::<X86_64>(nr_pages, 0);
@@ -659,9 +677,17 @@ mod sim {
         for &r in &roots {
             dump_of.insert(r.0, w.root());
         }
-        let retarget = |e: u64| match pfn_of.get(&(e & PageTableEntry::ADDR_MASK)) {
-            Some(p) => (e & !PageTableEntry::ADDR_MASK) | (p.0 << 12),
-            None => e,
+        let retarget = |e: u64| {
+            let pa = e & PageTableEntry::ADDR_MASK;
+            let frame = match pfn_of.get(&pa) {
+                Some(p) => p.0,
+                None if e & PageTableEntry::RESERVED_ADDR_BITS != 0 => return e,
+                None => match data_of.get(&(pa >> 12)) {
+                    Some(&f) => f,
+                    None => return e,
+                },
+            };
+            (e & !PageTableEntry::ADDR_MASK) | (frame << 12)
         };
         let copy = |src: u64, dst: Pfn, level: Level, slots: usize| {
             for i in 0..slots {

@@ -24,7 +24,7 @@
 //!   dirty, accessed, PCD, PWT, user, RW; `-` when clear); a 4 KiB entry's
 //!   bit 7 (its PAT bit) is cleared first, so `P` marks large leaves only.
 
-use std::fmt::Write;
+use std::io::Write;
 
 use pagepin_engine::Level;
 
@@ -59,24 +59,37 @@ pub fn qemu_canonical(addr: u64) -> u64 {
 }
 
 /// The running state of `info mem`'s `mem_print`.
-struct MemPrinter {
+struct MemPrinter<'o> {
     /// Start of the open range; `None` is QEMU's `-1`.
     start: Option<u64>,
     last_prot: u64,
-    out: String,
+    out: &'o mut dyn Write,
 }
 
-impl MemPrinter {
-    fn print(&mut self, end: u64, prot: u64) {
+impl MemPrinter<'_> {
+    fn print(&mut self, end: u64, prot: u64) -> Result<(), DumpError> {
         if prot == self.last_prot {
-            return;
+            return Ok(());
         }
         if let Some(start) = self.start {
-            let _ = writeln!(self.out, "{}", mem_line(start, end, self.last_prot));
+            writeln!(self.out, "{}", mem_line(start, end, self.last_prot)).map_err(write_error)?;
         }
         self.start = (prot != 0).then_some(end);
         self.last_prot = prot;
+        Ok(())
     }
+}
+
+fn write_error(source: std::io::Error) -> DumpError {
+    DumpError::Io {
+        what: "write output".into(),
+        source,
+    }
+}
+
+/// Output collected in memory is UTF-8 (every line is ASCII).
+fn into_string(buf: Vec<u8>) -> String {
+    String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// One `info mem` line for the range `[start, end)` with protection `prot`
@@ -114,17 +127,31 @@ pub fn tlb_line(va: u64, pte: u64, mask: u64) -> String {
 
 /// `info mem` for the table under `w`, exactly as QEMU prints it.
 pub fn info_mem(w: &Walker<'_>) -> Result<String, DumpError> {
+    let mut buf = Vec::new();
+    write_info_mem(w, &mut buf)?;
+    Ok(into_string(buf))
+}
+
+/// [`info_mem`], streamed to `out`.
+///
+/// QEMU follows every path through the tables; so does this, after the
+/// walker's census has checked that the paths are bounded by the dump's
+/// distinct tables (a cycle or a table at several levels that would make
+/// them explode is [`DumpError::TableRecursion`]). One self-map slot is
+/// bounded, and printed as QEMU prints it.
+pub fn write_info_mem(w: &Walker<'_>, out: &mut dyn Write) -> Result<(), DumpError> {
+    w.census(0..512)?.check()?;
     let mut p = MemPrinter {
         start: None,
         last_prot: 0,
-        out: String::new(),
+        out,
     };
     let root = w.root();
     for l1 in 0..512usize {
         let pml4e = w.entry(root, l1);
         let end = (l1 as u64) << 39;
         if pml4e & PG_PRESENT == 0 {
-            p.print(end, 0);
+            p.print(end, 0)?;
             continue;
         }
         w.is_leaf(Level::L4, root, l1, pml4e)?;
@@ -133,11 +160,11 @@ pub fn info_mem(w: &Walker<'_>) -> Result<String, DumpError> {
             let pdpe = w.entry(pdp, l2);
             let end = ((l1 as u64) << 39) + ((l2 as u64) << 30);
             if pdpe & PG_PRESENT == 0 {
-                p.print(end, 0);
+                p.print(end, 0)?;
                 continue;
             }
             if pdpe & PG_PSE != 0 {
-                p.print(end, pdpe & PROT_MASK & pml4e);
+                p.print(end, pdpe & PROT_MASK & pml4e)?;
                 continue;
             }
             let pd = w.child(Level::L3, pdp, l2, pdpe, end)?;
@@ -145,11 +172,11 @@ pub fn info_mem(w: &Walker<'_>) -> Result<String, DumpError> {
                 let pde = w.entry(pd, l3);
                 let end = ((l1 as u64) << 39) + ((l2 as u64) << 30) + ((l3 as u64) << 21);
                 if pde & PG_PRESENT == 0 {
-                    p.print(end, 0);
+                    p.print(end, 0)?;
                     continue;
                 }
                 if pde & PG_PSE != 0 {
-                    p.print(end, pde & PROT_MASK & pml4e & pdpe);
+                    p.print(end, pde & PROT_MASK & pml4e & pdpe)?;
                     continue;
                 }
                 let pt = w.child(Level::L2, pd, l3, pde, end)?;
@@ -164,18 +191,24 @@ pub fn info_mem(w: &Walker<'_>) -> Result<String, DumpError> {
                     } else {
                         0
                     };
-                    p.print(end, prot);
+                    p.print(end, prot)?;
                 }
             }
         }
     }
-    p.print(1 << 48, 0);
-    Ok(p.out)
+    p.print(1 << 48, 0)
 }
 
 /// `info tlb` for the table under `w`, exactly as QEMU prints it.
 pub fn info_tlb(w: &Walker<'_>) -> Result<String, DumpError> {
-    let mut out = String::new();
+    let mut buf = Vec::new();
+    write_info_tlb(w, &mut buf)?;
+    Ok(into_string(buf))
+}
+
+/// [`info_tlb`], streamed to `out`; bounded as [`write_info_mem`].
+pub fn write_info_tlb(w: &Walker<'_>, out: &mut dyn Write) -> Result<(), DumpError> {
+    w.census(0..512)?.check()?;
     let root = w.root();
     for l1 in 0..512usize {
         let pml4e = w.entry(root, l1);
@@ -192,7 +225,7 @@ pub fn info_tlb(w: &Walker<'_>) -> Result<String, DumpError> {
             }
             let va2 = va1 + ((l2 as u64) << 30);
             if pdpe & PG_PSE != 0 {
-                let _ = writeln!(out, "{}", tlb_line(va2, pdpe, MASK_1G));
+                writeln!(out, "{}", tlb_line(va2, pdpe, MASK_1G)).map_err(write_error)?;
                 continue;
             }
             let pd = w.child(Level::L3, pdp, l2, pdpe, va2)?;
@@ -203,7 +236,7 @@ pub fn info_tlb(w: &Walker<'_>) -> Result<String, DumpError> {
                 }
                 let va3 = va2 + ((l3 as u64) << 21);
                 if pde & PG_PSE != 0 {
-                    let _ = writeln!(out, "{}", tlb_line(va3, pde, MASK_2M));
+                    writeln!(out, "{}", tlb_line(va3, pde, MASK_2M)).map_err(write_error)?;
                     continue;
                 }
                 let pt = w.child(Level::L2, pd, l3, pde, va3)?;
@@ -211,13 +244,14 @@ pub fn info_tlb(w: &Walker<'_>) -> Result<String, DumpError> {
                     let pte = w.entry(pt, l4);
                     if pte & PG_PRESENT != 0 {
                         let va4 = va3 + ((l4 as u64) << 12);
-                        let _ = writeln!(out, "{}", tlb_line(va4, pte & !PG_PSE, MASK_4K));
+                        writeln!(out, "{}", tlb_line(va4, pte & !PG_PSE, MASK_4K))
+                            .map_err(write_error)?;
                     }
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -273,19 +307,24 @@ mod tests {
 
     #[test]
     fn printer_merges_on_prot_only() {
+        let mut out = Vec::new();
         let mut p = MemPrinter {
             start: None,
             last_prot: 0,
-            out: String::new(),
+            out: &mut out,
         };
-        p.print(0x1000, 0);
-        p.print(0x2000, 7);
-        p.print(0x3000, 7);
-        p.print(0x4000, 3);
-        p.print(0x5000, 0);
-        p.print(1 << 48, 0);
+        for (end, prot) in [
+            (0x1000, 0),
+            (0x2000, 7),
+            (0x3000, 7),
+            (0x4000, 3),
+            (0x5000, 0),
+        ] {
+            p.print(end, prot).unwrap();
+        }
+        p.print(1 << 48, 0).unwrap();
         assert_eq!(
-            p.out,
+            String::from_utf8(out).unwrap(),
             "0000000000002000-0000000000004000 0000000000002000 urw\n\
              0000000000004000-0000000000005000 0000000000001000 -rw\n"
         );

@@ -5,9 +5,20 @@
 //! walk handles what real tables contain: 2 MiB and 1 GiB leaves (PS), PAT
 //! in bit 12 of large leaves (not an address bit), global and NX mappings,
 //! PCD/PWT, and leaves that point outside RAM (MMIO: listed, not errors).
-//! A table pointer outside memory is an error naming the entry. With a fixed
-//! depth of four levels the walk always terminates, whatever the tables.
+//! A table pointer outside memory is an error naming the entry.
+//!
+//! A dump is untrusted: its tables may form cycles (an entry pointing back
+//! at its own table or an ancestor) or share tables, so the paths through
+//! four levels can number 512^4 even for one table page. [`Walker::census`]
+//! summarises every distinct (table, level) once, so statistics cost what
+//! the distinct tables cost; a walk that follows every path
+//! ([`Walker::walk`], QEMU's `info mem` / `info tlb`) first checks, with the
+//! census, that its paths stay within a bound derived from the distinct
+//! tables ([`Census::limit`]) and otherwise refuses with the table at fault.
+//! A single recursive ("self-map") slot, as Windows keeps one, stays within
+//! the bound: it makes each table appear at up to four levels, once each.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -106,16 +117,23 @@ impl WalkStats {
         self.leaves_4k + self.leaves_2m + self.leaves_1g
     }
 
-    fn count_leaf(&mut self, l: &Leaf) {
+    /// Count `n` leaves like `l` (`n` paths reach it).
+    fn count_leaves(&mut self, l: &Leaf, n: u64) {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let add = |c: &mut usize, yes: bool| {
+            if yes {
+                *c = c.saturating_add(n);
+            }
+        };
         match l.size {
-            PageSize::Size4K => self.leaves_4k += 1,
-            PageSize::Size2M => self.leaves_2m += 1,
-            PageSize::Size1G => self.leaves_1g += 1,
+            PageSize::Size4K => add(&mut self.leaves_4k, true),
+            PageSize::Size2M => add(&mut self.leaves_2m, true),
+            PageSize::Size1G => add(&mut self.leaves_1g, true),
         }
-        self.mapped_bytes += l.size.bytes() as u128;
-        if !l.in_ram {
-            self.leaves_outside_ram += 1;
-        }
+        self.mapped_bytes = self
+            .mapped_bytes
+            .saturating_add(l.size.bytes() as u128 * n as u128);
+        add(&mut self.leaves_outside_ram, !l.in_ram);
         let e = l.entry;
         let bits = [
             e & EntryFlags::WRITABLE.bits() != 0,
@@ -129,12 +147,157 @@ impl WalkStats {
             e & EntryFlags::NO_EXECUTE.bits() != 0,
         ];
         for (c, b) in self.leaf_flags.iter_mut().zip(bits) {
-            *c += b as usize;
+            add(c, b);
         }
-        self.effective_user += l.user as usize;
-        self.effective_writable += l.writable as usize;
+        add(&mut self.effective_user, l.user);
+        add(&mut self.effective_writable, l.writable);
     }
 }
+
+/// A walk may visit at most this many tables more than
+/// [`WALK_VISITS_PER_PAIR`] times its distinct (table, level) pairs (see
+/// [`Census::limit`]).
+pub const WALK_VISIT_FLOOR: u64 = 64;
+/// Table visits a walk may make per distinct (table, level) pair it
+/// reaches. A tree (or a table with one self-map slot) visits each pair
+/// once; the slack admits a little same-level sharing.
+pub const WALK_VISITS_PER_PAIR: u64 = 4;
+
+/// What a walk of some root slots finds, computed once per distinct
+/// (table, level, inherited rights) instead of once per path, so its cost
+/// is bounded by the dump's distinct tables whatever cycles or shared
+/// tables they form.
+///
+/// A walk that follows every path (QEMU's `info tlb` / `info mem`,
+/// [`Walker::walk`]) is bounded only for tree-like tables: [`Census::check`]
+/// refuses one that would visit more than [`Census::limit`] tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Distinct (table, level) pairs reached, the root included.
+    pub pairs: u64,
+    /// Tables a path-by-path walk visits, the root included (a pair is
+    /// counted once per path reaching it).
+    pub visits: u64,
+    /// Leaves a path-by-path walk reports.
+    pub leaves: u64,
+    /// The walk's statistics, exact whatever the visit count.
+    pub stats: WalkStats,
+    /// The first table (in walk order) reached at a second level.
+    pub recursion: Option<Recursion>,
+    /// The (table, level) pair reached by the most paths: (table, level,
+    /// paths).
+    pub hottest: (u64, u8, u64),
+}
+
+/// A table reached at more than one level: a cycle, or a recursive
+/// ("self-map" or linear page-table) entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recursion {
+    /// Guest-physical address of the table.
+    pub table: u64,
+    /// The levels it is reached at, highest first.
+    pub levels: Vec<u8>,
+    /// Level of the table holding the first entry that reaches it at a
+    /// level other than its first.
+    pub level: u8,
+    /// That entry's index.
+    pub index: usize,
+    /// That entry's guest-physical address.
+    pub entry_pa: u64,
+    /// That entry.
+    pub entry: u64,
+}
+
+impl Census {
+    /// The most table visits a path-by-path walk may make:
+    /// [`WALK_VISIT_FLOOR`] + [`WALK_VISITS_PER_PAIR`] x distinct pairs.
+    /// It grows with the dump's distinct tables, never with how often a
+    /// cycle or a shared table repeats them.
+    pub fn limit(&self) -> u64 {
+        WALK_VISIT_FLOOR.saturating_add(WALK_VISITS_PER_PAIR.saturating_mul(self.pairs))
+    }
+
+    /// Whether a path-by-path walk stays within [`Self::limit`].
+    pub fn bounded(&self) -> bool {
+        self.visits <= self.limit()
+    }
+
+    /// `Ok` if a path-by-path walk is bounded; otherwise the table that
+    /// makes it explode: [`DumpError::TableRecursion`] if a table is reached
+    /// at two levels, else [`DumpError::WalkTooLarge`].
+    pub fn check(&self) -> Result<(), DumpError> {
+        if self.bounded() {
+            return Ok(());
+        }
+        if let Some(r) = &self.recursion {
+            return Err(DumpError::TableRecursion {
+                table: r.table,
+                levels: r.levels.clone(),
+                level: r.level,
+                index: r.index,
+                entry_pa: r.entry_pa,
+                entry: r.entry,
+                visits: self.visits,
+                limit: self.limit(),
+            });
+        }
+        let (table, level, paths) = self.hottest;
+        Err(DumpError::WalkTooLarge {
+            table,
+            level,
+            paths,
+            visits: self.visits,
+            limit: self.limit(),
+        })
+    }
+}
+
+/// Rights inherited from the levels above, as the walk tracks them: AND of
+/// U and RW, OR of NX. Packed as bit 0 = U, bit 1 = RW, bit 2 = NX.
+type Rights = u8;
+
+const RIGHTS_ROOT: Rights = 0b011;
+
+fn rights_after(r: Rights, entry: u64) -> Rights {
+    let u = r & 1 != 0 && entry & EntryFlags::USER.bits() != 0;
+    let w = r & 2 != 0 && entry & EntryFlags::WRITABLE.bits() != 0;
+    let nx = r & 4 != 0 || entry & EntryFlags::NO_EXECUTE.bits() != 0;
+    u8::from(u) | u8::from(w) << 1 | u8::from(nx) << 2
+}
+
+/// `(path_and, path_or)` for [`Walker::make_leaf`] from inherited rights.
+fn rights_masks(r: Rights) -> (u64, u64) {
+    let uw = EntryFlags::USER.bits() | EntryFlags::WRITABLE.bits();
+    let mut and = !uw;
+    if r & 1 != 0 {
+        and |= EntryFlags::USER.bits();
+    }
+    if r & 2 != 0 {
+        and |= EntryFlags::WRITABLE.bits();
+    }
+    let or = if r & 4 != 0 {
+        EntryFlags::NO_EXECUTE.bits()
+    } else {
+        0
+    };
+    (and, or)
+}
+
+/// One distinct (table, rights) of a census level: the paths reaching it
+/// and the lowest (first in walk order) VA it covers.
+#[derive(Clone, Copy)]
+struct Node {
+    paths: u64,
+    first_va: u64,
+}
+
+/// Walk order of an entry: by the VA it covers, then the higher level
+/// first (a walk checks an entry before anything under it).
+type Order = (u64, std::cmp::Reverse<u8>);
+
+/// An entry reaching a table: (walk order, level and address of the table
+/// holding it, index, entry).
+type Ref = (Order, u8, u64, usize, u64);
 
 /// One level of a translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,10 +352,16 @@ impl<'a> Walker<'a> {
         self.mem
     }
 
-    /// Entry `index` of the table at `table` (a page known to be in memory).
+    /// Entry `index` of the table at `table` (a page known to be in
+    /// memory; anything else reads as 0).
     pub fn entry(&self, table: u64, index: usize) -> u64 {
-        // Table pages are checked before they are read, so this is in range.
-        self.mem.read_u64(table + index as u64 * 8).unwrap_or(0)
+        // Callers pass checked tables and indexes below 512; the checked
+        // sum only keeps a stray argument from overflowing.
+        (index as u64)
+            .checked_mul(8)
+            .and_then(|o| table.checked_add(o))
+            .and_then(|pa| self.mem.read_u64(pa))
+            .unwrap_or(0)
     }
 
     /// The child table of a present non-leaf entry, checked to be in memory;
@@ -273,8 +442,24 @@ impl<'a> Walker<'a> {
 
     /// Walk root slots `slots` depth-first in address order, calling
     /// `on_table(level, table_pa, first_va)` for every table reached (root
-    /// included, first) and `on_leaf` for every leaf.
+    /// included, first) and `on_leaf` for every leaf, once per path.
+    ///
+    /// The census runs first: a table graph whose paths exceed
+    /// [`Census::limit`] (a cycle, a table at several levels, heavy sharing)
+    /// is refused ([`Census::check`]) before any callback, so the walk's
+    /// time is bounded by the dump's distinct tables.
     pub fn walk(
+        &self,
+        slots: Range<usize>,
+        on_table: &mut dyn FnMut(Level, u64, u64),
+        on_leaf: &mut dyn FnMut(&Leaf),
+    ) -> Result<(), DumpError> {
+        self.census(slots.clone())?.check()?;
+        self.walk_paths(slots, on_table, on_leaf)
+    }
+
+    /// The unchecked depth-first walk behind [`Self::walk`].
+    fn walk_paths(
         &self,
         slots: Range<usize>,
         on_table: &mut dyn FnMut(Level, u64, u64),
@@ -343,45 +528,180 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    /// Every leaf of root slots `slots`, in address order.
+    /// Every leaf of root slots `slots`, in address order (bounded as
+    /// [`Self::walk`]).
     pub fn leaves(&self, slots: Range<usize>) -> Result<Vec<Leaf>, DumpError> {
         let mut out = Vec::new();
         self.walk(slots, &mut |_, _, _| {}, &mut |l| out.push(*l))?;
         Ok(out)
     }
 
-    /// Statistics over root slots `slots`.
+    /// Statistics over root slots `slots`: the [`Census`]'s, exact and
+    /// bounded whatever cycles or shared tables the dump holds.
     pub fn stats(&self, slots: Range<usize>) -> Result<WalkStats, DumpError> {
-        let mut s = WalkStats::default();
-        // table address -> (levels seen as a bit set, references)
-        let mut seen: HashMap<u64, (u8, usize)> = HashMap::new();
-        let mut leaves = Vec::new();
-        self.walk(
-            slots,
-            &mut |level, pa, _| {
-                let e = seen.entry(pa).or_insert((0, 0));
-                e.0 |= 1 << level.number();
-                e.1 += 1;
+        Ok(self.census(slots)?.stats)
+    }
+
+    /// The census of root slots `slots` (see [`Census`]), in time and
+    /// memory bounded by the distinct (table, level) pairs. An entry a walk
+    /// would refuse (PS in a root entry, a table outside memory) is the
+    /// error, the one first in walk order.
+    pub fn census(&self, slots: Range<usize>) -> Result<Census, DumpError> {
+        self.census_with(slots, &mut |_, _| {})
+    }
+
+    /// [`Self::census`], calling `on_leaf(leaf, paths)` once per distinct
+    /// leaf entry and inherited rights, where `paths` is how many paths
+    /// reach it and `leaf.va` is the first VA among them.
+    pub fn census_with(
+        &self,
+        slots: Range<usize>,
+        on_leaf: &mut dyn FnMut(&Leaf, u64),
+    ) -> Result<Census, DumpError> {
+        let mut c = Census::default();
+        // Table -> (levels it is reached at, as bits; paths over all levels).
+        let mut tables: HashMap<u64, (u8, u64)> = HashMap::new();
+        // (table, level) -> the first entry reaching it: (walk order, level
+        // and address of the entry's table, index, entry). CR3 reaches the
+        // root first.
+        let mut first_ref: HashMap<(u64, u8), Ref> = HashMap::new();
+        first_ref.insert((self.root, 4), ((0, Reverse(5)), 5, 0, 0, 0));
+        let mut error: Option<(Order, DumpError)> = None;
+        let mut keep_first = |order: Order, e: DumpError| {
+            if error.as_ref().is_none_or(|(o, _)| order < *o) {
+                error = Some((order, e));
+            }
+        };
+        let mut nodes: HashMap<(u64, Rights), Node> = HashMap::from([(
+            (self.root, RIGHTS_ROOT),
+            Node {
+                paths: 1,
+                first_va: 0,
             },
-            &mut |l| leaves.push(*l),
-        )?;
-        for l in &leaves {
-            s.count_leaf(l);
-        }
-        for (levels, refs) in seen.values() {
-            for n in 1..=4u8 {
-                if levels & (1 << n) != 0 {
-                    s.tables[n as usize] += 1;
+        )]);
+        let mut level = Level::L4;
+        loop {
+            let range = if level == Level::L4 {
+                slots.start.min(512)..slots.end.min(512)
+            } else {
+                0..512
+            };
+            let mut next: HashMap<(u64, Rights), Node> = HashMap::new();
+            let mut pair_paths: HashMap<u64, u64> = HashMap::new();
+            for (&(table, rights), node) in &nodes {
+                let p = pair_paths.entry(table).or_default();
+                *p = p.saturating_add(node.paths);
+                for i in range.clone() {
+                    let e = self.entry(table, i);
+                    if e & 1 == 0 {
+                        continue;
+                    }
+                    let va = node.first_va | (i as u64) << level.shift();
+                    let order = (va, Reverse(level.number()));
+                    let is_leaf = match self.is_leaf(level, table, i, e) {
+                        Ok(l) => l,
+                        Err(err) => {
+                            keep_first(order, err);
+                            continue;
+                        }
+                    };
+                    let entry_pa = table + i as u64 * 8;
+                    if is_leaf {
+                        let (and, or) = rights_masks(rights);
+                        let l = self.make_leaf(level, va, e, entry_pa, and, or);
+                        c.leaves = c.leaves.saturating_add(node.paths);
+                        c.stats.count_leaves(&l, node.paths);
+                        on_leaf(&l, node.paths);
+                        continue;
+                    }
+                    let child = match self.child(level, table, i, e, va) {
+                        Ok(t) => t,
+                        Err(err) => {
+                            keep_first(order, err);
+                            continue;
+                        }
+                    };
+                    let n = next
+                        .entry((child, rights_after(rights, e)))
+                        .or_insert(Node {
+                            paths: 0,
+                            first_va: va,
+                        });
+                    n.paths = n.paths.saturating_add(node.paths);
+                    n.first_va = n.first_va.min(va);
+                    let child_level = level.number() - 1;
+                    let new: Ref = (order, level.number(), table, i, e);
+                    let r = first_ref.entry((child, child_level)).or_insert(new);
+                    if order < r.0 {
+                        *r = new;
+                    }
                 }
             }
-            if *refs > 1 {
-                s.shared_tables += 1;
+            for (table, paths) in pair_paths {
+                c.pairs += 1;
+                c.visits = c.visits.saturating_add(paths);
+                let t = tables.entry(table).or_default();
+                t.0 |= 1 << level.number();
+                t.1 = t.1.saturating_add(paths);
+                let hot = (paths, Reverse(table));
+                if hot > (c.hottest.2, Reverse(c.hottest.0)) || c.hottest.2 == 0 {
+                    c.hottest = (table, level.number(), paths);
+                }
             }
-            if levels.count_ones() > 1 {
-                s.multi_level_tables += 1;
+            match level.child() {
+                Some(l) if !next.is_empty() => {
+                    nodes = next;
+                    level = l;
+                }
+                _ => break,
             }
         }
-        Ok(s)
+        if let Some((_, e)) = error {
+            return Err(e);
+        }
+        // The first table (in walk order) reached at a second level: its
+        // first reference at a level other than the one it is first met at.
+        let mut best: Option<(Order, Recursion)> = None;
+        for (&table, &(levels, paths)) in &tables {
+            for n in 1..=4u8 {
+                if levels & (1 << n) != 0 {
+                    c.stats.tables[n as usize] += 1;
+                }
+            }
+            if paths > 1 {
+                c.stats.shared_tables += 1;
+            }
+            if levels.count_ones() < 2 {
+                continue;
+            }
+            c.stats.multi_level_tables += 1;
+            let mut refs: Vec<Ref> = (1..=4u8)
+                .filter(|n| levels & (1 << n) != 0)
+                .filter_map(|n| first_ref.get(&(table, n)).copied())
+                .collect();
+            refs.sort_unstable();
+            let Some(&(order, level, holder, index, entry)) = refs.get(1) else {
+                continue;
+            };
+            if best
+                .as_ref()
+                .is_none_or(|(o, b)| (order, table) < (*o, b.table))
+            {
+                best = Some((
+                    order,
+                    Recursion {
+                        table,
+                        levels: (1..=4u8).rev().filter(|n| levels & (1 << n) != 0).collect(),
+                        level,
+                        index,
+                        entry_pa: holder + index as u64 * 8,
+                        entry,
+                    },
+                ));
+            }
+        }
+        c.recursion = best.map(|(_, r)| r);
+        Ok(c)
     }
 
     /// Translate one address, recording every entry read.
