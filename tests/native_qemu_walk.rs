@@ -17,7 +17,6 @@
 //! hundred pages and a few hundred `gva2gpa` probes per mode.
 
 #[path = "native_support/mod.rs"]
-#[allow(dead_code)]
 mod native_support;
 #[path = "support/qemu.rs"]
 mod qemu;
