@@ -5,6 +5,8 @@
 //! crate, reached through the physical-memory offset, as in
 //! `tests/native_x86_64_diff.rs`). The `_cursor` rows map through one
 //! `AddressSpace::cursor_mut` and translate through one `AddressSpace::reader`.
+//! The `_la57` rows do the same on 5-level tables (`La57`): the extra
+//! level's cost is their ratio to the matching 4-level row.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -14,8 +16,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use pagepin::backends::mock::NullBackend;
 use pagepin::frame::read_guard;
 use pagepin::{
-    AddressSpace, DefaultRawLock, EntryFlags, FrameStore, Global, LockPolicy, PageSize,
-    SpaceOptions, Split, X86_64,
+    AddressSpace, DefaultRawLock, EntryFlags, FrameStore, Global, La57, LockPolicy, PageSize,
+    PagingMode, SpaceOptions, Split, X86_64,
 };
 use x86_64::structures::paging::mapper::{Mapper, Translate};
 use x86_64::structures::paging::{
@@ -25,7 +27,7 @@ use x86_64::{PhysAddr, VirtAddr};
 
 const PAGES: u64 = 1 << 20;
 const BASE_VA: u64 = 0x10_0000_0000;
-/// Table frames: 2048 L1s, 4 L2s, an L3, the root, slack.
+/// Table frames: 2048 L1s, 4 L2s, an L3, (5-level: an L4,) the root, slack.
 const FRAMES: usize = 2048 + 4 + 1 + 1 + 8;
 /// Table memory's first frame number (both sides).
 const TABLE_BASE_PFN: u64 = 0x100;
@@ -57,10 +59,10 @@ impl Way {
 
 /// Returns the space too, so it is dropped outside the timed part (as
 /// the crate's buffer is).
-fn pagepin_run<P: LockPolicy<Lock = DefaultRawLock>>(
-    s: AddressSpace<X86_64, P, NullBackend>,
+fn pagepin_run<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(
+    s: AddressSpace<M, P, NullBackend>,
     way: Way,
-) -> (u64, AddressSpace<X86_64, P, NullBackend>) {
+) -> (u64, AddressSpace<M, P, NullBackend>) {
     let flags = EntryFlags::PRESENT | EntryFlags::WRITABLE;
     if let Way::Cursor = way {
         let mut c = s
@@ -107,7 +109,8 @@ fn pagepin_run<P: LockPolicy<Lock = DefaultRawLock>>(
     (sum, s)
 }
 
-fn pagepin_space<P: LockPolicy<Lock = DefaultRawLock>>() -> AddressSpace<X86_64, P, NullBackend> {
+fn pagepin_space<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(
+) -> AddressSpace<M, P, NullBackend> {
     let store = Arc::new(FrameStore::new(FRAMES, TABLE_BASE_PFN));
     AddressSpace::new(store, Arc::new(NullBackend), SpaceOptions::default()).expect("space")
 }
@@ -175,7 +178,7 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("pagepin_split{sfx}")),
             |b| {
                 b.iter_batched(
-                    pagepin_space::<Split<DefaultRawLock>>,
+                    pagepin_space::<X86_64, Split<DefaultRawLock>>,
                     |s| black_box(pagepin_run(s, way)),
                     BatchSize::PerIteration,
                 )
@@ -185,7 +188,21 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("pagepin_global{sfx}")),
             |b| {
                 b.iter_batched(
-                    pagepin_space::<Global<DefaultRawLock>>,
+                    pagepin_space::<X86_64, Global<DefaultRawLock>>,
+                    |s| black_box(pagepin_run(s, way)),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+    }
+    // The fifth level's cost: per call and through the cursor and reader.
+    for way in [Way::PerCall, Way::Cursor] {
+        let sfx = way.suffix();
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("pagepin_split_la57{sfx}")),
+            |b| {
+                b.iter_batched(
+                    pagepin_space::<La57, Split<DefaultRawLock>>,
                     |s| black_box(pagepin_run(s, way)),
                     BatchSize::PerIteration,
                 )

@@ -8,7 +8,7 @@
 //! and the net effect of the calls the mock saw: every remap rolled back,
 //! pins and unpins balanced).
 //!
-//! "Correct" is a reference model written here from DESIGN §2 and §7: a
+//! "Correct" is a reference model written here from docs/PROTOCOL.md §2 and §7: a
 //! walk over every root slot but the hypervisor's hole (256..272), tables
 //! before children, root last; a
 //! present non-leaf entry must have no address bits at or above bit 46,

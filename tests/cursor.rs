@@ -14,9 +14,9 @@ use std::sync::{Arc, Barrier};
 use common::new_store;
 use pagepin::backends::mock::{MockBackend, NullBackend};
 use pagepin::{
-    AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, Global, Level,
-    LockPolicy, Pae, PageSize, PageTableEntry, PagingMode, Pfn, RawLock, SpaceOptions, Split,
-    WritePath, X86_64,
+    AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, Global, La57,
+    Level, LockPolicy, Pae, PageSize, PageTableEntry, PagingMode, Pfn, RawLock, SpaceOptions,
+    Split, WritePath, X86_64,
 };
 
 const RW: EntryFlags = EntryFlags::PRESENT
@@ -271,6 +271,14 @@ fn cursor_equals_map_mock_x86_64() {
     check_mock::<X86_64, Global>(false, 64);
     check_mock::<X86_64, Split>(true, 64);
     check_mock::<X86_64, Global>(true, 64);
+}
+
+#[test]
+fn cursor_equals_map_mock_la57() {
+    check_mock::<La57, Split>(false, 64);
+    check_mock::<La57, Global>(false, 64);
+    check_mock::<La57, Split>(true, 64);
+    check_mock::<La57, Global>(true, 64);
 }
 
 #[test]
@@ -705,7 +713,8 @@ fn cursor_holds_one_pte_lock() {
 
 /// A space with 4 KiB pages (some PTE pages partly filled), 2 MiB and
 /// 1 GiB pages, on a backend with a non-identity p2m when `B` has one.
-fn reader_space<P: LockPolicy<Lock = DefaultRawLock>>() -> AddressSpace<X86_64, P, NullBackend> {
+fn reader_space<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(
+) -> AddressSpace<M, P, NullBackend> {
     let store = Arc::new(FrameStore::new(64, 0x100));
     let s = AddressSpace::new(store, Arc::new(NullBackend), SpaceOptions::default()).unwrap();
     let base = 0x10_0000_0000u64;
@@ -727,8 +736,8 @@ fn reader_space<P: LockPolicy<Lock = DefaultRawLock>>() -> AddressSpace<X86_64, 
     s
 }
 
-fn reader_equals_translate<P: LockPolicy<Lock = DefaultRawLock>>() {
-    let s = reader_space::<P>();
+fn reader_equals_translate<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>() {
+    let s = reader_space::<M, P>();
     let base = 0x10_0000_0000u64;
     let mut addrs: Vec<u64> = Vec::new();
     // Sequential: mapped, unmapped holes, the end of the 4 KiB run, the
@@ -747,6 +756,8 @@ fn reader_equals_translate<P: LockPolicy<Lock = DefaultRawLock>>() {
         addrs.push(base + rng.below(3 << 30));
     }
     addrs.extend([1 << 47, (1 << 47) - 1, 0xffff_8000_0000_0000, 0, u64::MAX]);
+    // The 5-level range's edges (non-canonical in 4-level mode).
+    addrs.extend([1 << 48, (1 << 56) - 1, 1 << 56, 0xff00_0000_0000_0000]);
     let mut r = s.reader();
     let mut mapped = 0;
     for &va in &addrs {
@@ -759,8 +770,10 @@ fn reader_equals_translate<P: LockPolicy<Lock = DefaultRawLock>>() {
 
 #[test]
 fn reader_equals_translate_both_policies() {
-    reader_equals_translate::<Split>();
-    reader_equals_translate::<Global>();
+    reader_equals_translate::<X86_64, Split>();
+    reader_equals_translate::<X86_64, Global>();
+    reader_equals_translate::<La57, Split>();
+    reader_equals_translate::<La57, Global>();
 }
 
 /// A reader that remembered a PTE page sees it unmapped, released,
@@ -768,7 +781,7 @@ fn reader_equals_translate_both_policies() {
 /// `translate` sees.
 #[test]
 fn reader_revalidates_its_path() {
-    let s = reader_space::<Split>();
+    let s = reader_space::<X86_64, Split>();
     let base = 0x10_0000_0000u64;
     let va = base + (3 << 21) + 0x123;
     let mut r = s.reader();

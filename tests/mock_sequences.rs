@@ -1,4 +1,4 @@
-//! Exact call sequences of pin and unpin on the mock backend (DESIGN §3, §10).
+//! Exact call sequences of pin and unpin on the mock backend (docs/PROTOCOL.md §3, §10).
 
 #[path = "mock_common.rs"]
 mod common;

@@ -1,5 +1,6 @@
 //! One scenario suite, run on every backend: mock, native and (with the
-//! `xen` feature) the simulated Xen hypervisor.
+//! `xen` feature) the simulated Xen hypervisor; mock and native also in
+//! 5-level mode (`La57`; Xen PV is 4-level only).
 //!
 //! Each scenario is a generic function over a [`Platform`]: how to build a
 //! space on that backend and how to see, from the backend's side, whether
@@ -18,9 +19,10 @@ use pagepin::backend::ExtCmd;
 use pagepin::backends::mock::{MockBackend, Recorded};
 use pagepin::backends::native::NativeBackend;
 use pagepin::{
-    AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, Level, PageSize,
-    PageTableEntry, Pfn, SpaceOptions, Split, WritePath, X86_64,
+    AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, La57, Level,
+    PageSize, PageTableEntry, PagingMode, Pfn, SpaceOptions, Split, WritePath, X86_64,
 };
+use std::marker::PhantomData;
 
 /// Table frames and domain pages of every platform: tables at the top
 /// (pfns 768..1024), data pages below.
@@ -29,10 +31,12 @@ const PAGES: usize = 1024;
 const TABLE_BASE: u64 = (PAGES - TABLES) as u64;
 
 /// A space on platform `P`.
-type Space<P> = AddressSpace<X86_64, Split, <P as Platform>::B>;
+type Space<P> = AddressSpace<<P as Platform>::M, Split, <P as Platform>::B>;
 
 /// What a scenario needs from a backend.
 trait Platform: Sized {
+    /// The paging mode.
+    type M: PagingMode;
     /// The backend.
     type B: Backend;
     /// Whether the platform takes 2 MiB leaves (Xen PV does not).
@@ -54,12 +58,13 @@ trait Platform: Sized {
 
 // ---------------------------------------------------------------- mock
 
-struct MockPlatform {
+struct MockPlatform<M> {
     store: Arc<FrameStore<DefaultRawLock>>,
     backend: Arc<MockBackend>,
+    _mode: PhantomData<M>,
 }
 
-impl MockPlatform {
+impl<M> MockPlatform<M> {
     /// Read-only state of each remapped frame and pin balance of each
     /// frame, from the calls recorded so far.
     fn net(&self) -> (BTreeMap<u64, bool>, BTreeMap<u64, i64>) {
@@ -68,7 +73,8 @@ impl MockPlatform {
     }
 }
 
-impl Platform for MockPlatform {
+impl<M: PagingMode> Platform for MockPlatform<M> {
+    type M = M;
     type B = MockBackend;
     const LARGE_PAGES: bool = true;
     fn new(_seed: u64) -> Self {
@@ -76,7 +82,11 @@ impl Platform for MockPlatform {
         // With memory, accepted mmu_updates are applied (pinned upper tables
         // stay writable through the "hypervisor").
         let backend = Arc::new(MockBackend::with_memory(store.clone()));
-        MockPlatform { store, backend }
+        MockPlatform {
+            store,
+            backend,
+            _mode: PhantomData,
+        }
     }
     fn space(&self) -> Space<Self> {
         AddressSpace::new(
@@ -109,7 +119,7 @@ impl Platform for MockPlatform {
                 pinned,
                 "mock: {pfn:?} ({level:?}) read-only"
             );
-            let want = i64::from(pinned && (level == Level::L1 || level == Level::L4));
+            let want = i64::from(pinned && (level == Level::L1 || level == M::ROOT_LEVEL));
             assert_eq!(
                 pins.get(&pfn.0).copied().unwrap_or(0),
                 want,
@@ -126,12 +136,14 @@ impl Platform for MockPlatform {
 
 // ---------------------------------------------------------------- native
 
-struct NativePlatform {
+struct NativePlatform<M> {
     store: Arc<FrameStore<DefaultRawLock>>,
     backend: Arc<NativeBackend>,
+    _mode: PhantomData<M>,
 }
 
-impl Platform for NativePlatform {
+impl<M: PagingMode> Platform for NativePlatform<M> {
+    type M = M;
     type B = NativeBackend;
     const LARGE_PAGES: bool = true;
     fn new(_seed: u64) -> Self {
@@ -139,6 +151,7 @@ impl Platform for NativePlatform {
         NativePlatform {
             backend: Arc::new(NativeBackend::with_memory(store.clone())),
             store,
+            _mode: PhantomData,
         }
     }
     fn space(&self) -> Space<Self> {
@@ -187,6 +200,7 @@ mod xen_platform {
     pub struct XenPlatform(XenEnv<DefaultRawLock>);
 
     impl Platform for XenPlatform {
+        type M = X86_64;
         type B = XenBackend<Arc<XenSim>>;
         const LARGE_PAGES: bool = false;
         fn new(seed: u64) -> Self {
@@ -266,6 +280,17 @@ fn map_some<P: Platform>(space: &Space<P>, regions: u64, per_region: u64) -> Vec
             space
                 .map(v, data_pa(r * 64 + k), PageSize::Size4K, flags)
                 .unwrap();
+            vas.push(v);
+        }
+    }
+    if P::M::LEVELS == 5 {
+        // Above the 4-level range: root slots 1 and 255 of the L5 (the top
+        // of the 57-bit user half).
+        for v in [1u64 << 48, (1 << 56) - (1 << 30)] {
+            space
+                .map(v, data_pa(200), PageSize::Size4K, EntryFlags::PRESENT)
+                .unwrap();
+            assert_eq!(space.translate(v + 8).unwrap().phys, data_pa(200) + 8);
             vas.push(v);
         }
     }
@@ -406,10 +431,12 @@ fn refusals<P: Platform>() {
     let (before, traps) = (snapshot(&space), p.traps());
     assert_eq!(space.pin(&mut b).unwrap_err(), Error::AlreadyPinned);
     let f = EntryFlags::PRESENT;
-    assert!(matches!(
-        space.map(0x0000_8000_0000_0000, 0, PageSize::Size4K, f),
-        Err(Error::NonCanonical { .. })
-    ));
+    // The first non-canonical address of the mode (2^47, or 2^56 in 5-level).
+    let hole = 1u64 << (<P::M as PagingMode>::VA_BITS - 1);
+    assert_eq!(
+        space.map(hole, 0, PageSize::Size4K, f),
+        Err(Error::NonCanonical { va: hole })
+    );
     assert!(matches!(
         space.map(va(0, 1) + 8, 0, PageSize::Size4K, f),
         Err(Error::Misaligned { .. })
@@ -464,7 +491,9 @@ macro_rules! scenarios {
     };
 }
 
-scenarios!(mock, MockPlatform);
-scenarios!(native, NativePlatform);
+scenarios!(mock, MockPlatform<X86_64>);
+scenarios!(native, NativePlatform<X86_64>);
+scenarios!(mock_la57, MockPlatform<La57>);
+scenarios!(native_la57, NativePlatform<La57>);
 #[cfg(feature = "xen")]
 scenarios!(xen, XenPlatform);

@@ -1,5 +1,5 @@
 //! The Xen backend and its simulated hypervisor: ABI encoding, the PV MMU
-//! rules (DESIGN §6), and the engine's protocol under them (DESIGN §3, §10).
+//! rules (docs/PROTOCOL.md §6), and the engine's protocol under them (docs/PROTOCOL.md §3, §10).
 
 mod xen_common;
 
@@ -570,7 +570,7 @@ fn never_pinned_space_tears_down_without_hypercalls() {
 
 /// Pin with a batch of `N`: one trap per `N` calls. With a user root the
 /// two root pins are adjacent `mmuext_op`s: they share one call when the
-/// batch's argument space (16 bytes per entry, DESIGN §4) holds both, i.e.
+/// batch's argument space (16 bytes per entry, docs/PROTOCOL.md §4) holds both, i.e.
 /// from N = 4; below that the argument limit forces an extra flush, so the
 /// user-root variant is checked from N = 4.
 fn batching<const N: usize>() {

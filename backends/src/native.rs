@@ -223,6 +223,7 @@ impl Backend for NativeBackend {
                             | ExtCmd::PinL2Table
                             | ExtCmd::PinL3Table
                             | ExtCmd::PinL4Table
+                            | ExtCmd::PinL5Table
                             | ExtCmd::UnpinTable => Counters::bump(&self.counters.pin_ops),
                             ExtCmd::NewUserBaseptr => {}
                         }

@@ -73,6 +73,11 @@ pub enum ExtCmd {
     InvlpgAll = 11,
     /// Load a new user base pointer (64-bit PV).
     NewUserBaseptr = 15,
+    /// Pin a 5-level root. Not a Xen command (Xen PV has no 5-level
+    /// tables, and a Xen backend refuses 5-level spaces at compile time):
+    /// the number is outside Xen's range, for hypervisor models that have
+    /// 5-level tables (the mock backend).
+    PinL5Table = 0x8000_0004,
 }
 
 impl ExtCmd {
@@ -93,6 +98,7 @@ impl ExtCmd {
             10 => TlbFlushAll,
             11 => InvlpgAll,
             15 => NewUserBaseptr,
+            0x8000_0004 => PinL5Table,
             _ => return None,
         })
     }
@@ -103,6 +109,7 @@ impl ExtCmd {
             crate::Level::L2 => ExtCmd::PinL2Table,
             crate::Level::L3 => ExtCmd::PinL3Table,
             crate::Level::L4 => ExtCmd::PinL4Table,
+            crate::Level::L5 => ExtCmd::PinL5Table,
         }
     }
     /// The level a pin command pins at.
@@ -112,6 +119,7 @@ impl ExtCmd {
             ExtCmd::PinL2Table => Some(crate::Level::L2),
             ExtCmd::PinL3Table => Some(crate::Level::L3),
             ExtCmd::PinL4Table => Some(crate::Level::L4),
+            ExtCmd::PinL5Table => Some(crate::Level::L5),
             _ => None,
         }
     }
@@ -267,6 +275,12 @@ pub trait Backend: Send + Sync {
     ///
     /// [`Error::UnsupportedPageSize`]: crate::Error::UnsupportedPageSize
     const LARGE_LEAVES: bool = true;
+
+    /// The highest root level the platform can run: a space whose mode's
+    /// root is above it does not compile (`AddressSpace::new` asserts it
+    /// at compile time). Xen PV says [`Level::L4`](crate::Level::L4): it
+    /// has no 5-level tables.
+    const MAX_ROOT_LEVEL: crate::Level = crate::Level::L5;
 
     /// Issue one batch of calls; `results.len() == calls.len()`.
     fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);

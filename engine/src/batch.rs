@@ -1,7 +1,7 @@
 //! The multicall batch: queue calls, flush them together, run deferred
 //! callbacks after the flush.
 //!
-//! Rules (DESIGN §4): at most `N` calls, `N` callbacks and `16 * N` bytes of
+//! Rules (docs/PROTOCOL.md §4): at most `N` calls, `N` callbacks and `16 * N` bytes of
 //! request space per batch; adding to a full batch flushes first; a flush
 //! of one call is a direct hypercall, of more a multicall; consecutive
 //! `mmu_update` / `mmuext_op` requests extend the previous call. Unlike

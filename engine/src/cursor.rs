@@ -45,6 +45,9 @@ use crate::walk;
 /// No table remembered at this level.
 const NO_TAG: u64 = u64::MAX;
 
+/// Tables below the root on the longest path of any mode (5-level: L4..L1).
+const MAX_PATH: usize = Level::MAX as usize - 1;
+
 /// The tag of the table at `level` that covers `va`: the address bits above
 /// what that table spans (never [`NO_TAG`]: `va >> 21` is at most 2^43).
 #[inline]
@@ -101,7 +104,7 @@ pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     /// last walked through. All are linked tables of this space while the
     /// space lock is held. Under split, `path[0]` is set only while `pte`
     /// holds its lock.
-    path: [Cached; 3],
+    path: [Cached; MAX_PATH],
     /// Lock guards stay on their thread.
     _not_send: PhantomData<*mut ()>,
 }
@@ -141,7 +144,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             _space: guard,
             va: range.start,
             range,
-            path: [EMPTY; 3],
+            path: [EMPTY; MAX_PATH],
             _not_send: PhantomData,
         })
     }
@@ -154,7 +157,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             _guard: read_guard(),
             tag: NO_TAG,
             l1: None,
-            path: [None, None, None],
+            path: [const { None }; MAX_PATH],
         }
     }
 }
@@ -312,7 +315,7 @@ pub struct Reader<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     tag: u64,
     l1: Option<&'a Frame>,
     /// The entries from the root down to the one naming the L1.
-    path: [Option<PathStep<'a>>; 3],
+    path: [Option<PathStep<'a>>; MAX_PATH],
 }
 
 impl<'a, M: PagingMode, P: LockPolicy, B: Backend> Reader<'a, M, P, B> {
@@ -352,7 +355,7 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> Reader<'a, M, P, B> {
     fn walk(&mut self, va: u64) -> Option<Translation> {
         self.tag = NO_TAG;
         self.l1 = None;
-        self.path = [None, None, None];
+        self.path = [const { None }; MAX_PATH];
         let space = self.space;
         let store: &'a _ = &*space.store;
         let mut pfn = space.root;

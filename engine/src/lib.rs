@@ -4,7 +4,7 @@
 //! and pins or unpins them with a hypervisor, the way Linux's Xen PV MMU
 //! code does, while other threads keep updating entries.
 //!
-//! - [`mode`]: x86-64 and PAE paging as types with constants;
+//! - [`mode`]: x86-64 (4- and 5-level) and PAE paging as types with constants;
 //! - [`entry`]: 64-bit entries;
 //! - [`frame`]: the frame store with atomic entries and per-frame metadata;
 //! - [`lock`]: raw locks, the [`Split`] / [`Global`] policies, the
@@ -46,6 +46,6 @@ pub use frame::{Frame, FrameStore, Mfn, Pfn, TableMemory};
 pub use lock::{
     DefaultRawLock, Global, LockPolicy, PreemptCount, RawLock, SpinLock, Split, PREEMPT_LIMIT,
 };
-pub use mode::{Level, Pae, PageSize, PagingMode, X86_64};
+pub use mode::{La57, Level, Pae, PageSize, PagingMode, X86_64};
 pub use pin::{pin_all, unpin_all, PinnedSet};
 pub use space::{AddressSpace, PinStats, SpaceOptions, Translation, WritePath};

@@ -1,8 +1,10 @@
-//! Paging modes: x86-64 4-level and PAE 3-level, as types with constants.
+//! Paging modes: x86-64 4-level, x86-64 5-level (LA57) and PAE 3-level, as
+//! types with constants.
 
 use core::ops::Range;
 
-/// A page-table level. `L1` is a PTE page, the root is `L4` (x86-64) or `L3` (PAE).
+/// A page-table level. `L1` is a PTE page, the root is `L4` (x86-64), `L5`
+/// (x86-64 with LA57) or `L3` (PAE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum Level {
@@ -12,28 +14,38 @@ pub enum Level {
     L2 = 2,
     /// PUD page (PAE root): entries point to L2 pages or map 1 GiB pages.
     L3 = 3,
-    /// PGD page: the x86-64 root.
+    /// P4D page (5-level) or PGD page (the 4-level x86-64 root).
     L4 = 4,
+    /// PGD page of 5-level paging (the LA57 root).
+    L5 = 5,
 }
 
 impl Level {
-    /// The level from its number (1..=4).
+    /// The highest level of any paging mode.
+    pub const MAX: Level = Level::L5;
+
+    /// The level from its number (1..=5).
     pub const fn from_u8(n: u8) -> Option<Level> {
         match n {
             1 => Some(Level::L1),
             2 => Some(Level::L2),
             3 => Some(Level::L3),
             4 => Some(Level::L4),
+            5 => Some(Level::L5),
             _ => None,
         }
     }
-    /// The level's number (1..=4).
+    /// The level's number (1..=5).
     pub const fn number(self) -> u8 {
         self as u8
     }
     /// The level of the tables this level's entries point to.
     pub const fn child(self) -> Option<Level> {
         Level::from_u8(self as u8 - 1)
+    }
+    /// The level of the tables whose entries point to this level's tables.
+    pub const fn parent(self) -> Option<Level> {
+        Level::from_u8(self as u8 + 1)
     }
     /// Bit position of the lowest virtual-address bit this level indexes.
     pub const fn shift(self) -> u32 {
@@ -106,6 +118,8 @@ pub trait PagingMode: Copy + Send + Sync + 'static {
     const HAS_USER_ROOT: bool;
     /// Whether 1 GiB leaves exist.
     const HAS_1G_PAGES: bool;
+    /// Levels of the mode (the root's number): 3, 4 or 5.
+    const LEVELS: usize = Self::ROOT_LEVEL as usize;
 
     /// Whether `va` is a valid (canonical, in-range) virtual address.
     fn is_canonical(va: u64) -> bool;
@@ -152,6 +166,42 @@ impl PagingMode for X86_64 {
     }
 }
 
+/// x86-64 5-level paging (CR4.LA57: 57-bit virtual addresses, an L5 root
+/// over 512 L4s; the user half is below 2^56).
+///
+/// Native x86-64 and the mock backend take it; Xen PV is 4-level only, so a
+/// space of this mode over the Xen backend does not compile (see
+/// [`Backend::MAX_ROOT_LEVEL`](crate::Backend::MAX_ROOT_LEVEL)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct La57;
+
+impl PagingMode for La57 {
+    const NAME: &'static str = "la57";
+    const ROOT_LEVEL: Level = Level::L5;
+    const ROOT_ENTRIES: usize = 512;
+    const USER_ROOT_SLOTS: usize = 256;
+    // No hypervisor of ours reserves 5-level root slots (Xen PV is 4-level).
+    const HYPERVISOR_HOLE: Range<usize> = 0..0;
+    const VA_BITS: u32 = 57;
+    const USER_LIMIT: u64 = 1 << 56;
+    /// Linux's direct map under LA57 (`page_offset_base` without KASLR).
+    const DIRECT_MAP_BASE: u64 = 0xff11_0000_0000_0000;
+    const KERNEL_PMD_SLOT: Option<usize> = None;
+    const HAS_USER_ROOT: bool = false;
+    const HAS_1G_PAGES: bool = true;
+
+    #[inline]
+    fn is_canonical(va: u64) -> bool {
+        let top = (va as i64) >> 56;
+        top == 0 || top == -1
+    }
+    #[inline]
+    fn root_slot_base(slot: usize) -> u64 {
+        let raw = (slot as u64) << 48;
+        ((raw << 7) as i64 >> 7) as u64
+    }
+}
+
 /// PAE 3-level paging (32-bit virtual addresses, 4-entry root).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pae;
@@ -183,6 +233,9 @@ const _: () = {
     assert!(X86_64::USER_LIMIT == (X86_64::USER_ROOT_SLOTS as u64) << 39);
     assert!(Pae::USER_LIMIT == (Pae::USER_ROOT_SLOTS as u64) << 30);
     assert!(X86_64::HYPERVISOR_HOLE.start == X86_64::USER_ROOT_SLOTS);
+    assert!(La57::USER_LIMIT == (La57::USER_ROOT_SLOTS as u64) << 48);
+    assert!(La57::LEVELS == 5 && X86_64::LEVELS == 4 && Pae::LEVELS == 3);
+    assert!(Level::MAX as usize == La57::LEVELS);
 };
 
 #[cfg(test)]
@@ -202,5 +255,22 @@ mod tests {
         assert_eq!(Pae::index(0xbfff_f000, Level::L2), 511);
         assert!(!Pae::is_canonical(1 << 32));
         assert_eq!(Level::L2.entry_span(), 2 << 20);
+    }
+
+    #[test]
+    fn la57_indices_and_canonical() {
+        let top_user = (1u64 << 56) - 4096;
+        assert!(La57::is_canonical(top_user));
+        assert!(!La57::is_canonical(1 << 56));
+        assert!(La57::is_canonical(0xff00_0000_0000_0000));
+        assert!(!La57::is_canonical(0xfe00_0000_0000_0000));
+        assert_eq!(La57::index(top_user, Level::L5), 255);
+        assert_eq!(La57::index(top_user, Level::L4), 511);
+        assert_eq!(La57::index(0xff11_0000_0000_0000, Level::L5), 273);
+        assert_eq!(La57::root_slot_base(256), 0xff00_0000_0000_0000);
+        assert_eq!(La57::root_slot_base(255), 0x00ff_0000_0000_0000);
+        assert_eq!(Level::L5.shift(), 48);
+        assert_eq!(Level::L4.parent(), Some(Level::L5));
+        assert_eq!(Level::L5.parent(), None);
     }
 }

@@ -1,4 +1,4 @@
-//! Pin and unpin (DESIGN §3), with a journal so a failure is undone.
+//! Pin and unpin (docs/PROTOCOL.md §3), with a journal so a failure is undone.
 //!
 //! Every request the engine queues is a journal step, tagged with its index.
 //! After a failure the batch reports which tags did not take effect; the

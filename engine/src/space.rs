@@ -169,6 +169,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         backend: Arc<B>,
         options: SpaceOptions,
     ) -> Result<Self, Error> {
+        const {
+            assert!(
+                M::ROOT_LEVEL as u8 <= B::MAX_ROOT_LEVEL as u8,
+                "this backend cannot run this paging mode (Xen PV has no 5-level tables)"
+            )
+        };
         let owner = store.new_owner();
         let root = store
             .alloc_table_owned(M::ROOT_LEVEL, owner)
@@ -790,12 +796,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         }
         let _space = self.lock_space();
         let table = self.find_table(va, level)?;
-        let parent_level = match level {
-            Level::L1 => Level::L2,
-            Level::L2 => Level::L3,
-            Level::L3 => Level::L4,
-            Level::L4 => return Err(Error::NoTable { va, level }),
-        };
+        let parent_level = level.parent().ok_or(Error::NoTable { va, level })?;
         let parent = self.find_table(va, parent_level)?;
         if Some(table) == self.kernel_pmd {
             return Err(Error::NoTable { va, level });

@@ -1,4 +1,4 @@
-//! The page-table walk in protocol order (DESIGN §2).
+//! The page-table walk in protocol order (docs/PROTOCOL.md §2).
 //!
 //! Depth-first over root slots in increasing order, each table before its
 //! children, the root itself last. Entries are read atomically; validation

@@ -400,13 +400,13 @@ impl<'a> Walker<'a> {
         match level {
             Level::L1 => Ok(true),
             Level::L2 | Level::L3 => Ok(ps),
-            Level::L4 if ps => Err(DumpError::ReservedBit {
-                level: 4,
+            Level::L4 | Level::L5 if ps => Err(DumpError::ReservedBit {
+                level: level.number(),
                 index,
                 entry_pa: table + index as u64 * 8,
                 entry,
             }),
-            Level::L4 => Ok(false),
+            Level::L4 | Level::L5 => Ok(false),
         }
     }
 

@@ -1,5 +1,5 @@
 //! The Xen PV MMU hypercall ABI (x86-64), as `#[repr(C)]` structs and
-//! constants (DESIGN §5; public headers `xen/include/public/xen.h`,
+//! constants (docs/PROTOCOL.md §5; public headers `xen/include/public/xen.h`,
 //! `errno.h`).
 //!
 //! Layouts are checked at compile time: a mismatch is a build error, not a

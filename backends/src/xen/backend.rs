@@ -272,6 +272,31 @@ impl<H: XenHypercalls, F: FrameMap> Backend for XenBackend<H, F> {
     const PINNING: bool = true;
     /// Xen PV refuses PS in a guest's L2 and L3 entries.
     const LARGE_LEAVES: bool = false;
+    /// Xen PV is 4-level: a 5-level space over this backend does not
+    /// compile.
+    ///
+    /// ```compile_fail,E0080
+    /// use std::sync::Arc;
+    /// use pagepin_backends::xen::{xen_env, XenEnv};
+    /// use pagepin_engine::{AddressSpace, DefaultRawLock, La57, SpaceOptions, Split};
+    /// let e: XenEnv<DefaultRawLock> = xen_env::<La57, _>(64, 1024, 1, 0).unwrap();
+    /// // error[E0080]: evaluation panicked: this backend cannot run this
+    /// // paging mode (Xen PV has no 5-level tables)
+    /// let s: AddressSpace<La57, Split, _> =
+    ///     AddressSpace::new(e.store.clone(), e.backend.clone(), SpaceOptions::default()).unwrap();
+    /// ```
+    ///
+    /// The same program with `X86_64` compiles and runs:
+    ///
+    /// ```
+    /// use pagepin_backends::xen::{xen_env, XenEnv};
+    /// use pagepin_engine::{AddressSpace, DefaultRawLock, SpaceOptions, Split, X86_64};
+    /// let e: XenEnv<DefaultRawLock> = xen_env::<X86_64, _>(64, 1024, 1, 0).unwrap();
+    /// let s: AddressSpace<X86_64, Split, _> =
+    ///     AddressSpace::new(e.store.clone(), e.backend.clone(), SpaceOptions::default()).unwrap();
+    /// # drop(s);
+    /// ```
+    const MAX_ROOT_LEVEL: pagepin_engine::Level = pagepin_engine::Level::L4;
 
     fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
         let mut scratch = Scratch::default();

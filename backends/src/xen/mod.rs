@@ -2,7 +2,7 @@
 //! interface a kernel implements with its hypercall page, the
 //! [`XenBackend`] that encodes the engine's batches into multicalls, and
 //! (with `std`) [`sim::XenSim`], a simulated hypervisor that enforces Xen's
-//! PV MMU rules (DESIGN §6) so the engine can be tested without Xen.
+//! PV MMU rules (docs/PROTOCOL.md §6) so the engine can be tested without Xen.
 //!
 //! The ABI and the backend use only `core` and `alloc`, so the same code
 //! can run inside a `no_std` PV guest.

@@ -121,7 +121,9 @@ impl FrameType {
             Level::L1 => FrameType::L1,
             Level::L2 => FrameType::L2,
             Level::L3 => FrameType::L3,
-            Level::L4 => FrameType::L4,
+            // Xen has no 5-level type; a 5-level space never reaches a Xen
+            // backend (refused at compile time).
+            Level::L4 | Level::L5 => FrameType::L4,
         }
     }
     /// The level, if this is a page-table type.
@@ -1318,7 +1320,7 @@ impl XenSim {
                 e
             }
             Level::L2 | Level::L3 => new | user,
-            Level::L4 => new | user | EntryFlags::ACCESSED.bits(),
+            Level::L4 | Level::L5 => new | user | EntryFlags::ACCESSED.bits(),
         }
     }
 
@@ -1479,6 +1481,8 @@ impl XenSim {
             return Err(errno::ENOSYS);
         };
         match cmd {
+            // Not a Xen command: what Xen answers an unknown one.
+            ExtCmd::PinL5Table => Err(errno::ENOSYS),
             ExtCmd::PinL1Table | ExtCmd::PinL2Table | ExtCmd::PinL3Table | ExtCmd::PinL4Table => {
                 let level = cmd.pin_level().ok_or(errno::EINVAL)?;
                 if level > self.cfg.root_level {
