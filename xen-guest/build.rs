@@ -1,5 +1,6 @@
 //! Links the guest with its own script, without the C runtime, and refuses a
-//! position-independent build (nothing would apply its relocations).
+//! position-independent build (nothing would apply its relocations) or one
+//! with a red zone (Xen's trap frames would overwrite it).
 
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
@@ -17,6 +18,12 @@ fn main() {
         panic!(
             "xen-guest must be built with -C relocation-model=static: run cargo from \
              the xen-guest directory (its .cargo/config.toml sets it)"
+        );
+    }
+    if !flags.split('\x1f').any(|f| f.contains("no-redzone=yes")) {
+        panic!(
+            "xen-guest must be built with -C no-redzone=yes (Xen's trap frames land \
+             below the stack pointer): run cargo from the xen-guest directory"
         );
     }
 }

@@ -6,6 +6,10 @@ use core::arch::asm;
 
 /// Hypercall numbers used by the guest (public `xen.h`).
 pub mod nr {
+    /// `set_trap_table`.
+    pub const SET_TRAP_TABLE: u64 = 0;
+    /// `vcpu_op`.
+    pub const VCPU_OP: u64 = 24;
     /// `mmu_update`.
     pub const MMU_UPDATE: u64 = 1;
     /// `console_io`.
@@ -70,6 +74,13 @@ pub fn console_write(bytes: &[u8]) {
             );
         }
     }
+}
+
+/// `update_va_mapping(va, pte, flags)` on the current page tables.
+pub fn update_va_mapping(va: u64, pte: u64, flags: u64) -> i64 {
+    // SAFETY: no pointer arguments: Xen checks the address and the entry
+    // and refuses what the guest may not do.
+    unsafe { hypercall5(nr::UPDATE_VA_MAPPING, va, pte, flags, 0, 0) }
 }
 
 /// `sched_op(SCHEDOP_shutdown, {reason})`: 0 power off, 3 crash.

@@ -11,10 +11,16 @@
 
 extern crate alloc;
 
+mod diff;
 mod hypercall;
+#[allow(dead_code)]
+mod program;
 mod rt;
 #[allow(dead_code)]
 mod scenarios;
+mod smp;
+#[allow(dead_code)]
+mod smp_scenarios;
 
 use alloc::format;
 use alloc::string::String;
@@ -32,7 +38,8 @@ use pagepin_engine::{EntryFlags, Frame, FrameStore, Mfn, PageTableEntry, Pfn};
 
 use hypercall::{hypercall5, nr};
 use rt::Console;
-use scenarios::{Platform, Recorder, DATA_PAGES, MAGIC, MAGIC_PAGE};
+use scenarios::{Platform, Recorder, Report, DATA_PAGES, MAGIC, MAGIC_PAGE};
+use smp_scenarios::Smp;
 
 /// The `start_info` page Xen hands the guest in `%rsi` (x86-64 layout,
 /// public `xen.h`).
@@ -64,10 +71,13 @@ pub struct StartInfo {
     pub mod_start: u64,
     /// Its length.
     pub mod_len: u64,
+    /// The guest's command line (`-initrd "guest.elf a=b"` puts `a=b` here).
+    pub cmd_line: [u8; 1024],
 }
 
 const _: () = assert!(core::mem::offset_of!(StartInfo, mfn_list) == 104);
 const _: () = assert!(core::mem::offset_of!(StartInfo, pt_base) == 88);
+const _: () = assert!(core::mem::offset_of!(StartInfo, cmd_line) == 128);
 
 /// Real Xen: every hypercall is a `syscall` from the guest kernel.
 pub struct RealXen;
@@ -125,14 +135,23 @@ impl XenHypercalls for RealXen {
     fn guest_store(
         &self,
         slot: &AtomicU64,
-        _mfn: Mfn,
-        _index: usize,
+        mfn: Mfn,
+        index: usize,
         value: u64,
     ) -> Result<(), StoreFault> {
         // A plain store: into a read-only (pinned) L1 Xen traps and
-        // emulates it; the engine never stores into other read-only tables.
-        slot.store(value, Ordering::Release);
-        Ok(())
+        // emulates it. Into a read-only page Xen will not emulate for (a
+        // broken protocol) it is a page fault: the handler retries it, and
+        // gives it up after a bound.
+        if smp::guarded_store(slot, value) {
+            Ok(())
+        } else {
+            Err(StoreFault {
+                mfn,
+                index,
+                rc: -14,
+            })
+        }
     }
 }
 
@@ -306,6 +325,149 @@ impl Platform for Guest {
     }
 }
 
+impl Smp for Guest {
+    fn writers(&self) -> usize {
+        smp::online() - 1
+    }
+    fn run_parallel(&self, f: &(dyn Fn(usize) + Sync)) {
+        smp::run_parallel(f, JOB_LIMIT_NS)
+    }
+    fn faults(&self) -> u64 {
+        smp::fault_totals().0
+    }
+    fn skipped(&self) -> u64 {
+        smp::fault_totals().1
+    }
+    fn now_ns(&self) -> u64 {
+        smp::now_ns()
+    }
+    fn set_retry_limit(&self, limit: u64) {
+        smp::CPUS[smp::this_vcpu()]
+            .retry_limit
+            .store(limit, Ordering::Relaxed);
+    }
+}
+
+/// Longest a vCPU may take over one parallel job before the run counts as
+/// a hang (the host test's timeout is longer).
+const JOB_LIMIT_NS: u64 = 20_000_000_000;
+
+/// `key=value` words of the command line.
+fn arg(cmd: &[u8], key: &str) -> Option<u64> {
+    let end = cmd.iter().position(|&c| c == 0).unwrap_or(cmd.len());
+    let line = core::str::from_utf8(&cmd[..end]).ok()?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Every vCPU runs the same counting loop, alone and then all at once:
+/// each must see every other's counter move during its own loop, and all
+/// together should take about as long as one alone (MTTCG runs vCPUs on
+/// host threads; serialised they would take `vcpus` times as long).
+fn parallel_check() -> Report {
+    const ITERS: u64 = 2_000_000;
+    let n = smp::online();
+    let spin = |v: usize| -> (u64, bool) {
+        let before: [u64; smp::MAX_VCPUS] =
+            core::array::from_fn(|o| smp::CPUS[o].progress.load(Ordering::Acquire));
+        let t0 = smp::now_ns();
+        for _ in 0..ITERS {
+            smp::CPUS[v].progress.fetch_add(1, Ordering::Relaxed);
+        }
+        let dt = smp::now_ns() - t0;
+        let all_moved = (0..n)
+            .filter(|&o| o != v)
+            .all(|o| smp::CPUS[o].progress.load(Ordering::Acquire) > before[o]);
+        (dt, all_moved)
+    };
+    let alone = spin(0).0;
+    let times: [AtomicU64; smp::MAX_VCPUS] = [const { AtomicU64::new(0) }; smp::MAX_VCPUS];
+    let overlap: [AtomicU64; smp::MAX_VCPUS] = [const { AtomicU64::new(0) }; smp::MAX_VCPUS];
+    smp::run_parallel(
+        &|v| {
+            let (dt, moved) = spin(v);
+            times[v].store(dt, Ordering::Relaxed);
+            overlap[v].store(moved as u64, Ordering::Relaxed);
+        },
+        JOB_LIMIT_NS,
+    );
+    let together = times
+        .iter()
+        .map(|t| t.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    let overlapped = overlap
+        .iter()
+        .take(n)
+        .all(|o| o.load(Ordering::Relaxed) == 1);
+    let mut r = Report::new("smp_parallel");
+    r.count("vcpus", n);
+    r.count("alone_us", alone / 1000);
+    r.count("together_us", together / 1000);
+    r.count(
+        "ratio",
+        format!("{:.2}", together as f64 / alone.max(1) as f64),
+    );
+    r.check("vcpus-up", n >= 2);
+    r.check("progress-overlapped", overlapped);
+    r
+}
+
+/// The parallel scenarios at batch sizes 1, 32 and 256 (`batch=N`: only
+/// N), scenario 6, and (with `sweep=R`, R rounds per point) the
+/// measurements; `jobs=0` runs the measurements alone.
+fn run_smp(guest: &Guest, cmd: &[u8]) -> bool {
+    let rounds = arg(cmd, "rounds").unwrap_or(200) as usize;
+    let controls = arg(cmd, "controls").unwrap_or(40) as usize;
+    let sweep = arg(cmd, "sweep").unwrap_or(0);
+    guest.rec.set_recording(false);
+    let mut all = true;
+    let mut emit = |r: &Report| {
+        all &= r.passed();
+        let _ = writeln!(Console, "{}", r.line());
+    };
+    emit(&parallel_check());
+    let scratch = smp_scenarios::Scratch::new(guest.writers());
+    let batches: &[usize] = match arg(cmd, "batch") {
+        Some(n) => &[n as usize][..],
+        None => &[1, 32, 256],
+    };
+    let jobs = arg(cmd, "jobs").unwrap_or(1) != 0;
+    for &batch in batches.iter().filter(|_| jobs) {
+        for job in smp_scenarios::jobs(batch, rounds, controls) {
+            let t0 = smp::now_ns();
+            let mut r = smp_scenarios::run_job(guest, &job, &scratch);
+            let ms = format!("ms={}", (smp::now_ns() - t0) / 1_000_000);
+            r.info = if r.info.is_empty() {
+                ms
+            } else {
+                format!("{ms},{}", r.info)
+            };
+            emit(&r);
+        }
+    }
+    if jobs {
+        emit(&smp_scenarios::unpin_under_base_pointer(guest));
+    }
+    if sweep != 0 {
+        smp_scenarios::sweep(guest, sweep as usize, &mut |l| {
+            let _ = writeln!(Console, "{l}");
+        });
+    }
+    let (faults, skipped) = smp::fault_totals();
+    let c = &smp::CPUS;
+    let _ = writeln!(
+        Console,
+        "PAGEPIN-GUEST smp faults={faults} skipped={skipped} cr2_match={} last_fault=vcpu1:cr2={:#x},err={:#x},rip={:#x}",
+        c.iter().map(|c| c.cr2_match.load(Ordering::Relaxed)).sum::<u64>(),
+        c[1].last_cr2.load(Ordering::Relaxed),
+        c[1].last_err.load(Ordering::Relaxed),
+        c[1].last_rip.load(Ordering::Relaxed)
+    );
+    all
+}
+
 /// Rust entry, called by `_start` on the guest's own stack.
 #[no_mangle]
 extern "C" fn guest_main(si: *const StartInfo) -> ! {
@@ -342,9 +504,27 @@ extern "C" fn guest_main(si: *const StartInfo) -> ! {
         pool: (base, base + POOL_FRAMES as u64),
         saved: AtomicU64::new(0),
     };
-    let all = scenarios::run_all(&guest, &mut |r| {
-        let _ = writeln!(Console, "{}", r.line());
-    });
+    let vcpus = arg(&si.cmd_line, "vcpus").unwrap_or(0) as usize;
+    let boot_l4 = guest.boot_root().0;
+    match smp::init(si.shared_info, boot_l4, vcpus) {
+        Ok(n) => {
+            let _ = writeln!(
+                Console,
+                "PAGEPIN-GUEST vcpus up={n} bringup_us={}",
+                smp::BRINGUP_NS.load(Ordering::Relaxed) / 1000
+            );
+        }
+        Err(e) => panic!("vCPU bring-up failed: {e}"),
+    }
+    let all = if arg(&si.cmd_line, "diff").is_some() {
+        diff::run(si, guest.p2m())
+    } else if vcpus == 0 {
+        scenarios::run_all(&guest, &mut |r| {
+            let _ = writeln!(Console, "{}", r.line());
+        })
+    } else {
+        run_smp(&guest, &si.cmd_line)
+    };
     let verdict = if all { "pass" } else { "fail" };
     let _ = writeln!(
         Console,

@@ -3,8 +3,9 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
 use core::fmt;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::hypercall;
 
@@ -13,11 +14,8 @@ pub const EXIT_PASS: u8 = 0x10;
 /// `isa-debug-exit` value for a failing run (QEMU exits with 35).
 pub const EXIT_FAIL: u8 = 0x11;
 
-/// Bytes of the guest's own stack.
-const STACK_BYTES: usize = 1024 * 1024;
-
 // Entry: Xen starts the guest with %rsi = start_info and a small stack;
-// switch to our own and call Rust.
+// switch to vCPU 0's own (the first of `smp::STACKS`) and call Rust.
 global_asm!(
     ".section .text._start, \"ax\", @progbits",
     ".global _start",
@@ -27,8 +25,8 @@ global_asm!(
     "    xor %ebp, %ebp",
     "    call guest_main",
     "    ud2",
-    stack = sym STACK,
-    size = const STACK_BYTES,
+    stack = sym crate::smp::STACKS,
+    size = const crate::smp::STACK_BYTES,
     options(att_syntax)
 );
 
@@ -51,13 +49,6 @@ global_asm!(
     ".text",
 );
 
-#[repr(C, align(16))]
-struct Stack([u8; STACK_BYTES]);
-
-/// The guest's stack (in .bss, so in Xen's initial mapping).
-#[no_mangle]
-static mut STACK: Stack = Stack([0; STACK_BYTES]);
-
 /// Writes to Xen's console.
 pub struct Console;
 
@@ -76,21 +67,57 @@ struct Heap([u8; HEAP_BYTES]);
 
 static mut HEAP: Heap = Heap([0; HEAP_BYTES]);
 
-/// A bump allocator over a static arena: the guest runs a fixed sequence
-/// of scenarios, so freed memory is never reused.
-struct Bump {
+/// Size classes: blocks of 16 B << c for c in 0..CLASSES (up to 64 KiB).
+const CLASSES: usize = 13;
+
+/// A static arena carved by a bump pointer, with a free list per power-of-
+/// two size class so freed blocks are reused (the parallel scenarios
+/// allocate per hypercall batch for minutes). Blocks above the largest
+/// class are never reused. One spin lock guards the lists: allocation is
+/// rare next to hypercalls, and events stay masked so nothing re-enters.
+struct Arena {
     next: AtomicUsize,
+    locked: AtomicBool,
+    free: UnsafeCell<[usize; CLASSES]>,
 }
 
-// SAFETY: every allocation is a distinct, suitably aligned range of the
-// static arena, handed out once by an atomic bump; `dealloc` does nothing.
-unsafe impl GlobalAlloc for Bump {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+// SAFETY: `free` is only touched with `locked` held (see `with_lists`);
+// every block handed out is a distinct range of the static arena.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    /// The size class of `layout`, if it has one.
+    fn class(layout: Layout) -> Option<usize> {
+        let size = layout
+            .size()
+            .max(layout.align())
+            .max(16)
+            .next_power_of_two();
+        let c = (size.trailing_zeros() - 4) as usize;
+        (c < CLASSES).then_some(c)
+    }
+
+    fn with_lists<R>(&self, f: impl FnOnce(&mut [usize; CLASSES]) -> R) -> R {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the lock is held, so this is the only reference.
+        let r = f(unsafe { &mut *self.free.get() });
+        self.locked.store(false, Ordering::Release);
+        r
+    }
+
+    /// `size` fresh bytes aligned to `align`, or null when the arena is spent.
+    fn bump(&self, size: usize, align: usize) -> *mut u8 {
         let base = core::ptr::addr_of_mut!(HEAP) as usize;
         let mut cur = self.next.load(Ordering::Relaxed);
         loop {
-            let start = (base + cur).next_multiple_of(layout.align()) - base;
-            let end = match start.checked_add(layout.size()) {
+            let start = (base + cur).next_multiple_of(align) - base;
+            let end = match start.checked_add(size) {
                 Some(e) if e <= HEAP_BYTES => e,
                 _ => return core::ptr::null_mut(),
             };
@@ -103,15 +130,50 @@ unsafe impl GlobalAlloc for Bump {
             }
         }
     }
-    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+}
+
+// SAFETY: a block of class c is 16 << c bytes aligned to its size, which
+// covers the layout's size and alignment; a freed block is only reused
+// for the same class, and its first word links the free list while it is
+// free (it is at least 16 bytes).
+unsafe impl GlobalAlloc for Arena {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let Some(c) = Self::class(layout) else {
+            return self.bump(layout.size(), layout.align());
+        };
+        let head = self.with_lists(|l| {
+            let head = l[c];
+            if head != 0 {
+                // SAFETY: a free block's first word is the next free block.
+                l[c] = unsafe { (head as *const usize).read() };
+            }
+            head
+        });
+        if head != 0 {
+            return head as *mut u8;
+        }
+        self.bump(16 << c, 16 << c)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(c) = Self::class(layout) {
+            self.with_lists(|l| {
+                // SAFETY: the block is ours again (the caller freed it) and
+                // at least 16 bytes: its first word links the list.
+                unsafe { (ptr as *mut usize).write(l[c]) };
+                l[c] = ptr as usize;
+            });
+        }
+    }
 }
 
 #[global_allocator]
-static ALLOC: Bump = Bump {
+static ALLOC: Arena = Arena {
     next: AtomicUsize::new(0),
+    locked: AtomicBool::new(false),
+    free: UnsafeCell::new([0; CLASSES]),
 };
 
-/// Bytes of heap used so far.
+/// Bytes of the arena carved so far (its high-water mark).
 pub fn heap_used() -> usize {
     ALLOC.next.load(Ordering::Relaxed)
 }

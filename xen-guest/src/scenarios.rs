@@ -108,7 +108,7 @@ impl Rec {
 type Pending = (Op, u64, Vec<(u32, u64)>);
 
 /// A tiny spin-locked cell (no_std).
-struct Locked<T> {
+pub struct Locked<T> {
     lock: SpinLock,
     value: UnsafeCell<T>,
 }
@@ -117,13 +117,15 @@ struct Locked<T> {
 unsafe impl<T: Send> Sync for Locked<T> {}
 
 impl<T> Locked<T> {
-    fn new(value: T) -> Self {
+    /// A cell holding `value`.
+    pub fn new(value: T) -> Self {
         Locked {
             lock: SpinLock::new(),
             value: UnsafeCell::new(value),
         }
     }
-    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+    /// Run `f` on the value, holding the lock.
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         self.lock.lock();
         // SAFETY: the lock is held, so this is the only reference.
         let r = f(unsafe { &mut *self.value.get() });
@@ -140,6 +142,10 @@ pub struct Recorder<H: XenHypercalls> {
     on: AtomicBool,
     traps: AtomicU64,
     log: Locked<Vec<Rec>>,
+    /// Count `mmuext_op` commands even with recording off (the parallel
+    /// scenarios run too long to keep a log).
+    counting: AtomicBool,
+    ext_counts: [AtomicU64; 16],
 }
 
 impl<H: XenHypercalls> Recorder<H> {
@@ -150,6 +156,36 @@ impl<H: XenHypercalls> Recorder<H> {
             on: AtomicBool::new(true),
             traps: AtomicU64::new(0),
             log: Locked::new(Vec::new()),
+            counting: AtomicBool::new(false),
+            ext_counts: [const { AtomicU64::new(0) }; 16],
+        }
+    }
+    /// Count every `mmuext_op` command issued from now on (or stop).
+    pub fn set_counting(&self, on: bool) {
+        self.counting.store(on, Ordering::SeqCst);
+    }
+    /// How many `mmuext_op` operations with command `cmd` were issued
+    /// while counting.
+    pub fn ext_count(&self, cmd: ExtCmd) -> u64 {
+        self.ext_counts
+            .get(cmd as usize)
+            .map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+    /// Count the commands of `count` operations at `ptr`.
+    ///
+    /// # Safety
+    /// As for [`Self::ext_list`].
+    unsafe fn count_ext(&self, ptr: u64, count: usize) {
+        if !self.counting.load(Ordering::Relaxed) {
+            return;
+        }
+        let ops = ptr as *const MmuExtOpAbi;
+        for i in 0..count {
+            // SAFETY: the caller guarantees `count` readable ops.
+            let cmd = unsafe { (*ops.add(i)).cmd } as usize;
+            if let Some(c) = self.ext_counts.get(cmd) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     /// The platform's trap.
@@ -196,6 +232,16 @@ impl<H: XenHypercalls> XenHypercalls for Recorder<H> {
         // failed pin that left a partly validated table by re-issuing the
         // mmuext_op with arguments (NULL, PREEMPTED, NULL, rc)), so only the
         // results may be read afterwards.
+        for i in 0..count {
+            // SAFETY: the caller guarantees `count` valid entries, and an
+            // mmuext_op entry's first two arguments are its ops and count.
+            unsafe {
+                let e = &*entries.add(i);
+                if e.op == hypercall::MMUEXT_OP {
+                    self.count_ext(e.args[0], e.args[1] as usize);
+                }
+            }
+        }
         let before: Vec<Pending> = if self.on.load(Ordering::SeqCst) {
             (0..count)
                 .map(|i| {
@@ -298,7 +344,13 @@ impl<H: XenHypercalls> XenHypercalls for Recorder<H> {
     ) -> i64 {
         // SAFETY: `ops` points to `count` readable ops (contract); read
         // before the call, which does not modify them.
-        let ext = unsafe { Self::ext_list(ops as u64, count) };
+        unsafe { self.count_ext(ops as u64, count) };
+        let ext = if self.on.load(Ordering::SeqCst) {
+            // SAFETY: as above.
+            unsafe { Self::ext_list(ops as u64, count) }
+        } else {
+            Vec::new()
+        };
         // SAFETY: forwarded contract.
         let rc = unsafe { self.inner.mmuext_op(ops, count, done, domid) };
         if let Some(trap) = self.trap() {
@@ -432,13 +484,15 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(name: &'static str) -> Self {
+    /// An empty report named `name`.
+    pub fn new(name: &'static str) -> Self {
         Report {
             name,
             ..Default::default()
         }
     }
-    fn check(&mut self, what: &str, ok: bool) {
+    /// Record a check (failed when `ok` is false).
+    pub fn check(&mut self, what: &str, ok: bool) {
         if !ok {
             self.failed.push(String::from(what));
         }
@@ -451,7 +505,8 @@ impl Report {
         self.results.push(':');
         self.results.push_str(&rle(recs));
     }
-    fn count(&mut self, k: &str, v: impl core::fmt::Display) {
+    /// Add a counter `k=v`.
+    pub fn count(&mut self, k: &str, v: impl core::fmt::Display) {
         if !self.counts.is_empty() {
             self.counts.push(',');
         }
@@ -516,9 +571,11 @@ pub fn rle(recs: &[Rec]) -> String {
 // ---------------------------------------------------------------------------
 // helpers
 
-type Space<P, Pl> = AddressSpace<X86_64, P, Backend<<Pl as Platform>::H>>;
+/// A scenario space on platform `Pl` under policy `P`.
+pub type Space<P, Pl> = AddressSpace<X86_64, P, Backend<<Pl as Platform>::H>>;
 
-const LEAF: EntryFlags = EntryFlags::PRESENT
+/// The leaf flags scenarios map data pages with.
+pub const LEAF: EntryFlags = EntryFlags::PRESENT
     .union(EntryFlags::WRITABLE)
     .union(EntryFlags::USER)
     .union(EntryFlags::ACCESSED)
@@ -552,7 +609,7 @@ fn build<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(pl: &Pl) -> Result<Space<
 
 /// `RO`/`RW` and pinned flag of every table frame, in walk order, plus
 /// whether they match `pinned`.
-fn states<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(
+pub fn states<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(
     pl: &Pl,
     s: &Space<P, Pl>,
     pinned: bool,
@@ -586,13 +643,14 @@ fn ext_cmds(recs: &[Rec]) -> Vec<(u32, u64)> {
     recs.iter().flat_map(|r| r.ext.iter().copied()).collect()
 }
 
-fn mfn_of<Pl: Platform>(pl: &Pl, pfn: Pfn) -> u64 {
+/// The machine frame of `pfn`.
+pub fn mfn_of<Pl: Platform>(pl: &Pl, pfn: Pfn) -> u64 {
     use pagepin_engine::Backend as _;
     pl.backend().pfn_to_mfn(pfn).0
 }
 
 /// One mmuext op straight through the recorder.
-fn ext_raw<Pl: Platform>(pl: &Pl, cmd: ExtCmd, arg1: u64) -> i64 {
+pub fn ext_raw<Pl: Platform>(pl: &Pl, cmd: ExtCmd, arg1: u64) -> i64 {
     let op = MmuExtOpAbi {
         cmd: cmd as u32,
         _pad: 0,

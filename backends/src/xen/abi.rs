@@ -15,6 +15,8 @@ pub mod hypercall {
     pub const MULTICALL: u64 = 13;
     /// `update_va_mapping(va, pte, flags)`.
     pub const UPDATE_VA_MAPPING: u64 = 14;
+    /// `xen_version(cmd, arg)`.
+    pub const XEN_VERSION: u64 = 17;
     /// `vm_assist(cmd, type)`.
     pub const VM_ASSIST: u64 = 21;
     /// `mmuext_op(ops, count, pdone, domid)`.

@@ -161,15 +161,30 @@ const BASE_ALLOWED: u64 = EntryFlags::PRESENT.bits()
     | (0b111 << 9)
     | (0x7ff << 52)
     | EntryFlags::NO_EXECUTE.bits();
-/// Bit 62, Xen's `_PAGE_GNTTAB`: never allowed in an L1 entry.
-const GNTTAB: u64 = 1 << 62;
 /// Cache attributes (PWT, PCD, PAT): in L1 entries only for a domain with
 /// I/O resources (Xen's `l1_disallow_mask`).
 const CACHE_ATTRS: u64 =
     EntryFlags::PWT.bits() | EntryFlags::PCD.bits() | EntryFlags::PAT_4K.bits();
 /// Bits an L1 entry may carry besides its frame (Xen's `L1_DISALLOW_MASK`
-/// complement: GLOBAL allowed, GNTTAB not), without I/O resources.
-const L1_ALLOWED: u64 = (BASE_ALLOWED | EntryFlags::GLOBAL.bits()) & !GNTTAB;
+/// complement: GLOBAL allowed), without I/O resources. Bit 62 included:
+/// real Xen 4.17 (64-bit PV) accepts it in an L1 entry (differential
+/// programs, `tests/xen_sim_regressions.rs`).
+const L1_ALLOWED: u64 = BASE_ALLOWED | EntryFlags::GLOBAL.bits();
+/// What `xen_version(XENVER_version)` answers: the Xen the simulator
+/// models (4.17).
+pub const XEN_VERSION: i64 = (4 << 16) | 17;
+/// `EOPNOTSUPP`: Xen 4.17's answer to MMUEXT_MARK_SUPER / UNMARK_SUPER.
+const EOPNOTSUPP: i32 = 95;
+/// Largest LDT (entries) `MMUEXT_SET_LDT` accepts.
+const LDT_ENTRIES_MAX: u64 = 8192;
+
+/// Whether `p` is a canonical x86-64 address (bits 63..47 all equal).
+/// The simulator cannot check that a guest pointer is mapped: a vCPU-mask
+/// pointer is refused (`-EFAULT`) only when no guest could pass it.
+fn canonical(p: u64) -> bool {
+    let top = p >> 47;
+    top == 0 || top == 0x1_ffff
+}
 /// Bits an L2..L4 entry may carry besides its frame: no PWT, PCD, PS, G.
 const TABLE_ALLOWED: u64 = BASE_ALLOWED;
 /// Bits a PAE root (L3) entry may carry: present, PWT, PCD, available.
@@ -872,6 +887,13 @@ impl XenSim {
         })
     }
 
+    /// The direct-map entry of guest frame `pfn` (what a guest reads in its
+    /// L1 for `direct_map_base + pfn * 4096`).
+    pub fn direct_map_entry(&self, pfn: Pfn) -> Option<u64> {
+        let slot = self.dm.get(usize::try_from(pfn.0).ok()?)?;
+        Some(slot.pte.load(Ordering::Acquire))
+    }
+
     /// Every frame still typed as a page table.
     pub fn typed_tables(&self) -> Vec<FrameInfo> {
         (0..self.cfg.nr_pages as u64)
@@ -1183,7 +1205,12 @@ impl XenSim {
             if hole.contains(&i) {
                 continue;
             }
-            if let Err(e) = self.get_entry_refs(level, snap[i], false, l) {
+            // Xen rewrites each entry it accepts with the PV adjustment
+            // (`adjust_guest_entry`), in place, even when a later entry
+            // then fails the validation (real Xen 4.17, differential
+            // programs).
+            let adj = self.adjust_guest_entry(level, snap[i]);
+            if let Err(e) = self.get_entry_refs(level, adj, false, l) {
                 self.refusal.lock().get_or_insert(Refusal {
                     mfn: Mfn(mfn),
                     level,
@@ -1197,6 +1224,10 @@ impl XenSim {
                     }
                 }
                 return Err(e);
+            }
+            if adj != snap[i] {
+                frame.entry(i).store(adj, Ordering::Release);
+                snap[i] = adj;
             }
         }
         Ok(())
@@ -1245,7 +1276,11 @@ impl XenSim {
             }
         }
         if !self.owned(mfn) {
-            // Not owned by the domain.
+            // Not owned by the domain. Real Xen 4.17 lets dom0 map the
+            // hypervisor's own frames read-only (differential programs).
+            if level == Level::L1 && self.cfg.io_privileged && !pte.is_writable() {
+                return Ok(());
+            }
             return Err(errno::EINVAL);
         }
         match level {
@@ -1277,7 +1312,10 @@ impl XenSim {
             return;
         }
         match level {
-            Level::L1 if !pte.is_writable() || self.is_io_frame(pte.frame()) => {}
+            Level::L1
+                if !pte.is_writable()
+                    || self.is_io_frame(pte.frame())
+                    || !self.owned(pte.frame()) => {}
             _ => self.put_type(pte.frame(), l),
         }
     }
@@ -1420,16 +1458,22 @@ impl XenSim {
     /// One `mmu_update` request.
     fn do_mmu_update(&self, req: MmuUpdateAbi, l: &mut Local) -> R {
         l.mmu_update_reqs += 1;
-        let cmd = req.ptr & 3;
-        if cmd != mmu_cmd::NORMAL_PT_UPDATE && cmd != mmu_cmd::PT_UPDATE_PRESERVE_AD {
-            return Err(if cmd == mmu_cmd::MACHPHYS_UPDATE {
-                errno::ENOSYS
-            } else {
-                errno::EINVAL
-            });
+        // The sub-command is the low three bits (Xen masks with the entry
+        // size): 0 normal, 1 machphys, 2 preserve A/D, 3 no-translate (the
+        // same as 0 for a PV guest); 4..7 are unknown (`-ENOSYS`).
+        let cmd = req.ptr & 7;
+        if cmd >= 4 {
+            return Err(errno::ENOSYS);
         }
-        if req.ptr & 4 != 0 {
-            return Err(errno::EINVAL);
+        if cmd == mmu_cmd::MACHPHYS_UPDATE {
+            // Sets the m2p entry of a frame the domain owns (real Xen
+            // 4.17: 0 for the guest's own frame). The simulator keeps its
+            // m2p: the guest's view of it is not modelled.
+            return if self.owned(req.ptr >> 12) {
+                Ok(())
+            } else {
+                Err(errno::EINVAL)
+            };
         }
         let mfn = req.ptr >> 12;
         let index = ((req.ptr & 0xfff) >> 3) as usize;
@@ -1478,7 +1522,7 @@ impl XenSim {
             *c += 1;
         }
         let Some(cmd) = ExtCmd::from_u32(op.cmd) else {
-            return Err(errno::ENOSYS);
+            return self.do_mmuext_other(op, l);
         };
         match cmd {
             // Not a Xen command: what Xen answers an unknown one.
@@ -1530,6 +1574,10 @@ impl XenSim {
                 self.check_frame(mfn, l);
                 Ok(())
             }
+            // A vCPU mask that cannot be read: -EINVAL (real Xen 4.17).
+            ExtCmd::TlbFlushMulti | ExtCmd::InvlpgMulti if !canonical(op.arg2) => {
+                Err(errno::EINVAL)
+            }
             ExtCmd::TlbFlushLocal | ExtCmd::TlbFlushMulti | ExtCmd::TlbFlushAll => {
                 self.flush_all(l);
                 Ok(())
@@ -1539,6 +1587,78 @@ impl XenSim {
                 Ok(())
             }
         }
+    }
+
+    /// The `mmuext_op` commands the engine never sends, answered as real
+    /// Xen 4.17 answers a 64-bit PV domain (found by the differential
+    /// programs, `tests/real_xen_diff.rs`).
+    fn do_mmuext_other(&self, op: MmuExtOpAbi, l: &mut Local) -> R {
+        const FLUSH_CACHE: u32 = 12;
+        const SET_LDT: u32 = 13;
+        const CLEAR_PAGE: u32 = 16;
+        const COPY_PAGE: u32 = 17;
+        const FLUSH_CACHE_GLOBAL: u32 = 18;
+        const MARK_SUPER: u32 = 19;
+        const UNMARK_SUPER: u32 = 20;
+        match op.cmd {
+            // Cache flushes: allowed to a domain with I/O resources.
+            FLUSH_CACHE | FLUSH_CACHE_GLOBAL if self.cfg.io_privileged => Ok(()),
+            FLUSH_CACHE | FLUSH_CACHE_GLOBAL => Err(errno::EACCES),
+            // The LDT is not modelled beyond the argument checks (its
+            // pages are mapped lazily, on first use).
+            SET_LDT => {
+                let (va, ents) = (op.arg1, op.arg2);
+                if va & 0xfff != 0 || ents > LDT_ENTRIES_MAX || !canonical(va) {
+                    Err(errno::EINVAL)
+                } else {
+                    Ok(())
+                }
+            }
+            CLEAR_PAGE => self.with_writable(op.arg1, l, |frame| {
+                for i in 0..ENTRIES_PER_FRAME {
+                    frame.entry(i).store(0, Ordering::Release);
+                }
+            }),
+            COPY_PAGE => {
+                if !self.owned(op.arg2) {
+                    return Err(errno::EINVAL);
+                }
+                let src: Option<Vec<u64>> = self.table_memory(op.arg2).ok().map(|f| {
+                    (0..ENTRIES_PER_FRAME)
+                        .map(|i| f.entry(i).load(Ordering::Acquire))
+                        .collect()
+                });
+                self.with_writable(op.arg1, l, |frame| {
+                    for i in 0..ENTRIES_PER_FRAME {
+                        let v = src.as_ref().map_or(0, |s| s[i]);
+                        frame.entry(i).store(v, Ordering::Release);
+                    }
+                })
+            }
+            MARK_SUPER | UNMARK_SUPER => Err(EOPNOTSUPP),
+            _ => Err(errno::ENOSYS),
+        }
+    }
+
+    /// Run `f` on the memory of `mfn` (if it is table memory) under a
+    /// transient writable type reference: `-EINVAL` when the domain does
+    /// not own it or it is a page table.
+    fn with_writable(
+        &self,
+        mfn: u64,
+        l: &mut Local,
+        f: impl FnOnce(&pagepin_engine::frame::Frame),
+    ) -> R {
+        if !self.owned(mfn) {
+            return Err(errno::EINVAL);
+        }
+        self.get_type(mfn, FrameType::Writable, true, l)
+            .map_err(|_| errno::EINVAL)?;
+        if let Ok(frame) = self.table_memory(mfn) {
+            f(frame);
+        }
+        self.put_type(mfn, l);
+        Ok(())
     }
 
     fn dm_pfn(&self, va: u64) -> Option<usize> {
@@ -1559,6 +1679,10 @@ impl XenSim {
         l.uvm += 1;
         let pfn = self.dm_pfn(va).ok_or(errno::EINVAL)?;
         let own = self.p2m[pfn];
+        // Xen adjusts the entry as for `mmu_update` (found by the
+        // differential programs: real Xen 4.17 stores 0x61 as USER |
+        // GUEST_KERNEL | 0x61).
+        let new = self.adjust_guest_entry(Level::L1, new);
         let nw = PageTableEntry::from_bits(new);
         if nw.is_present() && nw.frame() != own {
             // The direct map is linear: slot pfn maps p2m[pfn] only.
@@ -1591,12 +1715,26 @@ impl XenSim {
                 l.full_updates += 1;
             }
         }
-        match flags & uvmf::FLUSHTYPE_MASK {
+        // Above the flush type: LOCAL (0), ALL (4) or a vCPU-mask pointer,
+        // read only when there is a flush; a bad pointer fails the call
+        // after the entry was written (real Xen 4.17).
+        let ft = flags & uvmf::FLUSHTYPE_MASK;
+        let mask = flags & !uvmf::FLUSHTYPE_MASK;
+        // (Flush type 3 is neither flush: nothing is read.)
+        let bad_mask = (ft == uvmf::TLB_FLUSH || ft == uvmf::INVLPG)
+            && mask != uvmf::LOCAL
+            && mask != uvmf::ALL
+            && !canonical(mask);
+        match ft {
+            _ if bad_mask => {}
             uvmf::TLB_FLUSH => self.flush_all(l),
             uvmf::INVLPG => self.invlpg(va, l),
             _ => {}
         }
         self.check_frame(own, l);
+        if bad_mask {
+            return Err(errno::EFAULT);
+        }
         Ok(())
     }
 
@@ -1833,6 +1971,13 @@ impl XenHypercalls for XenSim {
                         &mut l,
                     )
                 },
+                // `xen_version(XENVER_version, NULL)`: the version modelled.
+                hypercall::XEN_VERSION if a[0] == 0 => XEN_VERSION,
+                // A multicall inside a multicall: refused (real Xen 4.17).
+                hypercall::MULTICALL => {
+                    l.errors += 1;
+                    -(errno::EINVAL as i64)
+                }
                 _ => {
                     l.errors += 1;
                     -(errno::ENOSYS as i64)

@@ -1,0 +1,483 @@
+//! The simulator held to real Xen with random programs: the test guest
+//! (`xen-guest/`, `diff=1`) runs seeded PV MMU programs
+//! (`xen-guest/src/program.rs`) on Xen 4.17 as dom0 under QEMU, this test
+//! runs the same programs on `XenSim`, and every program's hash (each
+//! operation's result, every pool entry and direct-map entry read back
+//! after each operation, the final pin probe) must agree. On a mismatch
+//! the program is shrunk (delta debugging, candidates batched into one
+//! boot as a module of program words) and printed with both sides'
+//! per-operation lines.
+//!
+//! Default: one boot, 32 programs × 200 operations (fixed seed). A long
+//! campaign: `PAGEPIN_DIFF_PROGRAMS=500 PAGEPIN_DIFF_OPS=200
+//! PAGEPIN_DIFF_SEED=7 cargo test --release --test real_xen_diff -- --nocapture`
+//! (programs are run in boots of at most `PAGEPIN_DIFF_PER_BOOT`, 100).
+//! Without QEMU or Xen it prints `SKIP:` and passes, unless `CI=true`.
+
+extern crate alloc;
+
+mod diff_support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use diff_support::program::{self, Op, Program};
+use diff_support::run_sim;
+
+const XEN_GZ: &str = "/boot/xen-4.17-amd64.gz";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Boots a shrink may spend.
+const SHRINK_BOOTS: usize = 40;
+
+fn env_u64(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn unavailable() -> Option<String> {
+    if !Path::new(XEN_GZ).exists() {
+        return Some(format!(
+            "{XEN_GZ} missing (package xen-hypervisor-4.17-amd64)"
+        ));
+    }
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(qemu, Ok(s) if s.success()) {
+        return Some(String::from(
+            "qemu-system-x86_64 not runnable (package qemu-system-x86)",
+        ));
+    }
+    None
+}
+
+fn guest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("xen-guest")
+}
+
+/// Build the guest in its own workspace and target dir.
+fn build_guest() -> PathBuf {
+    let dir = guest_dir();
+    let target = dir.join("target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| String::from("cargo"));
+    let out = Command::new(cargo)
+        .current_dir(&dir)
+        .args(["build", "--release", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .output()
+        .expect("run cargo for the guest");
+    assert!(
+        out.status.success(),
+        "guest build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("release").join("pagepin-xen-guest")
+}
+
+/// Xen as an ELF QEMU can boot (written per process: tests run in parallel).
+fn xen_elf() -> PathBuf {
+    let path = guest_dir()
+        .join("target")
+        .join(format!("xen-4.17-diff-{}.elf", std::process::id()));
+    let out = Command::new("zcat").arg(XEN_GZ).output().expect("zcat");
+    assert!(out.status.success(), "zcat {XEN_GZ} failed");
+    std::fs::write(&path, out.stdout).expect("write xen elf");
+    path
+}
+
+struct Rig {
+    xen: PathBuf,
+    guest: PathBuf,
+    boots: usize,
+    boot_time: Duration,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.xen);
+    }
+}
+
+/// One guest's answer for one program.
+#[derive(Clone, Debug, Default)]
+struct XenAnswer {
+    hash: u64,
+    ops: usize,
+    reset_ok: bool,
+    probe: String,
+    /// Its `-OP` / `-PROBE` lines (with `detail=1`).
+    lines: Vec<String>,
+}
+
+impl Rig {
+    /// Boot the guest with `args` (and the programs as a module); the
+    /// answer per program, and the console.
+    fn boot(&mut self, args: &str, module: Option<&[Program]>) -> (Vec<XenAnswer>, String) {
+        let start = Instant::now();
+        let mut initrd = format!("{} diff=1 {args}", self.guest.display());
+        let module_path = module.map(|ps| {
+            let p = guest_dir()
+                .join("target")
+                .join(format!("diff-module-{}.bin", std::process::id()));
+            let words = program::encode_all(ps);
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            std::fs::write(&p, bytes).expect("write module");
+            p
+        });
+        if let Some(p) = &module_path {
+            initrd.push(',');
+            initrd.push_str(&p.display().to_string());
+        }
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-no-reboot", "-nographic", "-monitor", "none"])
+            .args(["-serial", "stdio", "-m", "512", "-kernel"])
+            .arg(&self.xen)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .args([
+                "-append",
+                "loglvl=all guest_loglvl=all console=com1 com1=115200 noreboot dom0_mem=64M",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu");
+        let stdout = child.stdout.take().expect("qemu stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                if n == 0
+                    || tx
+                        .send(String::from_utf8_lossy(&buf).trim_end().to_string())
+                        .is_err()
+                {
+                    break;
+                }
+                buf.clear();
+            }
+        });
+        let mut console = String::new();
+        let mut answers = Vec::new();
+        let mut pending = Vec::new();
+        loop {
+            let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
+            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix("PAGEPIN-DIFF p=") {
+                        let f: BTreeMap<&str, &str> = rest
+                            .split_whitespace()
+                            .skip(1)
+                            .filter_map(|w| w.split_once('='))
+                            .collect();
+                        answers.push(XenAnswer {
+                            hash: u64::from_str_radix(f.get("hash").unwrap_or(&"0"), 16)
+                                .unwrap_or(0),
+                            ops: f.get("ops").and_then(|v| v.parse().ok()).unwrap_or(0),
+                            reset_ok: f.get("reset") == Some(&"ok"),
+                            probe: f.get("probe").unwrap_or(&"").to_string(),
+                            lines: std::mem::take(&mut pending),
+                        });
+                    } else if l.starts_with("PAGEPIN-DIFF-OP")
+                        || l.starts_with("PAGEPIN-DIFF-PROBE")
+                    {
+                        pending.push(l.clone());
+                    }
+                    console.push_str(&l);
+                    console.push('\n');
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    console.push_str("TIMEOUT\n");
+                    break;
+                }
+            }
+        }
+        let _ = child.wait();
+        if let Some(p) = module_path {
+            let _ = std::fs::remove_file(p);
+        }
+        self.boots += 1;
+        self.boot_time += start.elapsed();
+        (answers, console)
+    }
+
+    /// Real Xen's answers to `ps` (one boot): `None` for a program that
+    /// did not finish or whose reset failed.
+    fn answers(&mut self, ps: &[Program], detail: bool) -> Vec<Option<XenAnswer>> {
+        let args = if detail { "detail=1" } else { "" };
+        let (a, console) = self.boot(args, Some(ps));
+        if a.len() < ps.len() && a.iter().all(|x| x.reset_ok) {
+            eprintln!("guest stopped early:\n{}", tail(&console, 30));
+        }
+        (0..ps.len())
+            .map(|k| a.get(k).filter(|x| x.reset_ok).cloned())
+            .collect()
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// Whether real Xen and the simulator disagree on `p` (given Xen's answer).
+fn differs(p: &Program, x: &XenAnswer) -> bool {
+    let s = run_sim(p, false);
+    s.out.hash != x.hash || s.breaks != 0
+}
+
+/// Smaller variants of `p` to try: ddmin chunks of the operations (each
+/// chunk removed), then single setup stores, then single requests,
+/// operations and entries inside list operations.
+fn candidates(p: &Program, n: usize) -> Vec<Program> {
+    let mut out = Vec::new();
+    let len = p.ops.len();
+    if len > 1 {
+        let chunk = len.div_ceil(n.min(len));
+        for start in (0..len).step_by(chunk) {
+            let mut q = p.clone();
+            q.ops.drain(start..(start + chunk).min(len));
+            out.push(q);
+        }
+    }
+    if n >= len {
+        for i in 0..p.setup.len() {
+            let mut q = p.clone();
+            q.setup.remove(i);
+            out.push(q);
+        }
+        for (i, o) in p.ops.iter().enumerate() {
+            let inner = match o {
+                Op::Mmu(v) => v.len(),
+                Op::Ext(v) => v.len(),
+                Op::Multi(v) => v.len(),
+                _ => 0,
+            };
+            for j in 0..inner {
+                let mut q = p.clone();
+                match &mut q.ops[i] {
+                    Op::Mmu(v) => drop(v.remove(j)),
+                    Op::Ext(v) => drop(v.remove(j)),
+                    Op::Multi(v) => drop(v.remove(j)),
+                    _ => {}
+                }
+                out.push(q);
+            }
+        }
+    }
+    out
+}
+
+fn size(p: &Program) -> usize {
+    p.setup.len()
+        + program::op_count(p)
+        + p.ops
+            .iter()
+            .map(|o| match o {
+                Op::Mmu(v) => v.len(),
+                Op::Ext(v) => v.len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+}
+
+/// Shrink a failing program: every round boots once with all candidates
+/// of the current granularity and keeps the smallest that still differs.
+fn shrink(rig: &mut Rig, p: &Program) -> Program {
+    let mut cur = p.clone();
+    cur.seed = 0;
+    let mut n = 2;
+    let start = rig.boots;
+    while rig.boots - start < SHRINK_BOOTS {
+        let cands = candidates(&cur, n);
+        if cands.is_empty() {
+            break;
+        }
+        // At most 64 per boot (the module and the run stay small).
+        let mut best: Option<Program> = None;
+        for batch in cands.chunks(64) {
+            let ans = rig.answers(batch, false);
+            for (q, a) in batch.iter().zip(ans) {
+                if let Some(a) = a {
+                    if differs(q, &a) && best.as_ref().is_none_or(|b| size(q) < size(b)) {
+                        best = Some(q.clone());
+                    }
+                }
+            }
+            if best.is_some() {
+                break;
+            }
+        }
+        match best {
+            Some(b) => {
+                cur = b;
+                n = (n - 1).max(2);
+            }
+            None if n >= cur.ops.len() => break,
+            None => n = (n * 2).min(cur.ops.len()),
+        }
+    }
+    cur
+}
+
+/// Both sides' per-operation lines of `p`, and where they first differ.
+fn explain(rig: &mut Rig, p: &Program) -> String {
+    let x = rig.answers(std::slice::from_ref(p), true);
+    let s = run_sim(p, true);
+    let mut out = format!("program: {p:?}\n");
+    let Some(Some(x)) = x.first() else {
+        return out + "(real Xen gave no answer)";
+    };
+    for (k, (a, b)) in x.lines.iter().zip(&s.lines).enumerate() {
+        let mark = if a == b { " " } else { "!" };
+        out += &format!("{mark} xen: {a}\n");
+        if a != b {
+            out += &format!("{mark} sim: {b}\n");
+        }
+        let _ = k;
+    }
+    if s.breaks != 0 {
+        out += &format!("simulator invariant breaks/refcount errors: {}\n", s.breaks);
+    }
+    out
+}
+
+#[test]
+#[ignore = "open mismatches remain (BENCHMARKS.md, \"Simulator vs real Xen\"); run with --ignored"]
+fn simulator_matches_real_xen_on_random_programs() {
+    if let Some(reason) = unavailable() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
+        }
+        println!("SKIP: real Xen unavailable ({reason}); the differential programs did not run");
+        return;
+    }
+    let seed = env_u64("PAGEPIN_DIFF_SEED", 1);
+    let programs = env_u64("PAGEPIN_DIFF_PROGRAMS", 32);
+    let ops = env_u64("PAGEPIN_DIFF_OPS", 200) as usize;
+    let per_boot = env_u64("PAGEPIN_DIFF_PER_BOOT", 100).max(1);
+    let t0 = Instant::now();
+    let mut rig = Rig {
+        guest: build_guest(),
+        xen: xen_elf(),
+        boots: 0,
+        boot_time: Duration::ZERO,
+    };
+    let mut failing: Vec<Program> = Vec::new();
+    let mut incomplete: Vec<String> = Vec::new();
+    let mut total_ops = 0;
+    let mut first = 0;
+    while first < programs {
+        let n = per_boot.min(programs - first);
+        let (ans, console) = rig.boot(
+            &format!("seed={seed} programs={n} ops={ops} first={first}"),
+            None,
+        );
+        if ans.len() as u64 != n || ans.iter().any(|a| !a.reset_ok) {
+            incomplete.push(format!(
+                "boot of programs {first}..{}: {} answers, resets {:?}\n{}",
+                first + n,
+                ans.len(),
+                ans.iter().map(|a| a.reset_ok).collect::<Vec<_>>(),
+                tail(&console, 20)
+            ));
+        }
+        for (k, a) in ans.iter().enumerate() {
+            let p = program::generate(program::program_seed(seed, first + k as u64), ops);
+            let s = run_sim(&p, false);
+            assert_eq!(
+                s.out.ops,
+                a.ops,
+                "program {} ran differently",
+                first + k as u64
+            );
+            total_ops += a.ops;
+            if s.out.hash != a.hash || s.breaks != 0 {
+                println!(
+                    "MISMATCH program {} (seed {:#x}): xen probe {} sim probe {} breaks {}",
+                    first + k as u64,
+                    p.seed,
+                    a.probe,
+                    s.out.probe,
+                    s.breaks
+                );
+                failing.push(p);
+            }
+        }
+        first += n;
+    }
+    println!(
+        "real_xen_diff: {programs} programs, {total_ops} operations, {} mismatching, {} boots, {:.1} s",
+        failing.len(),
+        rig.boots,
+        t0.elapsed().as_secs_f64()
+    );
+    for i in &incomplete {
+        println!("INCOMPLETE {i}");
+    }
+    if !failing.is_empty() {
+        // Where each failing program first diverges (one boot, details).
+        let some: Vec<Program> = failing.iter().take(24).cloned().collect();
+        let xs = rig.answers(&some, true);
+        for (p, x) in some.iter().zip(xs) {
+            let Some(x) = x else { continue };
+            let s = run_sim(p, true);
+            if let Some((a, b)) = x.lines.iter().zip(&s.lines).find(|(a, b)| a != b) {
+                let op = a
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("k="))
+                    .and_then(|k| k.parse::<usize>().ok())
+                    .and_then(|k| p.ops.get(k));
+                println!(
+                    "DIVERGE seed {:#x}:\n  op:  {op:?}\n  xen: {a}\n  sim: {b}",
+                    p.seed
+                );
+            }
+        }
+    }
+    if std::env::var("PAGEPIN_DIFF_NO_SHRINK").is_ok() {
+        assert!(failing.is_empty(), "{} mismatching programs", failing.len());
+    }
+    if let Some(p) = failing.first() {
+        let small = shrink(&mut rig, p);
+        let why = explain(&mut rig, &small);
+        panic!(
+            "the simulator differs from real Xen on {} of {programs} programs; the first, shrunk ({} boots so far):\n{why}",
+            failing.len(),
+            rig.boots
+        );
+    }
+    assert!(
+        incomplete.is_empty(),
+        "real Xen did not run every program: {incomplete:?}"
+    );
+}
+
+/// The encoding the guest decodes round-trips every generated program.
+#[test]
+fn programs_round_trip_through_words() {
+    for k in 0..64 {
+        let p = program::generate(program::program_seed(3, k), 100);
+        assert_eq!(program::decode(&program::encode(&p)), Some(p.clone()));
+        let all = program::decode_all(&program::encode_all(&[p.clone(), p.clone()]));
+        assert_eq!(all.map(|v| v.len()), Some(2));
+    }
+    assert_eq!(program::decode(&[1, 2]), None);
+}
