@@ -334,3 +334,34 @@ fn native_pin_state_is_exclusive() {
         assert_eq!(s.unpin(&mut b), Err(Error::NotPinned));
     }
 }
+
+// ---------------------------------------------------------------------------
+// translate: "not mapped" and "malformed" are different answers
+
+#[test]
+fn try_translate_tells_not_mapped_from_malformed() {
+    let s = mock_space::<Split>(64);
+    s.map(0x4000_0000, 0x8000, PageSize::Size4K, RW).unwrap();
+    assert_eq!(
+        s.try_translate(0x4000_0000).unwrap().map(|t| t.phys),
+        Some(0x8000)
+    );
+    assert_eq!(s.try_translate(0x5000_0000), Ok(None), "empty entry");
+    assert_eq!(s.try_translate(1 << 47), Ok(None), "non-canonical");
+    // Corrupt the L3 entry on the way: it now names a frame outside the store.
+    let l3 = s.table_frames().unwrap()[0].0;
+    let slot = s.store().entry(l3, 1).unwrap();
+    let good = slot.load(Ordering::Acquire);
+    slot.store((0xdead_0000u64 << 12) | 0x67, Ordering::Release);
+    assert!(matches!(
+        s.try_translate(0x4000_0000),
+        Err(Error::FrameOutOfRange { .. })
+    ));
+    assert_eq!(
+        s.translate(0x4000_0000),
+        None,
+        "translate folds it into None"
+    );
+    slot.store(good, Ordering::Release);
+    assert!(s.try_translate(0x4000_0000).unwrap().is_some());
+}

@@ -40,7 +40,7 @@ use crate::lock::LockPolicy;
 use crate::mode::{Level, PageSize, PagingMode};
 use crate::space::{AddressSpace, PteLockGuard, SpaceLockGuard, Translation, WritePath};
 use crate::sync::{AtomicU64, Ordering};
-use crate::walk;
+use crate::walk::{self, Next};
 
 /// No table remembered at this level.
 const NO_TAG: u64 = u64::MAX;
@@ -365,13 +365,9 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> Reader<'a, M, P, B> {
             let index = M::index(va, level);
             let slot = store.entry(pfn, index)?;
             let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
-            if !e.is_present() {
-                return None;
-            }
-            let child =
-                walk::classify::<M, P::Lock, B>(store, &space.backend, level, index, e).ok()?;
-            match child {
-                Some(c) => {
+            match walk::next::<M, P::Lock, B>(store, &space.backend, level, index, e).ok()? {
+                Next::Empty => return None,
+                Next::Table(c) => {
                     level = level.child()?;
                     pfn = c;
                     if let Some(step) = self.path.get_mut(depth) {
@@ -388,7 +384,7 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> Reader<'a, M, P, B> {
                         self.tag = va >> 21;
                     }
                 }
-                None => return space.leaf_translation(e, level, va),
+                Next::Leaf(e) => return space.leaf_translation(e, level, va),
             }
         }
     }

@@ -12,7 +12,7 @@ use crate::frame::{read_guard, FrameStore, Mfn, Owner, Pfn, ReadGuard};
 use crate::lock::{LockPolicy, RawLock};
 use crate::mode::{Level, PageSize, PagingMode};
 use crate::sync::{AtomicBool, Ordering};
-use crate::walk::{self, Descend, Scope};
+use crate::walk::{self, Descend, Next, Scope};
 
 /// How a PTE write reaches a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -407,24 +407,25 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// Lock-free descent to the table at `level` covering `va`.
     fn find_table(&self, va: u64, level: Level) -> Result<Pfn, Error> {
-        let mut pfn = self.root;
-        let mut cur = M::ROOT_LEVEL;
-        while cur > level {
-            let index = M::index(va, cur);
-            let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
-            if !e.is_present() {
-                return Err(Error::NoTable { va, level });
-            }
-            match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, cur, index, e)? {
-                Some(child) => pfn = child,
-                None => return Err(Error::AlreadyMapped { va }),
-            }
-            cur = cur.child().ok_or(Error::NoTable { va, level })?;
+        let stop = self.descend(va, level)?;
+        if stop.level == level {
+            return Ok(stop.pfn);
         }
-        Ok(pfn)
+        match stop.next {
+            Next::Leaf(_) => Err(Error::AlreadyMapped { va }),
+            _ => Err(Error::NoTable { va, level }),
+        }
     }
 
-    /// Translate `va` without taking any lock.
+    /// The engine's one lookup walk ([`walk::descend`]) over this space.
+    #[inline]
+    pub(crate) fn descend(&self, va: u64, target: Level) -> Result<walk::Stop, Error> {
+        walk::descend::<M, P::Lock, B>(&self.store, &self.backend, self.root, va, target)
+    }
+
+    /// Translate `va` without taking any lock: `None` if nothing is
+    /// mapped there, the address is not canonical, or the walk meets a
+    /// malformed entry ([`Self::try_translate`] tells those apart).
     pub fn translate(&self, va: u64) -> Option<Translation> {
         let guard = read_guard();
         self.translate_in(&guard, va)
@@ -435,31 +436,35 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// caller translating many addresses enters one, as an RCU reader
     /// would, and table frames released meanwhile are not reused until it
     /// is dropped).
+    #[inline]
     pub fn translate_in(&self, guard: &ReadGuard, va: u64) -> Option<Translation> {
+        self.try_translate_in(guard, va).ok().flatten()
+    }
+
+    /// Translate `va`, telling "not mapped" (`Ok(None)`: an empty entry, a
+    /// non-canonical address, a leaf the CPU would fault on) from a
+    /// malformed table on the way (`Err`: a typed error naming the entry).
+    pub fn try_translate(&self, va: u64) -> Result<Option<Translation>, Error> {
+        let guard = read_guard();
+        self.try_translate_in(&guard, va)
+    }
+
+    /// [`Self::try_translate`] inside a read section the caller holds.
+    #[inline]
+    pub fn try_translate_in(
+        &self,
+        guard: &ReadGuard,
+        va: u64,
+    ) -> Result<Option<Translation>, Error> {
         let _ = guard;
         if !M::is_canonical(va) {
-            return None;
+            return Ok(None);
         }
-        let mut pfn = self.root;
-        let mut level = M::ROOT_LEVEL;
-        loop {
-            let index = M::index(va, level);
-            let e =
-                PageTableEntry::from_bits(self.store.entry(pfn, index)?.load(Ordering::Acquire));
-            if !e.is_present() {
-                return None;
-            }
-            let child =
-                walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)
-                    .ok()?;
-            match child {
-                Some(c) => {
-                    pfn = c;
-                    level = level.child()?;
-                }
-                None => return self.leaf_translation(e, level, va),
-            }
-        }
+        let stop = self.descend(va, Level::L1)?;
+        Ok(match stop.next {
+            Next::Leaf(e) => self.leaf_translation(e, stop.level, va),
+            _ => None,
+        })
     }
 
     /// The translation of `va` by the present leaf `e` found at `level`
@@ -471,11 +476,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         level: Level,
         va: u64,
     ) -> Option<Translation> {
-        let size = match level {
-            Level::L1 => PageSize::Size4K,
-            Level::L2 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        };
+        let size = Self::leaf_size(level);
         let pat_mask = Self::pat_mask(size);
         // Reserved bits in the leaf (address bits above MAXPHYADDR; in a
         // large leaf, the address bits below its size other than PAT): the
@@ -604,13 +605,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let index = M::index(va, level);
         let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
         let child_level = level.child().ok_or(Error::UnsupportedPageSize)?;
-        let child = if !e.is_present() {
-            self.link_new_table(pfn, level, index, child_level)?
-        } else {
-            match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)? {
-                Some(c) => c,
-                None => return Err(Error::AlreadyMapped { va }),
-            }
+        let child = match walk::next::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)?
+        {
+            Next::Empty => self.link_new_table(pfn, level, index, child_level)?,
+            Next::Table(c) => c,
+            Next::Leaf(_) => return Err(Error::AlreadyMapped { va }),
         };
         Ok((child, child_level))
     }
@@ -661,37 +660,33 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             return Err(Error::NonCanonical { va });
         }
         let _space = self.lock_space();
-        let mut pfn = self.root;
-        let mut level = M::ROOT_LEVEL;
-        loop {
-            let index = M::index(va, level);
-            let e = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
-            if !e.is_present() {
-                return Err(Error::NotMapped { va });
-            }
-            match walk::classify::<M, P::Lock, B>(&self.store, &self.backend, level, index, e)? {
-                Some(c) => {
-                    pfn = c;
-                    level = level.child().ok_or(Error::NotMapped { va })?;
-                }
-                None => {
-                    let size = match level {
-                        Level::L1 => PageSize::Size4K,
-                        Level::L2 => PageSize::Size2M,
-                        _ => PageSize::Size1G,
-                    };
-                    if va & (size.bytes() - 1) != 0 {
-                        return Err(Error::Misaligned { addr: va });
-                    }
-                    let _pte = self.lock_pte(pfn, level);
-                    let cur = PageTableEntry::from_bits(
-                        self.entry_slot(pfn, index).load(Ordering::Acquire),
-                    );
-                    let new = f(cur, size)?;
-                    self.write_entry(pfn, level, index, new.bits(), WritePath::Store)?;
-                    return Ok(cur);
-                }
-            }
+        let stop = self.descend(va, Level::L1)?;
+        let Next::Leaf(_) = stop.next else {
+            return Err(Error::NotMapped { va });
+        };
+        let (pfn, level, index) = (stop.pfn, stop.level, stop.index);
+        let size = Self::leaf_size(level);
+        if va & (size.bytes() - 1) != 0 {
+            return Err(Error::Misaligned { addr: va });
+        }
+        let _pte = self.lock_pte(pfn, level);
+        // Re-read under the PTE lock: a split PTE writer may have changed it.
+        let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
+        if !cur.is_present() {
+            return Err(Error::NotMapped { va });
+        }
+        let new = f(cur, size)?;
+        self.write_entry(pfn, level, index, new.bits(), WritePath::Store)?;
+        Ok(cur)
+    }
+
+    /// The size of a leaf at `level` (L1: 4 KiB, L2: 2 MiB, L3: 1 GiB).
+    #[inline]
+    fn leaf_size(level: Level) -> PageSize {
+        match level {
+            Level::L1 => PageSize::Size4K,
+            Level::L2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
         }
     }
 

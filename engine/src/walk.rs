@@ -92,6 +92,97 @@ fn unreachable_l1() -> ! {
     panic!("walk asked for the child table of an L1 entry")
 }
 
+/// What one entry of a table leads to: the descent primitive every lookup,
+/// writer, cursor and reader of the engine steps with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Not present.
+    Empty,
+    /// A present leaf (an L1 entry, or a large page at L2/L3).
+    Leaf(PageTableEntry),
+    /// A present entry naming a validated table of the next level.
+    Table(Pfn),
+}
+
+/// Step through entry `e` (index `index`) of a table at `level`: empty,
+/// leaf, or a validated child table; a malformed entry is a typed error.
+#[inline]
+pub fn next<M: PagingMode, L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    level: Level,
+    index: usize,
+    e: PageTableEntry,
+) -> Result<Next, Error> {
+    if !e.is_present() {
+        return Ok(Next::Empty);
+    }
+    Ok(
+        match classify::<M, L, B>(store, backend, level, index, e)? {
+            Some(child) => Next::Table(child),
+            None => Next::Leaf(e),
+        },
+    )
+}
+
+/// Where a [`descend`] stopped: the table at `level`, the index `va` selects
+/// in it, and what that entry leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stop {
+    /// The table the descent stopped in.
+    pub pfn: Pfn,
+    /// Its level.
+    pub level: Level,
+    /// The index of `va` in it.
+    pub index: usize,
+    /// What the entry there leads to.
+    pub next: Next,
+}
+
+/// Descend from `root` along `va`, lock-free, until the table at `target`
+/// (or an empty entry or a leaf above it): the one walk of lookups.
+/// Entries are read once each, atomically; the caller holds whatever makes
+/// the tables it reaches stay tables (a read section, the space lock).
+#[inline]
+pub fn descend<M: PagingMode, L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    root: Pfn,
+    va: u64,
+    target: Level,
+) -> Result<Stop, Error> {
+    let mut pfn = root;
+    let mut level = M::ROOT_LEVEL;
+    loop {
+        let index = M::index(va, level);
+        let slot = store.entry(pfn, index).ok_or(Error::FrameOutOfRange {
+            level,
+            index,
+            mfn: backend.pfn_to_mfn(pfn),
+        })?;
+        let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
+        let next = next::<M, L, B>(store, backend, level, index, e)?;
+        match next {
+            Next::Table(child) if level > target => {
+                pfn = child;
+                // A table entry exists only above L1.
+                level = match level.child() {
+                    Some(l) => l,
+                    None => unreachable_l1(),
+                };
+            }
+            _ => {
+                return Ok(Stop {
+                    pfn,
+                    level,
+                    index,
+                    next,
+                })
+            }
+        }
+    }
+}
+
 /// Classify a present entry at `level`: a leaf (`Ok(None)`), a table
 /// (`Ok(Some(pfn))`), or malformed.
 #[inline]
