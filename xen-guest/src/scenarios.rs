@@ -905,11 +905,26 @@ pub fn base_pointer<Pl: Platform>(pl: &Pl) -> Report {
     r.check("states", ok);
     r.states = st;
     r.check("teardown", s.teardown().is_ok());
+    // Pages of the span the layout leaves out (mapped to frames that are
+    // not the guest's, e.g. the shared-info page), so the simulator's
+    // clone of the span leaves out the same ones.
+    let mut holes = String::new();
+    for w in layout.windows(2) {
+        let mut va = w[0].0 + 0x1000;
+        while va < w[1].0 {
+            if !holes.is_empty() {
+                holes.push(';');
+            }
+            holes.push_str(&format!("{va:#x}"));
+            va += 0x1000;
+        }
+    }
     r.info = format!(
-        "read={:#x},span={:#x}-{:#x}",
+        "read={:#x},span={:#x}-{:#x},holes={}",
         got.unwrap_or(0),
         layout.first().map_or(0, |l| l.0),
-        layout.last().map_or(0, |l| l.0 + 0x1000)
+        layout.last().map_or(0, |l| l.0 + 0x1000),
+        if holes.is_empty() { "-" } else { &holes }
     );
     r
 }
