@@ -337,6 +337,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// hypervisor holds type references on every child), then the user
     /// root, the PAE kernel PMD, and every page made writable, the root last.
     /// The pinned state changes under the space lock, as for [`Self::pin`].
+    ///
+    /// A space some CPU still runs on (its base pointer, CR3, is this root)
+    /// cannot be unpinned: the hypervisor keeps the root typed through that
+    /// reference (docs/PROTOCOL.md §6 rule 6), so the writable remap of its
+    /// first child is refused with `EBUSY`. `unpin` then returns
+    /// [`Error::Hypercall`] with `step: RemapWritable, errno: 16`, undoes
+    /// what it did and leaves the space pinned exactly as before; switch
+    /// that CPU to another root (and flush) first, then unpin again. Checked
+    /// on real Xen with a second vCPU running on the root
+    /// (`tests/real_xen_smp.rs`) and on the simulator.
     pub fn unpin<const N: usize>(&self, b: &mut Batch<N>) -> Result<PinStats, Error> {
         if !B::PINNING {
             return self.flip_pinned_unlocked(false);
