@@ -153,7 +153,7 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     to_lock: Vec<Pfn>,
     /// The pin/unpin journal's step buffer, kept between operations so
     /// its capacity is reused (the engine borrows it per operation).
-    pub(crate) journal: Vec<crate::pin::Step>,
+    pub(crate) journal: Vec<crate::journal::Step>,
 }
 
 impl<const N: usize> Default for Batch<N> {
@@ -280,6 +280,18 @@ impl<const N: usize> Batch<N> {
     pub fn take_kept_locks(&mut self) -> Vec<Pfn> {
         core::mem::take(&mut self.kept_locks)
     }
+    /// The pin/unpin journal's step buffer, lent for one operation.
+    #[inline]
+    pub(crate) fn take_journal_buffer(&mut self) -> Vec<crate::journal::Step> {
+        core::mem::take(&mut self.journal)
+    }
+
+    /// The step buffer back, to be reused by the next operation.
+    #[inline]
+    pub(crate) fn return_journal_buffer(&mut self, steps: Vec<crate::journal::Step>) {
+        self.journal = steps;
+    }
+
     /// Whether lazy-MMU mode is on.
     pub fn is_lazy(&self) -> bool {
         self.lazy

@@ -37,8 +37,9 @@ use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::Error;
 use crate::frame::{read_guard, Frame, FrameMeta, Pfn, ReadGuard};
 use crate::lock::LockPolicy;
+use crate::locking::{PteLockGuard, SpaceLockGuard};
 use crate::mode::{Level, PageSize, PagingMode};
-use crate::space::{AddressSpace, PteLockGuard, SpaceLockGuard, Translation, WritePath};
+use crate::space::{AddressSpace, Translation, WritePath};
 use crate::sync::{AtomicU64, Ordering};
 use crate::walk::{self, Next};
 

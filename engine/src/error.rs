@@ -169,6 +169,13 @@ pub enum Error {
     },
 }
 
+impl From<crate::lock::PreemptOverflow> for Error {
+    #[inline]
+    fn from(e: crate::lock::PreemptOverflow) -> Self {
+        Error::PreemptOverflow { held: e.held }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

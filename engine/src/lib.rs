@@ -30,7 +30,9 @@ pub mod cursor;
 pub mod entry;
 pub mod error;
 pub mod frame;
+pub(crate) mod journal;
 pub mod lock;
+pub(crate) mod locking;
 pub mod mode;
 pub mod pin;
 pub mod space;
@@ -44,8 +46,9 @@ pub use entry::{EntryFlags, PageTableEntry};
 pub use error::{Error, HypercallFailure, StepKind};
 pub use frame::{Frame, FrameStore, Mfn, Pfn, TableMemory};
 pub use lock::{
-    DefaultRawLock, Global, LockPolicy, PreemptCount, RawLock, SpinLock, Split, PREEMPT_LIMIT,
+    DefaultRawLock, Global, LockPolicy, PreemptCount, PreemptOverflow, RawLock, SpinLock, Split,
+    PREEMPT_LIMIT,
 };
 pub use mode::{La57, Level, Pae, PageSize, PagingMode, X86_64};
-pub use pin::{pin_all, unpin_all, PinnedSet};
-pub use space::{AddressSpace, PinStats, SpaceOptions, Translation, WritePath};
+pub use pin::{pin_all, unpin_all, PinStats, PinnedSet};
+pub use space::{AddressSpace, SpaceOptions, Translation, WritePath};

@@ -162,6 +162,14 @@ impl<L: RawLock> LockPolicy for Global<L> {
 /// nesting depth in 8 bits.
 pub const PREEMPT_LIMIT: u32 = 255;
 
+/// Counting one more lock would pass [`PREEMPT_LIMIT`]; converts into
+/// [`Error::PreemptOverflow`](crate::Error::PreemptOverflow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreemptOverflow {
+    /// Locks held when refused.
+    pub held: u32,
+}
+
 /// A per-context count of locks held, with the maximum reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PreemptCount {
@@ -172,9 +180,9 @@ pub struct PreemptCount {
 impl PreemptCount {
     /// Count one more lock; refuses (and counts nothing) past [`PREEMPT_LIMIT`].
     #[inline]
-    pub fn acquire(&mut self) -> Result<(), crate::Error> {
+    pub fn acquire(&mut self) -> Result<(), PreemptOverflow> {
         if self.held >= PREEMPT_LIMIT {
-            return Err(crate::Error::PreemptOverflow { held: self.held });
+            return Err(PreemptOverflow { held: self.held });
         }
         self.held += 1;
         if self.held > self.max {

@@ -12,89 +12,23 @@ use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
 use crate::batch::{Batch, Failure, Tag, NO_TAG};
 use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::{Owner, Pfn};
+use crate::journal::{Action, Journal, Step};
 use crate::lock::LockPolicy;
+use crate::locking::unlock_after;
 use crate::mode::{Level, PagingMode};
-use crate::space::{unlock_after, AddressSpace, PinStats};
+use crate::space::AddressSpace;
 use crate::sync::Ordering;
 use crate::walk::{self, Descend, Scope};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
-    RemapRo,
-    RemapRw,
-    Pin(Level),
-    Unpin(Level),
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Step {
-    pfn: Pfn,
-    action: Action,
-    /// The page is an L1 under the split policy: its lock must be held while
-    /// its mapping and its own type change together.
-    locked_page: bool,
-    /// The page's first step: the operation flipped its pinned flag just
-    /// before queueing it (pin set it, unpin cleared it). Undoing the step
-    /// flips the flag back, whether or not the request took effect.
-    flag: bool,
-}
-
-/// The journal of one pin or unpin.
-///
-/// Its step buffer is borrowed from the batch (a per-context object) for
-/// the operation and handed back after, so a pin allocates only while the
-/// buffer grows to the largest space the context has pinned.
-#[derive(Default)]
-#[repr(C)] // `counts` kept away from the vector's length (see below)
-struct Journal {
-    steps: Vec<Step>,
-    /// The batch's flush count when the operation started, so failures are
-    /// reported relative to the operation.
-    flush_base: u64,
-    /// Remap steps queued (the operation's `PinStats::tables`) in the low
-    /// 32 bits, separate L1 pin / unpin steps (`PinStats::l1_ops`) in the
-    /// high 32: one scalar add per step. `repr(C)` puts `flush_base`
-    /// between it and the vector's length: LLVM otherwise fused the two
-    /// increments into one 16-byte vector add whose load waited on the two
-    /// 8-byte stores of the previous push (a store-forwarding stall that
-    /// was a third of `pin_page`'s time).
-    counts: u64,
-}
-
-impl Journal {
-    /// A journal over `b`'s reusable step buffer.
-    #[inline]
-    fn borrow<const N: usize>(b: &mut Batch<N>) -> Self {
-        let mut steps = core::mem::take(&mut b.journal);
-        steps.clear();
-        Journal {
-            steps,
-            flush_base: b.stats().flushes,
-            counts: 0,
-        }
-    }
-
-    /// Hand the step buffer back to `b` for the next operation.
-    #[inline]
-    fn give_back<const N: usize>(self, b: &mut Batch<N>) {
-        b.journal = self.steps;
-    }
-
-    #[inline]
-    fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool, flag: bool) -> Tag {
-        self.counts += match action {
-            Action::RemapRo | Action::RemapRw => 1,
-            Action::Pin(Level::L1) | Action::Unpin(Level::L1) => 1 << 32,
-            _ => 0,
-        };
-        self.steps.push(Step {
-            pfn,
-            action,
-            locked_page,
-            flag,
-        });
-        (self.steps.len() - 1) as Tag
-    }
+/// Counters of one pin or unpin.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinStats {
+    /// Table pages processed (remapped).
+    pub tables: usize,
+    /// Separate L1 pins (or unpins) issued.
+    pub l1_ops: usize,
+    /// Most locks held at once during the operation (space lock included).
+    pub max_locks_held: u32,
 }
 
 /// Which protocol is running.
@@ -251,7 +185,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             // before the flush that issues the remap.
             if let Err(e) = b.preempt_mut().acquire() {
                 self.flip_flag(&meta, owner, false);
-                return Err(e);
+                return Err(e.into());
             }
         }
         self.queue_remap(b, j, pfn, true, flush, split_l1, true);
@@ -297,7 +231,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if split_l1 {
             if let Err(e) = b.preempt_mut().acquire() {
                 self.flip_flag(&meta, owner, true);
-                return Err(e);
+                return Err(e.into());
             }
             self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true, true);
             b.hold_pte(pfn);
@@ -414,9 +348,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     fn run<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
         // Failures from before this operation are the caller's business.
         let _ = b.take_failures();
-        let mut j = Journal::borrow(b);
+        let mut j = Journal::over(b.take_journal_buffer(), b.stats().flushes);
         let r = self.run_journal(b, &mut j, dir);
-        j.give_back(b);
+        b.return_journal_buffer(j.into_buffer());
         r
     }
 

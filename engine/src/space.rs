@@ -4,12 +4,13 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 
-use crate::backend::{Backend, Call, CallResult, MmuUpdate};
-use crate::batch::{Batch, Deferred, FlushTarget, NO_TAG};
+use crate::backend::{Backend, MmuUpdate};
+use crate::batch::{Batch, NO_TAG};
 use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::{read_guard, FrameStore, Mfn, Owner, Pfn, ReadGuard};
 use crate::lock::{LockPolicy, RawLock};
+use crate::locking::{PteLockGuard, SpaceLockGuard, Target};
 use crate::mode::{Level, PageSize, PagingMode};
 use crate::sync::{AtomicBool, Ordering};
 use crate::walk::{self, Descend, Next, Scope};
@@ -82,17 +83,6 @@ impl Sabotage {
     };
 }
 
-/// Counters of one pin or unpin.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PinStats {
-    /// Table pages processed (remapped).
-    pub tables: usize,
-    /// Separate L1 pins (or unpins) issued.
-    pub l1_ops: usize,
-    /// Most locks held at once during the operation (space lock included).
-    pub max_locks_held: u32,
-}
-
 /// An address space: a root table (and, on x86-64 PV, maybe a user root; on
 /// PAE, the kernel PMD), pinned or not.
 pub struct AddressSpace<M: PagingMode, P: LockPolicy, B: Backend> {
@@ -109,57 +99,6 @@ pub struct AddressSpace<M: PagingMode, P: LockPolicy, B: Backend> {
     #[cfg(feature = "sabotage")]
     pub(crate) sabotage: Sabotage,
     _mode: PhantomData<M>,
-}
-
-/// The pieces a batch flush needs: issue through the backend, unlock
-/// through the store.
-pub(crate) struct Target<'a, L: RawLock, B: Backend> {
-    pub(crate) store: &'a FrameStore<L>,
-    pub(crate) backend: &'a B,
-}
-
-impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
-    #[inline]
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
-        self.backend.issue(calls, results)
-    }
-    #[inline]
-    fn lock_pte(&self, pfn: Pfn) {
-        if let Some(m) = self.store.meta(pfn) {
-            m.lock().lock();
-        }
-    }
-    #[inline]
-    unsafe fn unlock_pte(&self, pfn: Pfn) {
-        if let Some(m) = self.store.meta(pfn) {
-            // SAFETY: forwarded: the caller holds this lock.
-            unsafe { m.lock().unlock() }
-        }
-    }
-}
-
-/// Holds the space lock; releases it (and its preempt count) on drop.
-pub(crate) struct SpaceLockGuard<'a, L: RawLock> {
-    lock: &'a L,
-}
-
-impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
-    fn drop(&mut self) {
-        // SAFETY: the guard exists only while this context holds the lock.
-        unsafe { self.lock.unlock() }
-    }
-}
-
-/// Holds a PTE-page lock for a writer.
-pub(crate) struct PteLockGuard<'a> {
-    lock: crate::frame::PteLock<'a>,
-}
-
-impl Drop for PteLockGuard<'_> {
-    fn drop(&mut self) {
-        // SAFETY: as for the space lock guard.
-        unsafe { self.lock.unlock() }
-    }
 }
 
 impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
@@ -315,8 +254,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     }
 
     pub(crate) fn lock_space(&self) -> SpaceLockGuard<'_, P::Lock> {
-        self.lock.lock();
-        SpaceLockGuard { lock: &self.lock }
+        SpaceLockGuard::acquire(&self.lock)
     }
 
     fn check_va(va: u64, size: PageSize) -> Result<(), Error> {
@@ -640,9 +578,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// under global the space lock already covers it.
     pub(crate) fn lock_pte(&self, pfn: Pfn, level: Level) -> Option<PteLockGuard<'_>> {
         if P::SPLIT_PTE_LOCKS && level == Level::L1 {
-            let l = self.store.meta(pfn)?.lock();
-            l.lock();
-            Some(PteLockGuard { lock: l })
+            Some(PteLockGuard::acquire(self.store.meta(pfn)?.lock()))
         } else {
             None
         }
@@ -748,8 +684,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     va,
                     level: Level::L1,
                 })?;
-                meta.lock().lock();
-                let _pte = PteLockGuard { lock: meta.lock() };
+                let _pte = PteLockGuard::acquire(meta.lock());
                 // Re-check under the lock: a release unlinks the table while
                 // holding this lock, so if it is still linked it stays linked.
                 if self.find_table(va, Level::L1) != Ok(l1) {
@@ -903,10 +838,4 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> Drop for AddressSpace<M, P, B> {
         }
         self.release_frames();
     }
-}
-
-/// Deferred unlock of a PTE lock, with its watched tag.
-#[inline]
-pub(crate) fn unlock_after(pfn: Pfn, watch: u32) -> Deferred {
-    Deferred::UnlockPte { pfn, watch }
 }

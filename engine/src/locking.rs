@@ -1,0 +1,86 @@
+//! The lock protocol in one place (docs/PROTOCOL.md §1, §3): the space
+//! lock and PTE-lock guards writers hold, the flush target through which a
+//! batch takes a held PTE page's lock right before the flush that issues
+//! its first request, and the deferred callback that releases it after
+//! the flush that issues its last. Lock order: the space lock, then PTE
+//! locks; a writer holds one PTE lock at a time.
+
+use crate::backend::{Backend, Call, CallResult};
+use crate::batch::{Deferred, FlushTarget, Tag};
+use crate::frame::{FrameStore, Pfn, PteLock};
+use crate::lock::RawLock;
+
+/// The pieces a batch flush needs: issue through the backend, unlock
+/// through the store.
+pub(crate) struct Target<'a, L: RawLock, B: Backend> {
+    pub(crate) store: &'a FrameStore<L>,
+    pub(crate) backend: &'a B,
+}
+
+impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
+    #[inline]
+    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+        self.backend.issue(calls, results)
+    }
+    #[inline]
+    fn lock_pte(&self, pfn: Pfn) {
+        if let Some(m) = self.store.meta(pfn) {
+            m.lock().lock();
+        }
+    }
+    #[inline]
+    unsafe fn unlock_pte(&self, pfn: Pfn) {
+        if let Some(m) = self.store.meta(pfn) {
+            // SAFETY: forwarded: the caller holds this lock.
+            unsafe { m.lock().unlock() }
+        }
+    }
+}
+
+/// Holds the space lock; releases it (and its preempt count) on drop.
+pub(crate) struct SpaceLockGuard<'a, L: RawLock> {
+    lock: &'a L,
+}
+
+impl<'a, L: RawLock> SpaceLockGuard<'a, L> {
+    /// Take the space lock (waiting while it is held).
+    #[inline]
+    pub(crate) fn acquire(lock: &'a L) -> Self {
+        lock.lock();
+        SpaceLockGuard { lock }
+    }
+}
+
+impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
+    fn drop(&mut self) {
+        // SAFETY: the guard exists only while this context holds the lock.
+        unsafe { self.lock.unlock() }
+    }
+}
+
+/// Holds a PTE-page lock for a writer.
+pub(crate) struct PteLockGuard<'a> {
+    lock: PteLock<'a>,
+}
+
+impl<'a> PteLockGuard<'a> {
+    /// Take a PTE page's lock (waiting while it is held).
+    #[inline]
+    pub(crate) fn acquire(lock: PteLock<'a>) -> Self {
+        lock.lock();
+        PteLockGuard { lock }
+    }
+}
+
+impl Drop for PteLockGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as for the space lock guard.
+        unsafe { self.lock.unlock() }
+    }
+}
+
+/// Deferred unlock of a PTE lock, with its watched tag.
+#[inline]
+pub(crate) fn unlock_after(pfn: Pfn, watch: Tag) -> Deferred {
+    Deferred::UnlockPte { pfn, watch }
+}
