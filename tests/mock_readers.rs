@@ -36,7 +36,8 @@ fn drain<L: RawLock>(store: &pagepin::FrameStore<L>) -> BTreeSet<Pfn> {
 
 fn give_back<L: RawLock>(store: &pagepin::FrameStore<L>, frames: &BTreeSet<Pfn>) {
     for p in frames {
-        assert!(store.free_now(*p));
+        // SAFETY: the test unlinked these frames and no reader is left.
+        assert!(unsafe { store.free_now(*p) });
     }
 }
 
@@ -78,7 +79,9 @@ fn reuse_while_reading(immediate: bool) -> bool {
             .unwrap()
             .entry(1)
             .store(0, Ordering::Release);
-        assert!(s.store().free_now(l1.0));
+        // SAFETY: broken on purpose (the negative control): a reader may
+        // still be on the frame; the test checks that it notices.
+        assert!(unsafe { s.store().free_now(l1.0) });
     } else {
         s.release_table(0x20_0000, Level::L1).unwrap();
     }
@@ -131,7 +134,7 @@ fn translate_races_map_unmap_release() {
     const ROUNDS: u64 = 300;
     // Room for retired frames: a reader preempted inside its read section
     // holds reclamation back for a while (as RCU readers do).
-    let s = Arc::new(space(2048));
+    let s = Arc::new(space(8192));
     // Region r maps its page to a physical address that names the region.
     let phys = |r: u64| (0x4_0000 + r) << 12;
     let va = |r: u64| r << 21;

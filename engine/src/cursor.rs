@@ -92,6 +92,7 @@ const EMPTY: Cached = Cached {
 ///     send(s.cursor_mut(0..4096).unwrap());
 /// }
 /// ```
+#[must_use = "a cursor holds the space lock until dropped; an unused one only blocks writers"]
 pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     space: &'a AddressSpace<M, P, B>,
     /// Split: the lock of the PTE page `path[0]` names, held while the
@@ -309,6 +310,7 @@ struct PathStep<'a> {
 /// while it lives are not reused until it is dropped; without, the
 /// embedder's grace period ([`FrameStore::quiesce`](crate::FrameStore::quiesce))
 /// must not end while one lives.
+#[must_use = "a reader holds a read section (frames are not reused) until dropped"]
 pub struct Reader<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     space: &'a AddressSpace<M, P, B>,
     _guard: ReadGuard,

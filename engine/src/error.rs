@@ -43,7 +43,10 @@ pub struct HypercallFailure {
 }
 
 /// Errors of the engine.
+///
+/// Non-exhaustive: new failure kinds may be added without a major release.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Error {
     /// An address not aligned to the page size asked for.
     Misaligned {
@@ -176,15 +179,103 @@ impl From<crate::lock::PreemptOverflow> for Error {
     }
 }
 
+impl fmt::Display for HypercallFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} request failed with errno {} (flush {}, call {}, request {})",
+            self.kind, self.errno, self.flush, self.call, self.item
+        )?;
+        if let Some(step) = self.step {
+            write!(f, " while it did {step:?}")?;
+        }
+        if let Some(pfn) = self.pfn {
+            write!(f, " on table frame {:#x}", pfn.0)?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Hypercall(h) => write!(
+        match *self {
+            Error::Misaligned { addr } => write!(f, "address {addr:#x} is not aligned to the page size"),
+            Error::NonCanonical { va } => {
+                write!(f, "virtual address {va:#x} is not canonical (or outside the mode's range)")
+            }
+            Error::BadFlags { bits } => write!(f, "flags {bits:#x} are not allowed here"),
+            Error::UnsupportedPageSize => write!(f, "this paging mode or backend has no such page size"),
+            Error::NotMapped { va } => write!(f, "nothing is mapped at {va:#x}"),
+            Error::AlreadyMapped { va } => {
+                write!(f, "{va:#x} is already mapped (or a large page covers it)")
+            }
+            Error::NoTable { va, level } => {
+                write!(f, "no {level:?} table covers {va:#x}")
+            }
+            Error::TableNotEmpty { pfn } => {
+                write!(f, "table frame {:#x} still has present entries", pfn.0)
+            }
+            Error::OutOfFrames => write!(f, "the frame store has no free frame"),
+            Error::FrameOutOfRange { level, index, mfn } => write!(
                 f,
-                "hypercall failed: flush {} call {} item {} ({:?}) errno {} on {:?} ({:?})",
-                h.flush, h.call, h.item, h.kind, h.errno, h.pfn, h.step
+                "{level:?} entry {index} points at frame {:#x}, outside the store or the guest",
+                mfn.0
             ),
-            other => fmt::Debug::fmt(other, f),
+            Error::LevelMismatch {
+                level,
+                index,
+                pfn,
+                found,
+            } => write!(
+                f,
+                "{level:?} entry {index} points at frame {:#x}, which is not a table of the next level ({})",
+                pfn.0,
+                match found {
+                    Some(l) => match l {
+                        Level::L1 => "an L1 table",
+                        Level::L2 => "an L2 table",
+                        Level::L3 => "an L3 table",
+                        Level::L4 => "an L4 table",
+                        Level::L5 => "an L5 table",
+                    },
+                    None => "not a table",
+                }
+            ),
+            Error::ForeignTable { level, index, pfn } => write!(
+                f,
+                "{level:?} entry {index} points at table frame {:#x} of another space",
+                pfn.0
+            ),
+            Error::ReservedBits {
+                level,
+                index,
+                entry,
+            } => write!(f, "{level:?} entry {index} ({entry:#x}) has reserved bits set"),
+            Error::AlreadyPinned => write!(f, "the space is already pinned"),
+            Error::NotPinned => write!(f, "the space is not pinned"),
+            Error::PreemptOverflow { held } => {
+                write!(f, "taking another lock would pass the preempt limit ({held} held)")
+            }
+            Error::Hypercall(h) => write!(f, "{h}; everything the operation did was undone"),
+            Error::RollbackFailed { first, rollback } => write!(
+                f,
+                "{first}, and undoing the operation failed too ({rollback}): the space's state is unknown"
+            ),
+            Error::Fault(s) => write!(
+                f,
+                "a store into entry {} of table frame {:#x} faulted ({})",
+                s.index, s.mfn.0, s.rc
+            ),
+            Error::HypervisorHole { va } => {
+                write!(f, "{va:#x} is in the hypervisor's hole of the address space")
+            }
+            Error::PhysicalOutOfRange { pa } => write!(
+                f,
+                "physical address {pa:#x} cannot be mapped (beyond an entry's width or the guest's memory)"
+            ),
+            Error::OutOfRange { va } => {
+                write!(f, "{va:#x} is outside the cursor's range (or the range is invalid)")
+            }
         }
     }
 }
@@ -193,3 +284,90 @@ impl fmt::Display for Error {
 extern crate std;
 #[cfg(feature = "std")]
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::backend::CallKind;
+    use std::format;
+
+    /// Every variant says what happened in words (no `Debug` fallback).
+    #[test]
+    fn every_error_displays_in_words() {
+        let h = HypercallFailure {
+            flush: 1,
+            call: 2,
+            item: 0,
+            kind: CallKind::MmuExtOp,
+            errno: 22,
+            pfn: Some(Pfn(0x300)),
+            step: Some(StepKind::Pin(Level::L4)),
+        };
+        let all = [
+            Error::Misaligned { addr: 0x1008 },
+            Error::NonCanonical { va: 1 << 47 },
+            Error::BadFlags { bits: 0x1000 },
+            Error::UnsupportedPageSize,
+            Error::NotMapped { va: 0x1000 },
+            Error::AlreadyMapped { va: 0x1000 },
+            Error::NoTable {
+                va: 0x1000,
+                level: Level::L1,
+            },
+            Error::TableNotEmpty { pfn: Pfn(3) },
+            Error::OutOfFrames,
+            Error::FrameOutOfRange {
+                level: Level::L2,
+                index: 4,
+                mfn: Mfn(0xdead),
+            },
+            Error::LevelMismatch {
+                level: Level::L3,
+                index: 1,
+                pfn: Pfn(7),
+                found: None,
+            },
+            Error::ForeignTable {
+                level: Level::L4,
+                index: 0,
+                pfn: Pfn(9),
+            },
+            Error::ReservedBits {
+                level: Level::L2,
+                index: 3,
+                entry: 1 << 51,
+            },
+            Error::AlreadyPinned,
+            Error::NotPinned,
+            Error::PreemptOverflow { held: 255 },
+            Error::Hypercall(h),
+            Error::RollbackFailed {
+                first: h,
+                rollback: h,
+            },
+            Error::Fault(StoreFault {
+                mfn: Mfn(5),
+                index: 1,
+                rc: -14,
+            }),
+            Error::HypervisorHole {
+                va: 0xffff_8000_0000_0000,
+            },
+            Error::PhysicalOutOfRange { pa: 1 << 52 },
+            Error::OutOfRange { va: 0x1000 },
+        ];
+        for e in all {
+            let text = format!("{e}");
+            assert!(
+                !text.is_empty() && !text.contains(" { ") && text != format!("{e:?}"),
+                "{e:?} displays as {text:?}"
+            );
+        }
+        assert_eq!(
+            format!("{}", Error::Hypercall(h)),
+            "MmuExtOp request failed with errno 22 (flush 1, call 2, request 0) while it did \
+             Pin(L4) on table frame 0x300; everything the operation did was undone"
+        );
+    }
+}

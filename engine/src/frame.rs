@@ -555,11 +555,17 @@ impl<L: RawLock> FrameStore<L> {
         self.alloc_with(0, state::DATA, Owner::NONE)
     }
 
-    /// Release `pfn` at once. The caller guarantees that no lock-free reader
-    /// can still be walking it; use [`Self::retire`] otherwise.
+    /// Release `pfn` at once; use [`Self::retire`] for a table that
+    /// lock-free readers may still be walking.
     ///
     /// Returns false (and changes nothing) if `pfn` is not allocated.
-    pub fn free_now(&self, pfn: Pfn) -> bool {
+    ///
+    /// # Safety
+    /// `pfn` must not be linked into any table, and no lock-free reader or
+    /// writer may still reach it (a released table's frame is handed out
+    /// again at once, zeroed: a walker still on it would read another
+    /// table's entries).
+    pub unsafe fn free_now(&self, pfn: Pfn) -> bool {
         let Some(idx) = self.index_of(pfn) else {
             return false;
         };
@@ -588,7 +594,9 @@ impl<L: RawLock> FrameStore<L> {
             let store = alloc::sync::Arc::clone(self);
             let guard = crossbeam_epoch::pin();
             guard.defer(move || {
-                store.free_now(pfn);
+                // SAFETY: the grace period is over: every reader that could
+                // reach the retired (already unlinked) frame has left.
+                unsafe { store.free_now(pfn) };
             });
         }
         #[cfg(any(not(feature = "std"), loom, shuttle))]
@@ -604,7 +612,9 @@ impl<L: RawLock> FrameStore<L> {
         let retired: Vec<u32> = self.with_free(|_, retired| core::mem::take(retired));
         let n = retired.len();
         for idx in retired {
-            self.free_now(Pfn(self.base_pfn + idx as u64));
+            // SAFETY: the embedder declares the grace period of these
+            // retired (unlinked) frames over.
+            unsafe { self.free_now(Pfn(self.base_pfn + idx as u64)) };
         }
         n
     }
@@ -652,9 +662,12 @@ mod tests {
         assert_eq!(s.meta(a).unwrap().level(), Some(Level::L1));
         assert!(!s.meta(a).unwrap().test_and_set_pinned());
         assert!(s.meta(a).unwrap().test_and_set_pinned());
-        assert!(s.free_now(a));
-        assert!(!s.free_now(a));
-        assert!(!s.free_now(Pfn(5)));
+        // SAFETY: nothing links or reads these frames.
+        unsafe {
+            assert!(s.free_now(a));
+            assert!(!s.free_now(a));
+            assert!(!s.free_now(Pfn(5)));
+        }
         assert_eq!(s.allocated(), 0);
         for _ in 0..4 {
             s.alloc_data().unwrap();

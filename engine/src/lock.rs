@@ -16,7 +16,22 @@ use crate::sync::{spin_hint, AtomicBool, Ordering};
 /// `lock` may return and no other `try_lock` may succeed. Lock acquisition
 /// must have acquire and unlock release ordering.
 pub unsafe trait RawLock: Send + Sync + 'static {
+    /// An unlocked lock as a constant, so a kernel can keep one in a
+    /// `static` (as lock_api's `RawMutex::INIT`). Absent under the model
+    /// checkers, whose atomics cannot be built in a constant.
+    #[cfg(not(any(loom, shuttle)))]
+    const INIT: Self;
     /// A new, unlocked lock.
+    #[cfg(not(any(loom, shuttle)))]
+    #[inline]
+    fn new() -> Self
+    where
+        Self: Sized,
+    {
+        Self::INIT
+    }
+    /// A new, unlocked lock.
+    #[cfg(any(loom, shuttle))]
     fn new() -> Self;
     /// Acquire the lock, spinning or blocking until it is free.
     fn lock(&self);
@@ -38,6 +53,9 @@ pub struct SpinLock(AtomicBool);
 // SAFETY: the compare-exchange from false to true with Acquire succeeds for
 // one context at a time, and `unlock` stores false with Release.
 unsafe impl RawLock for SpinLock {
+    #[cfg(not(any(loom, shuttle)))]
+    const INIT: Self = SpinLock(AtomicBool::new(false));
+    #[cfg(any(loom, shuttle))]
     fn new() -> Self {
         SpinLock(AtomicBool::new(false))
     }
@@ -81,10 +99,10 @@ impl core::fmt::Debug for ParkingLock {
 #[cfg(all(feature = "std", not(any(loom, shuttle))))]
 // SAFETY: delegates to parking_lot's RawMutex, which upholds the contract.
 unsafe impl RawLock for ParkingLock {
-    fn new() -> Self {
+    const INIT: Self = {
         use parking_lot::lock_api::RawMutex as _;
         ParkingLock(parking_lot::RawMutex::INIT)
-    }
+    };
     #[inline]
     fn lock(&self) {
         use parking_lot::lock_api::RawMutex as _;
@@ -127,7 +145,7 @@ pub type DefaultRawLock = SpinLock;
 ///
 /// The choice is a constant, so the code path of the other policy is not
 /// compiled into a monomorphised engine.
-pub trait LockPolicy: Send + Sync + 'static {
+pub trait LockPolicy: sealed::Sealed + Send + Sync + 'static {
     /// The raw lock used for the space lock (and the frame store's free
     /// list). PTE-page locks are a bit in each frame's state byte, next to
     /// its pinned flag ([`crate::frame::PteLock`]).
@@ -145,6 +163,14 @@ pub struct Split<L: RawLock = DefaultRawLock>(PhantomData<L>);
 /// One lock per space: writers of any entry take the space lock, and the
 /// separate L1 pin does not exist.
 pub struct Global<L: RawLock = DefaultRawLock>(PhantomData<L>);
+
+/// The policies are the engine's: a third one would need its own pin
+/// protocol, so the trait is sealed.
+mod sealed {
+    pub trait Sealed {}
+    impl<L: super::RawLock> Sealed for super::Split<L> {}
+    impl<L: super::RawLock> Sealed for super::Global<L> {}
+}
 
 impl<L: RawLock> LockPolicy for Split<L> {
     type Lock = L;
@@ -224,6 +250,17 @@ mod tests {
         unsafe { l.unlock() };
         assert!(!l.is_locked());
         assert_eq!(core::mem::size_of::<SpinLock>(), 1);
+    }
+
+    /// A lock in a `static`, as a kernel keeps its space locks.
+    #[test]
+    fn lock_in_a_static() {
+        static LOCK: SpinLock = <SpinLock as RawLock>::INIT;
+        assert!(LOCK.try_lock());
+        assert!(LOCK.is_locked());
+        // SAFETY: held above.
+        unsafe { LOCK.unlock() };
+        assert!(!LOCK.is_locked());
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl PageSize {
 ///
 /// Implemented by [`X86_64`] and [`Pae`]. The engine is generic over it, so
 /// every constant folds away.
-pub trait PagingMode: Copy + Send + Sync + 'static {
+pub trait PagingMode: sealed::Sealed + Copy + Send + Sync + 'static {
     /// Short name ("x86_64" / "pae").
     const NAME: &'static str;
     /// Level of the root table.
@@ -135,6 +135,15 @@ pub trait PagingMode: Copy + Send + Sync + 'static {
     }
     /// The virtual address a root slot starts at (sign-extended).
     fn root_slot_base(slot: usize) -> u64;
+}
+
+/// The modes are the engine's (every path is sized for the deepest of
+/// them), so the trait is sealed.
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::X86_64 {}
+    impl Sealed for super::La57 {}
+    impl Sealed for super::Pae {}
 }
 
 /// x86-64 4-level paging (48-bit virtual addresses).

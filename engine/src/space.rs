@@ -136,7 +136,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             match space.store.alloc_table_owned(M::ROOT_LEVEL, owner) {
                 Some(u) => space.user_root = Some(u),
                 None => {
-                    space.store.free_now(root);
+                    // SAFETY: the new root is linked nowhere and unpublished.
+                    unsafe { space.store.free_now(root) };
                     space.torn_down = true;
                     return Err(Error::OutOfFrames);
                 }
@@ -480,7 +481,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             .ok_or(Error::OutOfFrames)?;
         if B::PINNING && self.is_pinned() {
             if let Err(e) = self.prepare_new_table(child, level) {
-                self.store.free_now(child);
+                // SAFETY: not linked yet: no walker can reach it.
+                unsafe { self.store.free_now(child) };
                 return Err(e);
             }
         }
@@ -491,7 +493,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             if B::PINNING && self.is_pinned() {
                 let _ = self.retire_table_pinned(child, level);
             } else {
-                self.store.free_now(child);
+                // SAFETY: the link failed: no walker can reach it.
+                unsafe { self.store.free_now(child) };
             }
             return Err(err);
         }
@@ -806,7 +809,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         frames.extend(self.user_root);
         frames.extend(self.kernel_pmd);
         for f in frames {
-            self.store.free_now(f);
+            // SAFETY: the space is being dropped or torn down (exclusive
+            // access) and unpinned; its tables are reachable only from its
+            // own root, which goes with them.
+            unsafe { self.store.free_now(f) };
         }
     }
 

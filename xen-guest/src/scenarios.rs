@@ -982,7 +982,9 @@ pub fn negatives<Pl: Platform>(pl: &Pl) -> Report {
         "restored",
         pl.mapping_writable(t) == Some(true) && pl.typed(t) != Some(true),
     );
-    pl.store().free_now(t);
+    // SAFETY: `t` was allocated for this scenario only and linked into no
+    // table.
+    unsafe { pl.store().free_now(t) };
     // The engine refuses what Xen would refuse, before any hypercall.
     if let Ok(s) = build::<Split<SpinLock>, Pl>(pl) {
         let mut bt: Box<Batch<32>> = Box::new(Batch::new());
