@@ -107,6 +107,9 @@ pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     /// space lock is held. Under split, `path[0]` is set only while `pte`
     /// holds its lock.
     path: [Cached; MAX_PATH],
+    /// Whether pages must end inside `range` (false for the one-page
+    /// cursors `map`, `unmap` and `protect` make for themselves).
+    bounded: bool,
     /// Lock guards stay on their thread.
     _not_send: PhantomData<*mut ()>,
 }
@@ -147,8 +150,26 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             va: range.start,
             range,
             path: [EMPTY; MAX_PATH],
+            bounded: true,
             _not_send: PhantomData,
         })
+    }
+
+    /// A cursor for one page at `va` (canonical, checked by the caller):
+    /// what [`Self::map`], [`Self::unmap`] and [`Self::protect`] write
+    /// through, so every write of a space goes through the cursor.
+    #[inline]
+    pub(crate) fn cursor_at(&self, va: u64) -> CursorMut<'_, M, P, B> {
+        CursorMut {
+            space: self,
+            pte: None,
+            _space: self.lock_space(),
+            va,
+            range: va..va,
+            path: [EMPTY; MAX_PATH],
+            bounded: false,
+            _not_send: PhantomData,
+        }
     }
 
     /// A reader: one lock-free read section for many translations (see
@@ -211,12 +232,57 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
     pub fn map(&mut self, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
         let va = self.va;
         let flags = AddressSpace::<M, P, B>::map_args(va, pa, size, flags)?;
+        let end = self.end_in_range(va, size)?;
+        let mfn = self.space.leaf_mfn(pa)?;
+        self.map_leaf(va, mfn, size, flags)?;
+        self.va = end;
+        Ok(())
+    }
+
+    /// Remove the mapping at the cursor (a page base) and move past it;
+    /// returns what it mapped. The same checks and errors as
+    /// [`AddressSpace::unmap`] at [`Self::va`], plus [`Error::OutOfRange`]
+    /// if the page does not end inside the range.
+    pub fn unmap(&mut self) -> Result<Translation, Error> {
+        let va = self.va;
+        let t = self.unmap_at(va)?;
+        self.va = va.wrapping_add(t.size.bytes());
+        Ok(t)
+    }
+
+    /// Change the flags of the mapping at the cursor (a page base), keeping
+    /// its frame, and move past it. The same checks and errors as
+    /// [`AddressSpace::protect`] at [`Self::va`], plus
+    /// [`Error::OutOfRange`] if the page does not end inside the range.
+    pub fn protect(&mut self, flags: EntryFlags) -> Result<(), Error> {
+        let va = self.va;
+        let size = self.protect_at(va, flags)?;
+        self.va = va.wrapping_add(size.bytes());
+        Ok(())
+    }
+
+    /// The end of the page of `size` at `va`, which must lie inside the
+    /// range (a bounded cursor).
+    #[inline]
+    fn end_in_range(&self, va: u64, size: PageSize) -> Result<u64, Error> {
         let end = va.wrapping_add(size.bytes());
-        if end > self.range.end || end < va {
+        if self.bounded && (end > self.range.end || end < va) {
             return Err(Error::OutOfRange { va });
         }
+        Ok(end)
+    }
+
+    /// Write the (checked) leaf for `mfn` at `va`, creating tables as
+    /// needed: the one place a space maps a page.
+    #[inline]
+    pub(crate) fn map_leaf(
+        &mut self,
+        va: u64,
+        mfn: crate::frame::Mfn,
+        size: PageSize,
+        flags: EntryFlags,
+    ) -> Result<(), Error> {
         let space = self.space;
-        let mfn = space.leaf_mfn(pa)?;
         let level = size.level();
         let table = self.table_for(va, level)?;
         let index = M::index(va, level);
@@ -228,12 +294,76 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
         if level == Level::L1 {
             // The common case, with the level known here so the write path
             // folds to the L1 store it is.
-            space.write_entry(table, Level::L1, index, leaf.bits(), WritePath::Store)?;
+            space.write_entry(table, Level::L1, index, leaf.bits(), WritePath::Store)
         } else {
-            space.write_entry(table, level, index, leaf.bits(), WritePath::Store)?;
+            space.write_entry(table, level, index, leaf.bits(), WritePath::Store)
         }
-        self.va = end;
-        Ok(())
+    }
+
+    /// The present leaf covering `va` (never creating a table): its table,
+    /// level and index, with the PTE lock held for an L1 (split). The
+    /// remembered PTE page is tried first.
+    fn leaf_for(&mut self, va: u64) -> Result<(Pfn, Level, usize, PageTableEntry), Error> {
+        let space = self.space;
+        let c = self.path[0];
+        let (pfn, level, index) = if c.tag == tag(va, Level::L1) {
+            (c.pfn, Level::L1, M::index(va, Level::L1))
+        } else {
+            let stop = space.descend(va, Level::L1)?;
+            let Next::Leaf(_) = stop.next else {
+                return Err(Error::NotMapped { va });
+            };
+            if stop.level == Level::L1 {
+                // Another PTE page: one PTE lock at a time.
+                self.path[0] = EMPTY;
+                self.pte = None;
+                self.pte = space.lock_pte(stop.pfn, Level::L1);
+                self.path[0] = Cached {
+                    tag: tag(va, Level::L1),
+                    pfn: stop.pfn,
+                };
+            }
+            (stop.pfn, stop.level, stop.index)
+        };
+        // Read under the PTE lock: a split PTE writer may have changed it.
+        let cur = PageTableEntry::from_bits(space.entry_slot(pfn, index).load(Ordering::Acquire));
+        if !cur.is_present() {
+            return Err(Error::NotMapped { va });
+        }
+        Ok((pfn, level, index, cur))
+    }
+
+    /// The leaf at `va` (a page base) and its size, range-checked.
+    fn leaf_page(
+        &mut self,
+        va: u64,
+    ) -> Result<(Pfn, Level, usize, PageTableEntry, PageSize), Error> {
+        let (pfn, level, index, cur) = self.leaf_for(va)?;
+        let size = AddressSpace::<M, P, B>::leaf_size(level);
+        if va & (size.bytes() - 1) != 0 {
+            return Err(Error::Misaligned { addr: va });
+        }
+        self.end_in_range(va, size)?;
+        Ok((pfn, level, index, cur, size))
+    }
+
+    /// Remove the leaf at `va` (a page base); returns what it mapped.
+    pub(crate) fn unmap_at(&mut self, va: u64) -> Result<Translation, Error> {
+        let (pfn, level, index, cur, size) = self.leaf_page(va)?;
+        let space = self.space;
+        space.write_entry(pfn, level, index, 0, WritePath::Store)?;
+        let (phys, flags) = space.leaf_parts(cur, size);
+        Ok(Translation { phys, size, flags })
+    }
+
+    /// Give the leaf at `va` (a page base) `flags`, keeping its frame;
+    /// returns its size.
+    pub(crate) fn protect_at(&mut self, va: u64, flags: EntryFlags) -> Result<PageSize, Error> {
+        let (pfn, level, index, cur, size) = self.leaf_page(va)?;
+        let space = self.space;
+        let new = AddressSpace::<M, P, B>::reflag_leaf(cur, size, flags)?;
+        space.write_entry(pfn, level, index, new.bits(), WritePath::Store)?;
+        Ok(size)
     }
 
     /// The table at `level` covering `va`, walked (and created) from the

@@ -66,12 +66,6 @@ impl Journal {
         }
     }
 
-    /// The step buffer, to hand back to the batch for the next operation.
-    #[inline]
-    pub(crate) fn into_buffer(self) -> Vec<Step> {
-        self.steps
-    }
-
     /// Record a step; returns its index, the batch tag of its request.
     #[inline]
     pub(crate) fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool, flag: bool) -> u32 {

@@ -39,88 +39,6 @@ enum Dir {
 }
 
 impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
-    fn failure_of(j: &Journal, f: &Failure) -> HypercallFailure {
-        let step = j.steps.get(f.tag as usize);
-        HypercallFailure {
-            flush: f.flush.saturating_sub(j.flush_base),
-            call: f.call,
-            item: f.item,
-            kind: f.kind,
-            errno: f.errno,
-            pfn: step.map(|s| s.pfn),
-            step: step.map(|s| match s.action {
-                Action::RemapRo => StepKind::RemapReadOnly,
-                Action::RemapRw => StepKind::RemapWritable,
-                Action::Pin(l) => StepKind::Pin(l),
-                Action::Unpin(_) => StepKind::Unpin,
-            }),
-        }
-    }
-
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    fn queue_remap<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        pfn: Pfn,
-        ro: bool,
-        flush: bool,
-        locked: bool,
-        flag: bool,
-    ) {
-        let tag = j.push(
-            pfn,
-            if ro { Action::RemapRo } else { Action::RemapRw },
-            locked,
-            flag,
-        );
-        let flags = if flush {
-            uvmf::TLB_FLUSH | uvmf::LOCAL
-        } else {
-            uvmf::NONE
-        };
-        b.update_va_mapping(
-            &self.target(),
-            self.direct_map_va(pfn),
-            self.direct_map_pte(pfn, !ro),
-            flags,
-            tag,
-        );
-    }
-
-    #[inline]
-    fn queue_ext<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        pfn: Pfn,
-        action: Action,
-        locked: bool,
-        flag: bool,
-    ) -> Tag {
-        let cmd = match action {
-            Action::Pin(l) => ExtCmd::pin(l),
-            _ => ExtCmd::UnpinTable,
-        };
-        let tag = j.push(pfn, action, locked, flag);
-        b.mmuext(
-            &self.target(),
-            MmuExtOp::on(cmd, self.backend.pfn_to_mfn(pfn)),
-            tag,
-        );
-        tag
-    }
-
-    #[inline]
-    fn take_lock<const N: usize>(&self, b: &mut Batch<N>, pfn: Pfn) -> Result<(), Error> {
-        b.preempt_mut().acquire()?;
-        if let Some(m) = self.store.meta(pfn) {
-            m.lock().lock();
-        }
-        Ok(())
-    }
-
     /// The owner recorded for `pfn` (none if it is outside the store).
     fn owner_of(&self, pfn: Pfn) -> Owner {
         self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner())
@@ -155,93 +73,6 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         } else {
             !meta.test_and_clear_pinned()
         }
-    }
-
-    /// Pin one page (`owner`: its owner, as the walk read it): set its flag,
-    /// remap it read-only and, under split for an L1, pin it, holding its
-    /// lock across the flushes that issue the two.
-    #[inline]
-    fn pin_page<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        pfn: Pfn,
-        level: Level,
-        owner: Owner,
-        flush: bool,
-    ) -> Result<Descend, Error> {
-        let meta = match self.store.meta(pfn) {
-            Some(m) => m,
-            None => return Ok(Descend::No),
-        };
-        if self.flip_flag(&meta, owner, true) {
-            return Ok(Descend::No);
-        }
-        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage().skip_l1_pin;
-        if split_l1 {
-            // The page's lock is counted now (refused, with the flag put
-            // back, past the preempt limit) and taken by the batch right
-            // before the flush that issues the remap.
-            if let Err(e) = b.preempt_mut().acquire() {
-                self.flip_flag(&meta, owner, false);
-                return Err(e.into());
-            }
-        }
-        self.queue_remap(b, j, pfn, true, flush, split_l1, true);
-        if split_l1 {
-            b.hold_pte(pfn);
-            if self.sabotage().unlock_before_pin {
-                // Broken on purpose: the page is read-only and unlocked
-                // before it is pinned.
-                b.flush(&self.target());
-                // SAFETY: the flush above took it for this context.
-                unsafe { meta.lock().unlock() };
-                b.preempt_mut().release();
-                self.queue_ext(b, j, pfn, Action::Pin(Level::L1), false, false);
-            } else {
-                let tag = self.queue_ext(b, j, pfn, Action::Pin(Level::L1), true, false);
-                b.defer(&self.target(), unlock_after(pfn, tag));
-            }
-        }
-        Ok(Descend::Yes)
-    }
-
-    /// Unpin one page (`owner` as for [`Self::pin_page`]): clear its flag,
-    /// under split for an L1 unpin it, and remap it writable, holding its
-    /// lock across the flushes that issue the two.
-    #[inline]
-    fn unpin_page<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        pfn: Pfn,
-        level: Level,
-        owner: Owner,
-        flush: bool,
-    ) -> Result<Descend, Error> {
-        let meta = match self.store.meta(pfn) {
-            Some(m) => m,
-            None => return Ok(Descend::No),
-        };
-        if self.flip_flag(&meta, owner, false) {
-            return Ok(Descend::No);
-        }
-        let split_l1 = P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.sabotage().skip_l1_pin;
-        if split_l1 {
-            if let Err(e) = b.preempt_mut().acquire() {
-                self.flip_flag(&meta, owner, true);
-                return Err(e.into());
-            }
-            self.queue_ext(b, j, pfn, Action::Unpin(Level::L1), true, true);
-            b.hold_pte(pfn);
-        }
-        let tag = j.steps.len() as Tag;
-        self.queue_remap(b, j, pfn, false, flush, split_l1, !split_l1);
-        if split_l1 {
-            b.defer(&self.target(), unlock_after(pfn, tag));
-        }
-        Ok(Descend::Yes)
     }
 
     /// Pin the space with batch `b`: every table page read-only (PTE pages
@@ -346,123 +177,324 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     }
 
     fn run<const N: usize>(&self, b: &mut Batch<N>, dir: Dir) -> Result<PinStats, Error> {
-        // Failures from before this operation are the caller's business.
+        let mut op = PinOp::new(self, b);
+        let walked = match dir {
+            Dir::Pin => op.pin_steps(),
+            Dir::Unpin => op.unpin_steps(),
+        };
+        op.complete(walked)
+    }
+
+    /// Make a new table page ready to link into this pinned space:
+    /// read-only, and pinned as L1 under split.
+    pub(crate) fn prepare_new_table(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
+        let mut b: Batch<4> = Batch::new();
+        let mut op = PinOp::new(self, &mut b);
+        let done = op
+            .pin_page(pfn, level, self.owner_of(pfn), false)
+            .map(|_| ());
+        op.complete(done).map(|_| ())
+    }
+
+    /// An unlinked table page of a pinned space: (split) unpin it, make it
+    /// writable, then retire the frame.
+    pub(crate) fn retire_table_pinned(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
+        let mut b: Batch<4> = Batch::new();
+        let mut op = PinOp::new(self, &mut b);
+        let done = op
+            .unpin_page(pfn, level, self.owner_of(pfn), false)
+            .map(|_| ());
+        op.complete(done)?;
+        self.store.retire(pfn);
+        Ok(())
+    }
+}
+
+/// One pin or unpin (or one table's preparation or retirement) in progress:
+/// it owns, for the call, the per-CPU batch, the journal of what it queued
+/// and the space it works on, so each step is one method with no context
+/// threaded through, and "flush, first failure, roll back" is written once
+/// ([`Self::complete`]).
+pub(crate) struct PinOp<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> {
+    space: &'a AddressSpace<M, P, B>,
+    b: &'b mut Batch<N>,
+    j: Journal,
+}
+
+impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a, 'b, M, P, B, N> {
+    /// Start an operation on `space` with batch `b` (its journal buffer
+    /// borrowed; failures from before are the caller's business).
+    #[inline]
+    pub(crate) fn new(space: &'a AddressSpace<M, P, B>, b: &'b mut Batch<N>) -> Self {
         let _ = b.take_failures();
-        let mut j = Journal::over(b.take_journal_buffer(), b.stats().flushes);
-        let r = self.run_journal(b, &mut j, dir);
-        b.return_journal_buffer(j.into_buffer());
+        let j = Journal::over(b.take_journal_buffer(), b.stats().flushes);
+        PinOp { space, b, j }
+    }
+
+    /// Issue what is still queued so every step has an outcome; on a
+    /// failure (the walk's `walked` or a recorded hypercall failure) undo
+    /// every step that took effect and return the first failure. Hands the
+    /// journal buffer back to the batch.
+    pub(crate) fn complete(mut self, walked: Result<(), Error>) -> Result<PinStats, Error> {
+        let r = self.complete_inner(walked);
+        let steps = core::mem::take(&mut self.j.steps);
+        self.b.return_journal_buffer(steps);
         r
     }
 
-    fn run_journal<const N: usize>(
-        &self,
-        b: &mut Batch<N>,
-        j: &mut Journal,
-        dir: Dir,
-    ) -> Result<PinStats, Error> {
-        let walked = match dir {
-            Dir::Pin => self.pin_steps(b, j),
-            Dir::Unpin => self.unpin_steps(b, j),
-        };
-        // Issue whatever is still queued so every step has an outcome.
-        b.flush(&self.target());
-        let first = b.failures().first().map(|f| Self::failure_of(j, f));
-        if let (Ok(()), None) = (&walked, first) {
-            let _ = b.take_failures();
-            return Ok(PinStats {
-                tables: (j.counts & 0xffff_ffff) as usize,
-                l1_ops: (j.counts >> 32) as usize,
-                max_locks_held: 0,
-            });
-        }
+    fn complete_inner(&mut self, walked: Result<(), Error>) -> Result<PinStats, Error> {
+        self.b.flush(&self.space.target());
+        let first = self.b.failures().first().map(|f| self.failure_of(f));
         // A recorded hypercall failure is the cause even when the walk
         // stopped because of it.
         let err = match (walked, first) {
+            (Ok(()), None) => {
+                let _ = self.b.take_failures();
+                return Ok(PinStats {
+                    tables: (self.j.counts & 0xffff_ffff) as usize,
+                    l1_ops: (self.j.counts >> 32) as usize,
+                    max_locks_held: 0,
+                });
+            }
             (_, Some(h)) => Error::Hypercall(h),
             (Err(e), None) => e,
-            (Ok(()), None) => return Err(Error::NotPinned),
         };
-        self.rollback(b, j)?;
+        self.rollback()?;
         Err(err)
     }
 
-    fn pin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
-        let root = self.root;
-        if self.sabotage().root_first {
-            self.pin_page(b, j, root, M::ROOT_LEVEL, self.owner_of(root), true)?;
+    fn failure_of(&self, f: &Failure) -> HypercallFailure {
+        let step = self.j.steps.get(f.tag as usize);
+        HypercallFailure {
+            flush: f.flush.saturating_sub(self.j.flush_base),
+            call: f.call,
+            item: f.item,
+            kind: f.kind,
+            errno: f.errno,
+            pfn: step.map(|s| s.pfn),
+            step: step.map(|s| match s.action {
+                Action::RemapRo => StepKind::RemapReadOnly,
+                Action::RemapRw => StepKind::RemapWritable,
+                Action::Pin(l) => StepKind::Pin(l),
+                Action::Unpin(_) => StepKind::Unpin,
+            }),
         }
-        walk::walk_as::<M, P::Lock, B, _>(
-            &self.store,
-            &self.backend,
-            root,
-            self.walk_owner(),
-            Scope::Full,
-            &mut |pfn, level, owner, is_root| {
-                if b.has_failures() {
-                    return Err(Error::NotPinned); // replaced by the recorded failure
-                }
-                if is_root {
-                    // Extra roots first, so the root's remap (the one carrying
-                    // the TLB flush) is the last remap of the pin.
-                    if let Some(u) = self.user_root {
-                        self.pin_page(b, j, u, M::ROOT_LEVEL, self.owner_of(u), false)?;
-                    }
-                    if let Some(k) = self.kernel_pmd {
-                        self.pin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
-                    }
-                }
-                self.pin_page(b, j, pfn, level, owner, is_root)
-            },
-        )?;
-        if b.has_failures() {
-            return Ok(());
-        }
-        self.queue_ext(b, j, root, Action::Pin(M::ROOT_LEVEL), false, false);
-        if let Some(u) = self.user_root {
-            self.queue_ext(b, j, u, Action::Pin(M::ROOT_LEVEL), false, false);
+    }
+
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn queue_remap(&mut self, pfn: Pfn, ro: bool, flush: bool, locked: bool, flag: bool) {
+        let tag = self.j.push(
+            pfn,
+            if ro { Action::RemapRo } else { Action::RemapRw },
+            locked,
+            flag,
+        );
+        let flags = if flush {
+            uvmf::TLB_FLUSH | uvmf::LOCAL
+        } else {
+            uvmf::NONE
+        };
+        self.b.update_va_mapping(
+            &self.space.target(),
+            self.space.direct_map_va(pfn),
+            self.space.direct_map_pte(pfn, !ro),
+            flags,
+            tag,
+        );
+    }
+
+    #[inline]
+    fn queue_ext(&mut self, pfn: Pfn, action: Action, locked: bool, flag: bool) -> Tag {
+        let cmd = match action {
+            Action::Pin(l) => ExtCmd::pin(l),
+            _ => ExtCmd::UnpinTable,
+        };
+        let tag = self.j.push(pfn, action, locked, flag);
+        self.b.mmuext(
+            &self.space.target(),
+            MmuExtOp::on(cmd, self.space.backend.pfn_to_mfn(pfn)),
+            tag,
+        );
+        tag
+    }
+
+    #[inline]
+    fn take_lock(&mut self, pfn: Pfn) -> Result<(), Error> {
+        self.b.preempt_mut().acquire()?;
+        if let Some(m) = self.space.store.meta(pfn) {
+            m.lock().lock();
         }
         Ok(())
     }
 
-    fn unpin_steps<const N: usize>(&self, b: &mut Batch<N>, j: &mut Journal) -> Result<(), Error> {
-        let root = self.root;
-        self.queue_ext(b, j, root, Action::Unpin(M::ROOT_LEVEL), false, false);
-        if let Some(u) = self.user_root {
-            self.queue_ext(b, j, u, Action::Unpin(M::ROOT_LEVEL), false, false);
-            self.unpin_page(b, j, u, M::ROOT_LEVEL, self.owner_of(u), false)?;
+    /// Pin one page (`owner`: its owner, as the walk read it): set its flag,
+    /// remap it read-only and, under split for an L1, pin it, holding its
+    /// lock across the flushes that issue the two.
+    #[inline]
+    fn pin_page(
+        &mut self,
+        pfn: Pfn,
+        level: Level,
+        owner: Owner,
+        flush: bool,
+    ) -> Result<Descend, Error> {
+        let meta = match self.space.store.meta(pfn) {
+            Some(m) => m,
+            None => return Ok(Descend::No),
+        };
+        if self.space.flip_flag(&meta, owner, true) {
+            return Ok(Descend::No);
         }
-        if let Some(k) = self.kernel_pmd {
-            if self.sabotage().pae_kpmd_pin_on_unpin {
-                // The pre-2008 bug: the pin routine called on unpin.
-                self.pin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
-            } else {
-                self.unpin_page(b, j, k, Level::L2, self.owner_of(k), false)?;
+        // `SPLIT_PTE_LOCKS` is a constant: under Global this block is gone.
+        let split_l1 =
+            P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.space.sabotage().skip_l1_pin;
+        if split_l1 {
+            // The page's lock is counted now (refused, with the flag put
+            // back, past the preempt limit) and taken by the batch right
+            // before the flush that issues the remap.
+            if let Err(e) = self.b.preempt_mut().acquire() {
+                self.space.flip_flag(&meta, owner, false);
+                return Err(e.into());
             }
         }
+        self.queue_remap(pfn, true, flush, split_l1, true);
+        if split_l1 {
+            self.b.hold_pte(pfn);
+            if self.space.sabotage().unlock_before_pin {
+                // Broken on purpose: the page is read-only and unlocked
+                // before it is pinned.
+                self.b.flush(&self.space.target());
+                // SAFETY: the flush above took it for this context.
+                unsafe { meta.lock().unlock() };
+                self.b.preempt_mut().release();
+                self.queue_ext(pfn, Action::Pin(Level::L1), false, false);
+            } else {
+                let tag = self.queue_ext(pfn, Action::Pin(Level::L1), true, false);
+                self.b.defer(&self.space.target(), unlock_after(pfn, tag));
+            }
+        }
+        Ok(Descend::Yes)
+    }
+
+    /// Unpin one page (`owner` as for [`Self::pin_page`]): clear its flag,
+    /// under split for an L1 unpin it, and remap it writable, holding its
+    /// lock across the flushes that issue the two.
+    #[inline]
+    fn unpin_page(
+        &mut self,
+        pfn: Pfn,
+        level: Level,
+        owner: Owner,
+        flush: bool,
+    ) -> Result<Descend, Error> {
+        let meta = match self.space.store.meta(pfn) {
+            Some(m) => m,
+            None => return Ok(Descend::No),
+        };
+        if self.space.flip_flag(&meta, owner, false) {
+            return Ok(Descend::No);
+        }
+        let split_l1 =
+            P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.space.sabotage().skip_l1_pin;
+        if split_l1 {
+            if let Err(e) = self.b.preempt_mut().acquire() {
+                self.space.flip_flag(&meta, owner, true);
+                return Err(e.into());
+            }
+            self.queue_ext(pfn, Action::Unpin(Level::L1), true, true);
+            self.b.hold_pte(pfn);
+        }
+        let tag = self.j.steps.len() as Tag;
+        self.queue_remap(pfn, false, flush, split_l1, !split_l1);
+        if split_l1 {
+            self.b.defer(&self.space.target(), unlock_after(pfn, tag));
+        }
+        Ok(Descend::Yes)
+    }
+
+    fn pin_steps(&mut self) -> Result<(), Error> {
+        let root = self.space.root;
+        if self.space.sabotage().root_first {
+            self.pin_page(root, M::ROOT_LEVEL, self.space.owner_of(root), true)?;
+        }
+        // The space by its own reference, so the visitor may borrow `self`.
+        let space = self.space;
         walk::walk_as::<M, P::Lock, B, _>(
-            &self.store,
-            &self.backend,
+            &space.store,
+            &space.backend,
             root,
-            self.walk_owner(),
+            space.walk_owner(),
             Scope::Full,
             &mut |pfn, level, owner, is_root| {
-                if b.has_failures() {
-                    return Err(Error::NotPinned);
+                if self.b.has_failures() {
+                    // The recorded failure ends the operation.
+                    return Ok(Descend::Stop);
                 }
-                self.unpin_page(b, j, pfn, level, owner, is_root)
+                if is_root {
+                    // Extra roots first, so the root's remap (the one carrying
+                    // the TLB flush) is the last remap of the pin.
+                    if let Some(u) = self.space.user_root {
+                        self.pin_page(u, M::ROOT_LEVEL, self.space.owner_of(u), false)?;
+                    }
+                    if let Some(k) = self.space.kernel_pmd {
+                        self.pin_page(k, Level::L2, self.space.owner_of(k), false)?;
+                    }
+                }
+                self.pin_page(pfn, level, owner, is_root)
+            },
+        )?;
+        if self.b.has_failures() {
+            return Ok(());
+        }
+        self.queue_ext(root, Action::Pin(M::ROOT_LEVEL), false, false);
+        if let Some(u) = self.space.user_root {
+            self.queue_ext(u, Action::Pin(M::ROOT_LEVEL), false, false);
+        }
+        Ok(())
+    }
+
+    fn unpin_steps(&mut self) -> Result<(), Error> {
+        let root = self.space.root;
+        self.queue_ext(root, Action::Unpin(M::ROOT_LEVEL), false, false);
+        if let Some(u) = self.space.user_root {
+            self.queue_ext(u, Action::Unpin(M::ROOT_LEVEL), false, false);
+            self.unpin_page(u, M::ROOT_LEVEL, self.space.owner_of(u), false)?;
+        }
+        if let Some(k) = self.space.kernel_pmd {
+            if self.space.sabotage().pae_kpmd_pin_on_unpin {
+                // The pre-2008 bug: the pin routine called on unpin.
+                self.pin_page(k, Level::L2, self.space.owner_of(k), false)?;
+            } else {
+                self.unpin_page(k, Level::L2, self.space.owner_of(k), false)?;
+            }
+        }
+        // The space by its own reference, so the visitor may borrow `self`.
+        let space = self.space;
+        walk::walk_as::<M, P::Lock, B, _>(
+            &space.store,
+            &space.backend,
+            root,
+            space.walk_owner(),
+            Scope::Full,
+            &mut |pfn, level, owner, is_root| {
+                if self.b.has_failures() {
+                    return Ok(Descend::Stop);
+                }
+                self.unpin_page(pfn, level, owner, is_root)
             },
         )
     }
 
     /// Undo every step that took effect, newest first.
-    fn rollback<const N: usize>(&self, b: &mut Batch<N>, j: &Journal) -> Result<(), Error> {
-        let target = self.target();
-        b.flush(&target);
-        let first = b.failures().first().map(|f| Self::failure_of(j, f));
-        let mut failed: Vec<Tag> = b.not_applied().to_vec();
+    fn rollback(&mut self) -> Result<(), Error> {
+        let target = self.space.target();
+        self.b.flush(&target);
+        let first = self.b.failures().first().map(|f| self.failure_of(f));
+        let mut failed: Vec<Tag> = self.b.not_applied().to_vec();
         failed.sort_unstable();
-        let mut kept = b.take_kept_locks();
-        let _ = b.take_failures();
+        let mut kept = self.b.take_kept_locks();
+        let _ = self.b.take_failures();
         let applied = |i: usize| failed.binary_search(&(i as Tag)).is_err();
 
         let mut held: Option<Pfn> = None;
@@ -472,10 +504,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         // the root's remap carries the flush before the root pin on the
         // forward path.
         let mut unflushed = false;
-        let steps = &j.steps;
+        // Taken out for the loop (which queues through `self`), put back
+        // before the failure report reads it.
+        let steps = core::mem::take(&mut self.j.steps);
         for i in (0..steps.len()).rev() {
             let s = steps[i];
-            let Some(meta) = self.store.meta(s.pfn) else {
+            let Some(meta) = self.space.store.meta(s.pfn) else {
                 continue;
             };
             // The flag flipped just before this (the page's first) step is
@@ -496,37 +530,40 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 if let Some(k) = kept.iter().position(|p| *p == s.pfn) {
                     kept.swap_remove(k);
                 } else {
-                    self.take_lock(b, s.pfn)?;
+                    self.take_lock(s.pfn)?;
                 }
                 held = Some(s.pfn);
             }
-            let mfn = self.backend.pfn_to_mfn(s.pfn);
+            let mfn = self.space.backend.pfn_to_mfn(s.pfn);
             match s.action {
                 Action::RemapRo => {
-                    let flush = s.pfn == self.root;
+                    let flush = s.pfn == self.space.root;
                     let flags = if flush { uvmf::TLB_FLUSH } else { uvmf::NONE };
-                    b.update_va_mapping(
+                    self.b.update_va_mapping(
                         &target,
-                        self.direct_map_va(s.pfn),
-                        self.direct_map_pte(s.pfn, true),
+                        self.space.direct_map_va(s.pfn),
+                        self.space.direct_map_pte(s.pfn, true),
                         flags,
                         NO_TAG,
                     );
                 }
                 Action::RemapRw => {
                     unflushed = true;
-                    b.update_va_mapping(
+                    self.b.update_va_mapping(
                         &target,
-                        self.direct_map_va(s.pfn),
-                        self.direct_map_pte(s.pfn, false),
+                        self.space.direct_map_va(s.pfn),
+                        self.space.direct_map_pte(s.pfn, false),
                         uvmf::NONE,
                         NO_TAG,
                     );
                 }
-                Action::Pin(_) => b.mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG),
+                Action::Pin(_) => {
+                    self.b
+                        .mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG)
+                }
                 Action::Unpin(l) => {
                     if unflushed && l != Level::L1 {
-                        b.mmuext(
+                        self.b.mmuext(
                             &target,
                             MmuExtOp {
                                 cmd: ExtCmd::TlbFlushLocal,
@@ -537,7 +574,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                         );
                         unflushed = false;
                     }
-                    b.mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG)
+                    self.b
+                        .mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG)
                 }
             }
             restore_flag(&s);
@@ -549,21 +587,22 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                     p.pfn == s.pfn && applied(i - 1)
                 };
                 if !continues {
-                    b.defer(&target, unlock_after(s.pfn, NO_TAG));
+                    self.b.defer(&target, unlock_after(s.pfn, NO_TAG));
                     held = None;
                 }
             }
         }
+        self.j.steps = steps;
         // Locks kept for pages where nothing took effect: release them now.
         for pfn in kept {
-            if let Some(m) = self.store.meta(pfn) {
+            if let Some(m) = self.space.store.meta(pfn) {
                 // SAFETY: the batch handed ownership of this held lock to us.
                 unsafe { m.lock().unlock() };
-                b.preempt_mut().release();
+                self.b.preempt_mut().release();
             }
         }
         if unflushed {
-            b.mmuext(
+            self.b.mmuext(
                 &target,
                 MmuExtOp {
                     cmd: ExtCmd::TlbFlushLocal,
@@ -573,54 +612,15 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
                 NO_TAG,
             );
         }
-        b.flush(&target);
-        if let Some(f) = b.failures().first() {
-            let rollback = Self::failure_of(j, f);
-            let _ = b.take_failures();
+        self.b.flush(&target);
+        if let Some(f) = self.b.failures().first() {
+            let rollback = self.failure_of(f);
+            let _ = self.b.take_failures();
             return Err(Error::RollbackFailed {
                 first: first.unwrap_or(rollback),
                 rollback,
             });
         }
-        Ok(())
-    }
-
-    /// Make a new table page ready to link into this pinned space:
-    /// read-only, and pinned as L1 under split.
-    pub(crate) fn prepare_new_table(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
-        let mut b: Batch<4> = Batch::new();
-        let mut j = Journal::default();
-        let r = self
-            .pin_page(&mut b, &mut j, pfn, level, self.owner_of(pfn), false)
-            .map(|_| ());
-        b.flush(&self.target());
-        let first = b.failures().first().map(|f| Self::failure_of(&j, f));
-        if r.is_err() || first.is_some() {
-            self.rollback(&mut b, &j)?;
-            return Err(first
-                .map(Error::Hypercall)
-                .unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
-        }
-        Ok(())
-    }
-
-    /// An unlinked table page of a pinned space: (split) unpin it, make it
-    /// writable, then retire the frame.
-    pub(crate) fn retire_table_pinned(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
-        let mut b: Batch<4> = Batch::new();
-        let mut j = Journal::default();
-        let r = self
-            .unpin_page(&mut b, &mut j, pfn, level, self.owner_of(pfn), false)
-            .map(|_| ());
-        b.flush(&self.target());
-        let first = b.failures().first().map(|f| Self::failure_of(&j, f));
-        if r.is_err() || first.is_some() {
-            self.rollback(&mut b, &j)?;
-            return Err(first
-                .map(Error::Hypercall)
-                .unwrap_or_else(|| r.err().unwrap_or(Error::NotPinned)));
-        }
-        self.store.retire(pfn);
         Ok(())
     }
 }

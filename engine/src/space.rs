@@ -429,6 +429,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Some(Translation { phys, size, flags })
     }
 
+    /// The size of a leaf at `level` (L1: 4 KiB, L2: 2 MiB, L3: 1 GiB).
+    #[inline]
+    pub(crate) fn leaf_size(level: Level) -> PageSize {
+        match level {
+            Level::L1 => PageSize::Size4K,
+            Level::L2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
+        }
+    }
+
     /// Bit 12 of a large leaf is PAT, not an address bit.
     #[inline]
     fn pat_mask(size: PageSize) -> u64 {
@@ -444,7 +454,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// [`EntryFlags::PAT_LARGE`]. The one decoding `translate` and `unmap`
     /// share, so they cannot disagree.
     #[inline]
-    fn leaf_parts(&self, e: PageTableEntry, size: PageSize) -> (u64, EntryFlags) {
+    pub(crate) fn leaf_parts(&self, e: PageTableEntry, size: PageSize) -> (u64, EntryFlags) {
         let pat_mask = Self::pat_mask(size);
         let mut flags = e.flags();
         if e.bits() & pat_mask != 0 {
@@ -556,25 +566,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     }
 
     /// Map `size` bytes at `va` to guest-physical `pa` with `flags`
-    /// (PRESENT required), allocating intermediate tables.
+    /// (PRESENT required), allocating intermediate tables: a one-page use of
+    /// the cursor ([`Self::cursor_mut`]).
     pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
         let flags = Self::map_args(va, pa, size, flags)?;
         let mfn = self.leaf_mfn(pa)?;
-        let target_level = size.level();
-        let _space = self.lock_space();
-        let mut pfn = self.root;
-        let mut level = M::ROOT_LEVEL;
-        while level > target_level {
-            (pfn, level) = self.map_step(pfn, level, va)?;
-        }
-        let index = M::index(va, level);
-        let leaf = PageTableEntry::new(mfn.0, flags);
-        let _pte = self.lock_pte(pfn, level);
-        let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
-        if cur.is_present() {
-            return Err(Error::AlreadyMapped { va });
-        }
-        self.write_entry(pfn, level, index, leaf.bits(), WritePath::Store)
+        self.cursor_at(va).map_leaf(va, mfn, size, flags)
     }
 
     /// Under split, the PTE lock of an L1 (taken inside the space lock);
@@ -587,77 +584,48 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         }
     }
 
-    /// Replace the leaf covering `va` (at whatever level) through `f`, which
-    /// gets the current leaf and returns the new one. Takes the space lock
-    /// (and the PTE lock under split). Returns the old entry.
-    fn update_leaf(
-        &self,
-        va: u64,
-        f: impl FnOnce(PageTableEntry, PageSize) -> Result<PageTableEntry, Error>,
-    ) -> Result<PageTableEntry, Error> {
+    /// Remove the mapping at `va` (a page base); returns what it mapped.
+    /// A one-page use of the cursor ([`CursorMut::unmap`]).
+    ///
+    /// [`CursorMut::unmap`]: crate::CursorMut::unmap
+    pub fn unmap(&self, va: u64) -> Result<Translation, Error> {
         if !M::is_canonical(va) {
             return Err(Error::NonCanonical { va });
         }
-        let _space = self.lock_space();
-        let stop = self.descend(va, Level::L1)?;
-        let Next::Leaf(_) = stop.next else {
-            return Err(Error::NotMapped { va });
-        };
-        let (pfn, level, index) = (stop.pfn, stop.level, stop.index);
-        let size = Self::leaf_size(level);
-        if va & (size.bytes() - 1) != 0 {
-            return Err(Error::Misaligned { addr: va });
-        }
-        let _pte = self.lock_pte(pfn, level);
-        // Re-read under the PTE lock: a split PTE writer may have changed it.
-        let cur = PageTableEntry::from_bits(self.entry_slot(pfn, index).load(Ordering::Acquire));
-        if !cur.is_present() {
-            return Err(Error::NotMapped { va });
-        }
-        let new = f(cur, size)?;
-        self.write_entry(pfn, level, index, new.bits(), WritePath::Store)?;
-        Ok(cur)
+        self.cursor_at(va).unmap_at(va)
     }
 
-    /// The size of a leaf at `level` (L1: 4 KiB, L2: 2 MiB, L3: 1 GiB).
-    #[inline]
-    fn leaf_size(level: Level) -> PageSize {
-        match level {
-            Level::L1 => PageSize::Size4K,
-            Level::L2 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        }
-    }
-
-    /// Remove the mapping at `va` (a page base); returns what it mapped.
-    pub fn unmap(&self, va: u64) -> Result<Translation, Error> {
-        let mut size = PageSize::Size4K;
-        let old = self.update_leaf(va, |_, s| {
-            size = s;
-            Ok(PageTableEntry::EMPTY)
-        })?;
-        let (phys, flags) = self.leaf_parts(old, size);
-        Ok(Translation { phys, size, flags })
-    }
-
-    /// Change the flags of the mapping at `va` (a page base), keeping its frame.
+    /// Change the flags of the mapping at `va` (a page base), keeping its
+    /// frame. A one-page use of the cursor ([`CursorMut::protect`]).
+    ///
+    /// [`CursorMut::protect`]: crate::CursorMut::protect
     pub fn protect(&self, va: u64, flags: EntryFlags) -> Result<(), Error> {
-        self.update_leaf(va, |cur, size| {
-            Self::leaf_flags_ok(flags, size)?;
-            let mut f = flags;
-            if size != PageSize::Size4K {
-                f |= EntryFlags::HUGE;
-            }
-            let addr_mask = if size == PageSize::Size4K {
-                PageTableEntry::ADDR_MASK
-            } else {
-                PageTableEntry::ADDR_MASK & !EntryFlags::PAT_LARGE.bits()
-            };
-            Ok(PageTableEntry::from_bits(
-                (cur.bits() & addr_mask) | f.bits(),
-            ))
-        })
-        .map(|_| ())
+        if !M::is_canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        self.cursor_at(va).protect_at(va, flags).map(|_| ())
+    }
+
+    /// The leaf `cur` of `size` with `flags` instead of its own, frame (and
+    /// a large leaf's PAT position) kept.
+    pub(crate) fn reflag_leaf(
+        cur: PageTableEntry,
+        size: PageSize,
+        flags: EntryFlags,
+    ) -> Result<PageTableEntry, Error> {
+        Self::leaf_flags_ok(flags, size)?;
+        let mut f = flags;
+        if size != PageSize::Size4K {
+            f |= EntryFlags::HUGE;
+        }
+        let addr_mask = if size == PageSize::Size4K {
+            PageTableEntry::ADDR_MASK
+        } else {
+            PageTableEntry::ADDR_MASK & !EntryFlags::PAT_LARGE.bits()
+        };
+        Ok(PageTableEntry::from_bits(
+            (cur.bits() & addr_mask) | f.bits(),
+        ))
     }
 
     /// Set the L1 entry for `va` to `value` (any bits, present or not),

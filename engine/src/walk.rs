@@ -30,6 +30,10 @@ pub enum Descend {
     Yes,
     /// Skip them (e.g. the frame was already processed).
     No,
+    /// End the walk here, successfully, without visiting anything else
+    /// (the root included): the visitor has what it needs, or recorded a
+    /// failure of its own.
+    Stop,
 }
 
 /// Check an entry that is present and not a leaf, and return the table it
@@ -314,7 +318,7 @@ where
             continue;
         }
         if let Some(child) = walk_child::<M, L, B>(store, backend, owner, M::ROOT_LEVEL, slot, e)? {
-            walk_table::<M, L, B, F>(
+            let stopped = walk_table::<M, L, B, F>(
                 store,
                 backend,
                 owner,
@@ -322,6 +326,9 @@ where
                 M::ROOT_LEVEL.child().unwrap_or(Level::L1),
                 visit,
             )?;
+            if stopped {
+                return Ok(());
+            }
         }
     }
     let root_owner = store.meta(root).map_or(Owner::NONE, |m| m.owner());
@@ -336,18 +343,21 @@ fn walk_table<M, L, B, F>(
     (pfn, pfn_owner): (Pfn, Owner),
     level: Level,
     visit: &mut F,
-) -> Result<(), Error>
+) -> Result<bool, Error>
 where
     M: PagingMode,
     L: RawLock,
     B: Backend,
     F: FnMut(Pfn, Level, Owner, bool) -> Result<Descend, Error>,
 {
-    if visit(pfn, level, pfn_owner, false)? == Descend::No || level == Level::L1 {
-        return Ok(());
+    match visit(pfn, level, pfn_owner, false)? {
+        Descend::Stop => return Ok(true),
+        Descend::No => return Ok(false),
+        Descend::Yes if level == Level::L1 => return Ok(false),
+        Descend::Yes => {}
     }
     let Some(frame) = store.frame(pfn) else {
-        return Ok(());
+        return Ok(false);
     };
     for (index, slot) in frame.entries().iter().enumerate() {
         let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
@@ -359,13 +369,15 @@ where
             if child_level == Level::L1 {
                 // A PTE page has no children: visit it here rather than
                 // through a call per page.
-                visit(child.0, Level::L1, child.1, false)?;
-            } else {
-                walk_table::<M, L, B, F>(store, backend, owner, child, child_level, visit)?;
+                if visit(child.0, Level::L1, child.1, false)? == Descend::Stop {
+                    return Ok(true);
+                }
+            } else if walk_table::<M, L, B, F>(store, backend, owner, child, child_level, visit)? {
+                return Ok(true);
             }
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Flags a table (non-leaf) entry gets: present, writable, user, accessed,
