@@ -15,7 +15,7 @@
 //! state after the space lock is released (the bug this guards): the same
 //! stress must catch it.
 //!
-//! Bounded by counts: `PAGEPIN_RACE_ROUNDS` (pin/unpin rounds, default 40)
+//! Bounded by counts: `PAGEPIN_RACE_ROUNDS` (pin/unpin rounds, default 30)
 //! runs a longer campaign.
 
 mod xen_common;
@@ -45,12 +45,15 @@ const TRAP_NS: u64 = 1_000;
 /// Writer rounds done at least, even if the pinner finished first; at most.
 const MIN_ROUNDS: usize = 4;
 const MAX_ROUNDS: usize = 2_000;
+/// Writer operations the pinner waits for in each phase, and its bound.
+const PHASE_OPS: u64 = 16;
+const PHASE_YIELDS: usize = 2_000;
 
 fn rounds() -> usize {
     std::env::var("PAGEPIN_RACE_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
+        .unwrap_or(30)
 }
 
 /// Regions of writer `w` (each its own L2 or L3 range, so writers never
@@ -277,10 +280,22 @@ fn stress<P: LockPolicy<Lock = DefaultRawLock>, const N: usize>(
                 pin_errors += 1;
             }
         };
+        // Let the writers make progress in each phase (pinned, unpinned),
+        // bounded by a number of yields: on a loaded machine the pinner
+        // could otherwise finish before a writer ran at all.
+        let let_writers_run = || {
+            let start = ops.load(Ordering::Relaxed);
+            for _ in 0..PHASE_YIELDS {
+                if ops.load(Ordering::Relaxed) >= start + PHASE_OPS {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        };
         for _ in 0..target_rounds {
             if spaces == 1 {
                 note("pin", refs[0].pin(&mut b).map(|_| ()));
-                std::thread::yield_now();
+                let_writers_run();
                 if refs[0].is_pinned() {
                     note("unpin", refs[0].unpin(&mut b).map(|_| ()));
                 }
@@ -288,13 +303,13 @@ fn stress<P: LockPolicy<Lock = DefaultRawLock>, const N: usize>(
                 match pin_all(&refs, &mut b) {
                     Ok(set) => {
                         note("pin_all", Ok(()));
-                        std::thread::yield_now();
+                        let_writers_run();
                         note("unpin_all", unpin_all(&refs, set, &mut b));
                     }
                     Err(err) => note("pin_all", Err(err)),
                 }
             }
-            std::thread::yield_now();
+            let_writers_run();
         }
         done.store(true, Ordering::Release);
         handles

@@ -36,6 +36,11 @@ impl fmt::Debug for Mfn {
 /// epoch and collect retired frames before reporting the store full.
 #[cfg(all(feature = "std", not(any(loom, shuttle))))]
 const RECLAIM_ATTEMPTS: usize = 64;
+/// Then how many 1 ms naps it takes for a reader that was descheduled
+/// inside its read section (which holds the epoch back) to run again:
+/// bounded, so a store that is really full still says so within ~20 ms.
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+const RECLAIM_NAPS: usize = 20;
 
 /// Entries in one table frame.
 pub const ENTRIES_PER_FRAME: usize = 512;
@@ -529,10 +534,16 @@ impl<L: RawLock> FrameStore<L> {
             return Some(i);
         }
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-        for _ in 0..RECLAIM_ATTEMPTS {
+        for attempt in 0..RECLAIM_ATTEMPTS + RECLAIM_NAPS {
             crossbeam_epoch::pin().flush();
-            // Readers on other CPUs must leave their epoch for it to advance.
-            std::thread::yield_now();
+            // Readers on other CPUs must leave their epoch for it to advance;
+            // one descheduled inside its read section needs a nap, not a
+            // yield.
+            if attempt < RECLAIM_ATTEMPTS {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             if let Some(i) = self.with_free(|free, _| free.pop()) {
                 return Some(i);
             }

@@ -44,6 +44,20 @@ impl SimTarget {
         cfg.direct_map_base = 0;
         cfg.io_privileged = true;
         cfg.io_frames = core::iter::once(program::IO_MFN..program::IO_MFN + 1).collect();
+        // What real Xen does beyond the protocol's stricter default: stale
+        // writable TLB entries take plain stores, every type change
+        // flushes when it must.
+        cfg.exact_tlb = true;
+        // The hypervisor slots real Xen 4.17 writes into a validated L4
+        // on the test machine: the linear slot (the L4 itself), the
+        // per-domain L3, Xen's image and the direct map (frames of its
+        // own, which read back as unknown frames).
+        cfg.l4_xen_slots = Some(vec![
+            (258, None, 0x8000_0000_0000_0063),
+            (260, Some(XEN_MFN + 1), 0x8000_0000_0000_0063),
+            (261, Some(XEN_MFN + 2), 0x63),
+            (262, Some(XEN_MFN + 3), 0x8000_0000_0000_0063),
+        ]);
         let sim = Arc::new(XenSim::new(cfg, mem).expect("simulator"));
         let t = SimTarget { sim, store, base };
         let boot = t.mfn(Sym::Boot);

@@ -118,7 +118,24 @@ impl Real<'_> {
         for i in 0..POOL {
             for k in 0..512 {
                 let s = self.slot(i, k);
-                if s.load(Ordering::Relaxed) != 0 && !smp::guarded_store(s, 0) {
+                let v = s.load(Ordering::Relaxed);
+                if v != 0 && !smp::guarded_store(s, 0) {
+                    // What the frame can be pinned as now (a hint at what
+                    // still holds it).
+                    let mut pins = [0i64; 4];
+                    for (level, r) in pins.iter_mut().enumerate() {
+                        *r = self.ext(program::cmd::PIN_L1 + level as u32, self.mfns[i]);
+                        if *r == 0 {
+                            self.ext(program::cmd::UNPIN, self.mfns[i]);
+                        }
+                    }
+                    let _ = writeln!(
+                        Console,
+                        "{}-RESET stuck P{i}[{k}]={} dm={} pins={pins:?}",
+                        program::LINE,
+                        program::show_entry(program::symbolize(self, v)),
+                        program::show_entry(program::symbolize(self, self.dm_entry(i)))
+                    );
                     return false;
                 }
             }

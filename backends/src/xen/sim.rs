@@ -143,13 +143,15 @@ impl FrameType {
 }
 
 /// Bits that may change on the `mmu_update` fast path (XSA-182): accessed,
-/// dirty, NX, user, global and the software-available bits.
+/// dirty, NX, user, global and the software-available bits (9..=11 and
+/// all of 52..=62, Xen's `_PAGE_AVAIL_HIGH`).
 const FAST_PATH_BITS: u64 = EntryFlags::ACCESSED.bits()
     | EntryFlags::DIRTY.bits()
     | EntryFlags::NO_EXECUTE.bits()
     | EntryFlags::USER.bits()
     | EntryFlags::GLOBAL.bits()
-    | EntryFlags::AVAILABLE.bits();
+    | EntryFlags::AVAILABLE.bits()
+    | (0x7ff << 52);
 
 /// Flags a guest may set in any entry: Xen's `base_disallow_mask`
 /// complement (P, RW, U, A, D, available bits 9..=11 and 52..=62, NX).
@@ -277,6 +279,23 @@ pub struct SimConfig {
     /// holes): an L1 entry mapping one is `-EPERM` without
     /// [`Self::io_privileged`] and takes no reference with it.
     pub io_frames: Vec<Range<u64>>,
+    /// Xen's TLB exactly, as the differential programs see it on real Xen
+    /// (`tests/real_xen_diff.rs`): a guest store through a stale writable
+    /// TLB entry is a plain write; every type change flushes the TLB when
+    /// the frame's last use is newer than the last flush (Xen's
+    /// `tlbflush_filter`), at any depth of a validation; `NEW_BASEPTR`
+    /// and an `mmu_update` that changed an L2..L4 entry flush. Off (the
+    /// default), the model is stricter than Xen for the protocol's sake: a
+    /// store into a read-only frame that is not an L1 faults even with a
+    /// stale TLB entry, and a frame typed deep inside a validation while
+    /// a stale writable TLB entry survives counts as an invariant break.
+    pub exact_tlb: bool,
+    /// What validating an L4 writes into its hypervisor slots (Xen's
+    /// `init_xen_l4_slots`): `Some(list)` rewrites every slot of
+    /// [`Self::hypervisor_hole`], with `(slot, frame, flags)` for those
+    /// that are present (`frame` `None`: the L4 itself, the linear slot)
+    /// and 0 for the others; `None` leaves them.
+    pub l4_xen_slots: Option<Vec<(usize, Option<u64>, u64)>>,
 }
 
 impl SimConfig {
@@ -295,6 +314,8 @@ impl SimConfig {
             identity_p2m: false,
             io_privileged: false,
             io_frames: Vec::new(),
+            exact_tlb: false,
+            l4_xen_slots: None,
         }
     }
 }
@@ -399,6 +420,12 @@ counters! {
     fast_path_updates,
     /// Entry updates that took the full revalidation path.
     full_updates,
+    /// L2..L4 entries `mmu_update` changed (Xen flushes the TLB after such
+    /// a call, [`SimConfig::exact_tlb`]).
+    table_entry_updates,
+    /// Linear page-table entries accepted (an L2..L4 entry mapping a table
+    /// of its own level read-only).
+    linear_entries,
     /// Calls or requests that returned an error.
     errors,
     /// Failures injected.
@@ -532,13 +559,13 @@ impl TypeInfoTable {
         };
         #[cfg(target_os = "linux")]
         if align == Self::HUGE {
+            // SAFETY: the range is this allocation (page-aligned, `size`
+            // bytes); the advice only changes how it is backed. Failure
+            // (no THP support) is harmless and ignored.
             extern "C" {
                 fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: i32) -> i32;
             }
             const MADV_HUGEPAGE: i32 = 14;
-            // SAFETY: the range is this allocation (page-aligned, `size`
-            // bytes); the advice only changes how it is backed. Failure
-            // (no THP support) is harmless and ignored.
             unsafe { madvise(raw.cast(), size, MADV_HUGEPAGE) };
         }
         for i in 0..n {
@@ -599,6 +626,16 @@ struct FrameCold {
     /// Xen's page lock: held while a table's entries are validated,
     /// devalidated or updated.
     lock: AtomicBool,
+    /// Flush generation + 1 at which the type count last reached 0 (Xen's
+    /// `tlbflush_timestamp`); 0: never.
+    stamp: AtomicU64,
+    /// The type bits the frame had when its count last reached 0 (Xen
+    /// keeps them in `type_info`): a later typing to another type is a
+    /// type change.
+    last_type: AtomicU64,
+    /// Xen's `linear_pt_count` as a two's-complement word: > 0, linear
+    /// entries this table holds; < 0, linear entries mapping it.
+    linear: AtomicU64,
 }
 
 /// One machine frame's state: its `type_info` word (the hot array: one
@@ -609,6 +646,7 @@ struct FrameRef<'a> {
     type_info: &'a AtomicU64,
     stale: &'a AtomicU64,
     lock: &'a AtomicBool,
+    cold: &'a FrameCold,
 }
 
 #[derive(Default)]
@@ -956,6 +994,7 @@ impl XenSim {
                 type_info,
                 stale: &c.stale,
                 lock: &c.lock,
+                cold: c,
             }),
             _ => Err(errno::EINVAL),
         }
@@ -1014,6 +1053,9 @@ impl XenSim {
                     .is_err()
                 {
                     continue;
+                }
+                if self.cfg.exact_tlb {
+                    self.type_change_flush(f, ty, l);
                 }
                 if ty == FrameType::Writable {
                     return Ok(());
@@ -1100,9 +1142,51 @@ impl XenSim {
         }
     }
 
+    /// Xen's check at a type change (count 0 -> 1 to a type other than
+    /// the one the frame last had): flush the TLB if the frame was last
+    /// used after the last flush, so no stale writable translation of a
+    /// frame outlives its becoming a table (or vice versa).
+    fn type_change_flush(&self, f: FrameRef<'_>, ty: FrameType, l: &mut Local) {
+        if f.cold.last_type.load(Ordering::Acquire) != ty.bits()
+            && f.cold.stamp.load(Ordering::Acquire) == self.flush_gen.0.load(Ordering::Acquire) + 1
+        {
+            self.flush_all(l);
+            l.filter_flushes += 1;
+        }
+    }
+
+    /// The frame's count reached 0 with type bits `x`: remember the type
+    /// and when (Xen's `tlbflush_timestamp`).
+    fn stamp(&self, f: FrameRef<'_>, x: u64) {
+        if self.cfg.exact_tlb {
+            f.cold.last_type.store(x & TYPE_MASK, Ordering::Release);
+            let gen = self.flush_gen.0.load(Ordering::Acquire);
+            f.cold.stamp.store(gen + 1, Ordering::Release);
+        }
+    }
+
     /// Drop a type reference; at count 0 a page table is devalidated and
     /// its children's references are dropped.
     fn put_type(&self, mfn: u64, l: &mut Local) {
+        self.put_type_from(mfn, None, l);
+    }
+
+    /// Undo a linear entry of table `ptpg` mapping `f` if `f` has the
+    /// type `x` shows and that is `ptpg`'s type (Xen's check when it drops
+    /// a reference a table entry held).
+    fn unlink_linear(&self, f: FrameRef<'_>, x: u64, ptpg: Option<u64>) {
+        let Some(p) = ptpg.and_then(|p| self.frame(p).ok()) else {
+            return;
+        };
+        if (p.type_info.load(Ordering::Acquire) ^ x) & TYPE_MASK == 0 {
+            f.cold.linear.fetch_add(1, Ordering::AcqRel);
+            p.cold.linear.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// [`Self::put_type`] of a reference an entry of table `ptpg` held
+    /// (linear entries are counted on both frames).
+    fn put_type_from(&self, mfn: u64, ptpg: Option<u64>, l: &mut Local) {
         let Ok(f) = self.frame(mfn) else { return };
         loop {
             let x = f.type_info.load(Ordering::Acquire);
@@ -1118,6 +1202,7 @@ impl XenSim {
                     .compare_exchange_weak(x, x - 1, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
+                    self.unlink_linear(f, x, ptpg);
                     return;
                 }
                 continue;
@@ -1128,6 +1213,7 @@ impl XenSim {
                     .compare_exchange_weak(x, 0, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
+                    self.stamp(f, x);
                     return;
                 }
                 continue;
@@ -1145,10 +1231,12 @@ impl XenSim {
             {
                 continue;
             }
+            self.unlink_linear(f, x, ptpg);
             {
                 let _g = hold(f.lock);
                 self.devalidate(mfn, level, l);
             }
+            self.stamp(f, x);
             f.type_info.store(0, Ordering::Release);
             l.devalidations += 1;
             return;
@@ -1198,6 +1286,11 @@ impl XenSim {
         for &e in &snap[..n.min(PREFETCH_AHEAD)] {
             self.prefetch_entry(e);
         }
+        // A table being validated starts with no linear entries (Xen
+        // resets `linear_pt_count`).
+        if let Ok(f) = self.frame(mfn) {
+            f.cold.linear.store(0, Ordering::Release);
+        }
         for i in 0..n {
             if let Some(&ahead) = snap[..n].get(i + PREFETCH_AHEAD) {
                 self.prefetch_entry(ahead);
@@ -1210,24 +1303,38 @@ impl XenSim {
             // then fails the validation (real Xen 4.17, differential
             // programs).
             let adj = self.adjust_guest_entry(level, snap[i]);
-            if let Err(e) = self.get_entry_refs(level, adj, false, l) {
-                self.refusal.lock().get_or_insert(Refusal {
-                    mfn: Mfn(mfn),
-                    level,
-                    index: i,
-                    entry: snap[i],
-                    errno: e,
-                });
-                for j in (0..i).rev() {
-                    if !hole.contains(&j) {
-                        self.put_entry_refs(level, snap[j], l);
+            let adj = match self.get_entry_refs(level, adj, mfn, false, l) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.refusal.lock().get_or_insert(Refusal {
+                        mfn: Mfn(mfn),
+                        level,
+                        index: i,
+                        entry: snap[i],
+                        errno: e,
+                    });
+                    for j in (0..i).rev() {
+                        if !hole.contains(&j) {
+                            self.put_entry_refs(level, snap[j], mfn, l);
+                        }
                     }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            };
             if adj != snap[i] {
                 frame.entry(i).store(adj, Ordering::Release);
                 snap[i] = adj;
+            }
+        }
+        // A validated L4 gets the hypervisor's slots (Xen's
+        // `init_xen_l4_slots`), whatever the guest left there.
+        if let (Level::L4, Some(slots)) = (level, &self.cfg.l4_xen_slots) {
+            for i in hole {
+                let v = slots
+                    .iter()
+                    .find(|s| s.0 == i)
+                    .map_or(0, |&(_, f, flags)| (f.unwrap_or(mfn) << 12) | flags);
+                frame.entry(i).store(v, Ordering::Release);
             }
         }
         Ok(())
@@ -1246,77 +1353,154 @@ impl XenSim {
                 self.prefetch_entry(frame.entry(i + PREFETCH_AHEAD).load(Ordering::Relaxed));
             }
             if !hole.contains(&i) {
-                self.put_entry_refs(level, frame.entry(i).load(Ordering::Acquire), l);
+                self.put_entry_refs(level, frame.entry(i).load(Ordering::Acquire), mfn, l);
             }
         }
     }
 
-    /// Check entry `e` of a table at `level` and take the references it
-    /// needs (rule 3).
-    fn get_entry_refs(&self, level: Level, e: u64, direct: bool, l: &mut Local) -> R {
+    /// Check entry `e` of table `table` (machine frame; `u64::MAX` for the
+    /// direct map) at `level` and take the references it needs (rule 3).
+    /// Returns the entry as Xen stores it: an L1 entry of I/O memory
+    /// mapped cacheable is made uncacheable.
+    fn get_entry_refs(
+        &self,
+        level: Level,
+        e: u64,
+        table: u64,
+        direct: bool,
+        l: &mut Local,
+    ) -> R<u64> {
         let pte = PageTableEntry::from_bits(e);
         if !pte.is_present() {
-            return Ok(());
+            return Ok(e);
         }
-        if e & PageTableEntry::RESERVED_ADDR_BITS != 0 {
-            return Err(errno::EINVAL);
-        }
-        let mfn = pte.frame();
+        let mfn = (e & PageTableEntry::ADDR_MASK) >> 12;
         let flags = e & !PageTableEntry::ADDR_MASK;
         if level == Level::L1 {
             // Flags first, as Xen's get_page_from_l1e.
             self.check_flags_only(level, e)?;
             if self.is_io_frame(mfn) {
-                // I/O memory: mapped without references, if permitted.
+                // I/O memory: mapped without references, if permitted,
+                // and never cacheable (Xen flips WB/WT/WP to UC).
                 return if self.cfg.io_privileged {
-                    Ok(())
+                    Ok(e ^ io_cache_flip(e))
                 } else {
                     Err(errno::EPERM)
                 };
             }
-        }
-        if !self.owned(mfn) {
-            // Not owned by the domain. Real Xen 4.17 lets dom0 map the
-            // hypervisor's own frames read-only (differential programs).
-            if level == Level::L1 && self.cfg.io_privileged && !pte.is_writable() {
-                return Ok(());
+            if !self.owned(mfn) {
+                // Dom0 (real Xen 4.17, differential programs): beyond any
+                // machine address, I/O memory it is not permitted
+                // (-EPERM); below, memory of another owner (the
+                // hypervisor's), which Xen cannot reference (-EBUSY),
+                // read-only or not. Other domains keep the simulator's
+                // plain -EINVAL.
+                return Err(if !self.cfg.io_privileged {
+                    errno::EINVAL
+                } else if e & PageTableEntry::RESERVED_ADDR_BITS != 0 {
+                    errno::EPERM
+                } else {
+                    errno::EBUSY
+                });
             }
+            if pte.is_writable() {
+                self.get_type(mfn, FrameType::Writable, direct, l)
+                    .map_err(|_| errno::EBUSY)?;
+            }
+            return Ok(e);
+        }
+        let allowed = if level == self.cfg.root_level && self.cfg.root_entries == 4 {
+            PAE_ROOT_ALLOWED
+        } else {
+            TABLE_ALLOWED
+        };
+        if flags & !allowed != 0 {
+            // PS (large pages) included: refused as Xen PV does.
             return Err(errno::EINVAL);
         }
-        match level {
-            Level::L1 => {
-                if pte.is_writable() {
-                    self.get_type(mfn, FrameType::Writable, direct, l)?;
+        if !self.owned(mfn) {
+            return Err(errno::EINVAL);
+        }
+        let child = level.child().ok_or(errno::EINVAL)?;
+        match self.get_type(mfn, FrameType::table(child), direct, l) {
+            // A table of the entry's own level, mapped read-only: a linear
+            // page table (Xen's `opt_pv_linear_pt`, on by default).
+            Err(errno::EINVAL) if self.get_linear(level, e, table, l) => Ok(e),
+            r => r.map(|()| e),
+        }
+    }
+
+    /// Accept entry `e` of table `table` (at `level` >= L2) as a linear
+    /// page-table entry if Xen would: read-only; mapping the table itself
+    /// (no reference), or another validated table of the same level that
+    /// has no linear entries of its own, from a table nobody maps
+    /// linearly (a type reference, counted on both).
+    fn get_linear(&self, level: Level, e: u64, table: u64, l: &mut Local) -> bool {
+        if e & EntryFlags::WRITABLE.bits() != 0 {
+            return false;
+        }
+        let mfn = (e & PageTableEntry::ADDR_MASK) >> 12;
+        if mfn == table {
+            l.linear_entries += 1;
+            return true;
+        }
+        let (Ok(pt), Ok(pg)) = (self.frame(table), self.frame(mfn)) else {
+            return false;
+        };
+        let bump = |c: &AtomicU64, up: bool| {
+            let mut x = c.load(Ordering::Acquire);
+            loop {
+                let n = (x as i64) + if up { 1 } else { -1 };
+                if (up && n <= 0) || (!up && n >= 0) {
+                    return false;
                 }
-                Ok(())
+                match c.compare_exchange_weak(x, n as u64, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return true,
+                    Err(y) => x = y,
+                }
             }
-            _ => {
-                let allowed = if level == self.cfg.root_level && self.cfg.root_entries == 4 {
-                    PAE_ROOT_ALLOWED
-                } else {
-                    TABLE_ALLOWED
-                };
-                if flags & !allowed != 0 {
-                    // PS (large pages) included: refused as Xen PV does.
-                    return Err(errno::EINVAL);
-                }
-                let child = level.child().ok_or(errno::EINVAL)?;
-                self.get_type(mfn, FrameType::table(child), direct, l)
+        };
+        if !bump(&pt.cold.linear, true) {
+            return false;
+        }
+        if !bump(&pg.cold.linear, false) {
+            pt.cold.linear.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let want = FrameType::table(level).bits() | VALIDATED;
+        loop {
+            let x = pg.type_info.load(Ordering::Acquire);
+            if x & (TYPE_MASK | VALIDATED) != want || x & COUNT_MASK == COUNT_MASK {
+                pg.cold.linear.fetch_add(1, Ordering::AcqRel);
+                pt.cold.linear.fetch_sub(1, Ordering::AcqRel);
+                return false;
+            }
+            if pg
+                .type_info
+                .compare_exchange_weak(x, x + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                l.linear_entries += 1;
+                return true;
             }
         }
     }
 
-    fn put_entry_refs(&self, level: Level, e: u64, l: &mut Local) {
+    fn put_entry_refs(&self, level: Level, e: u64, table: u64, l: &mut Local) {
         let pte = PageTableEntry::from_bits(e);
         if !pte.is_present() {
             return;
         }
+        let mfn = (e & PageTableEntry::ADDR_MASK) >> 12;
         match level {
-            Level::L1
-                if !pte.is_writable()
-                    || self.is_io_frame(pte.frame())
-                    || !self.owned(pte.frame()) => {}
-            _ => self.put_type(pte.frame(), l),
+            Level::L1 => {
+                if pte.is_writable() && !self.is_io_frame(mfn) && self.owned(mfn) {
+                    self.put_type(mfn, l);
+                }
+            }
+            // A table's entry mapping the table itself held nothing.
+            _ if mfn == table => {}
+            _ => self.put_type_from(mfn, Some(table), l),
         }
     }
 
@@ -1364,6 +1548,10 @@ impl XenSim {
 
     /// Replace entry `index` of table `mfn` (level `level`, page lock held,
     /// a type reference held) with `new`, checked (rules 7 and 9).
+    /// `preserve_ad`: the old entry's A/D bits are or-ed into the new one
+    /// (`MMU_PT_UPDATE_PRESERVE_AD`); `emulated`: a guest store Xen
+    /// emulates (no fast path: every present entry is checked in full).
+    #[allow(clippy::too_many_arguments)]
     fn update_entry(
         &self,
         mfn: u64,
@@ -1371,6 +1559,8 @@ impl XenSim {
         index: usize,
         new: u64,
         slot: &EntryWord,
+        preserve_ad: bool,
+        emulated: bool,
         l: &mut Local,
     ) -> R {
         let (n, hole) = self.table_slots(level);
@@ -1379,11 +1569,17 @@ impl XenSim {
         }
         let new = self.adjust_guest_entry(level, new);
         let old = slot.load(Ordering::Acquire);
+        let ad = EntryFlags::ACCESSED.bits() | EntryFlags::DIRTY.bits();
+        let write = |v: u64| {
+            let v = if preserve_ad { v | (old & ad) } else { v };
+            slot.store(v, Ordering::Release);
+        };
         let (o, nw) = (
             PageTableEntry::from_bits(old),
             PageTableEntry::from_bits(new),
         );
-        if o.is_present()
+        if !emulated
+            && o.is_present()
             && nw.is_present()
             && o.addr() == nw.addr()
             && (old ^ new) & !FAST_PATH_BITS == 0
@@ -1391,15 +1587,17 @@ impl XenSim {
             // Fast path: nothing the references depend on changed. Still
             // refuse flags the level does not allow.
             self.check_flags_only(level, new)?;
-            slot.store(new, Ordering::Release);
+            write(new);
             l.fast_path_updates += 1;
             return Ok(());
         }
-        self.get_entry_refs(level, new, true, l)?;
-        slot.store(new, Ordering::Release);
-        self.put_entry_refs(level, old, l);
+        let new = self.get_entry_refs(level, new, mfn, true, l)?;
+        write(new);
+        self.put_entry_refs(level, old, mfn, l);
         l.full_updates += 1;
-        let _ = mfn;
+        if level != Level::L1 {
+            l.table_entry_updates += 1;
+        }
         Ok(())
     }
 
@@ -1489,12 +1687,10 @@ impl XenSim {
                 }
                 let r = {
                     let _g = hold(f.lock);
-                    let mut new = req.val;
-                    if cmd == mmu_cmd::PT_UPDATE_PRESERVE_AD {
-                        let ad = EntryFlags::ACCESSED.bits() | EntryFlags::DIRTY.bits();
-                        new = (new & !ad) | (slot.load(Ordering::Acquire) & ad);
-                    }
-                    self.update_entry(mfn, level, index, new, slot, l)
+                    // PRESERVE_AD ors the old A/D bits in (real Xen 4.17:
+                    // 0x67 over 0x00 stays 0x67).
+                    let preserve = cmd == mmu_cmd::PT_UPDATE_PRESERVE_AD;
+                    self.update_entry(mfn, level, index, req.val, slot, preserve, false, l)
                 };
                 self.put_type(mfn, l);
                 return r;
@@ -1570,6 +1766,11 @@ impl XenSim {
                 let old = slot.swap(mfn + 1, Ordering::AcqRel);
                 if old != 0 {
                     self.put_type(old - 1, l);
+                }
+                // Loading CR3 flushes the TLB (the user base pointer is
+                // loaded only on a switch to user mode).
+                if self.cfg.exact_tlb && which == 0 {
+                    self.flush_all(l);
                 }
                 self.check_frame(mfn, l);
                 Ok(())
@@ -1702,7 +1903,7 @@ impl XenSim {
                 slot.pte.store(new, Ordering::Release);
                 l.fast_path_updates += 1;
             } else {
-                self.get_entry_refs(Level::L1, new, true, l)?;
+                let new = self.get_entry_refs(Level::L1, new, u64::MAX, true, l)?;
                 slot.pte.store(new, Ordering::Release);
                 if o.is_present() && o.is_writable() && !(nw.is_present() && nw.is_writable()) {
                     // The old writable translation may linger in TLBs.
@@ -1711,7 +1912,7 @@ impl XenSim {
                         .stale
                         .store(gen + 1, Ordering::Release);
                 }
-                self.put_entry_refs(Level::L1, old, l);
+                self.put_entry_refs(Level::L1, old, u64::MAX, l);
                 l.full_updates += 1;
             }
         }
@@ -1775,12 +1976,19 @@ impl XenSim {
         inj: Option<Injection>,
         l: &mut Local,
     ) -> i64 {
+        let before = l.table_entry_updates;
         // SAFETY: forwarded contract.
-        unsafe {
+        let rc = unsafe {
             self.run_array(reqs, count, done, domid, inj, l, |s, r, l| {
                 s.do_mmu_update(r, l)
             })
+        };
+        // Xen flushes the TLB after a call that changed an L2..L4 entry
+        // (linear page tables may map it).
+        if self.cfg.exact_tlb && l.table_entry_updates != before {
+            self.flush_all(l);
         }
+        rc
     }
 
     /// # Safety
@@ -1885,7 +2093,11 @@ impl XenSim {
             {
                 let _g = hold(&dm.lock);
                 let pte = PageTableEntry::from_bits(dm.pte.load(Ordering::Acquire));
-                if pte.is_present() && pte.is_writable() {
+                // Through a writable mapping, or (exact TLB) a stale
+                // writable TLB entry of one: a plain write Xen never sees.
+                if (pte.is_present() && pte.is_writable())
+                    || (self.cfg.exact_tlb && self.stale_live(f))
+                {
                     slot.store(value, Ordering::Release);
                     l.plain_stores += 1;
                     return Ok(());
@@ -1896,7 +2108,7 @@ impl XenSim {
                 Ok(true) => {
                     let r = {
                         let _g = hold(f.lock);
-                        self.update_entry(m, Level::L1, index, value, slot, l)
+                        self.update_entry(m, Level::L1, index, value, slot, false, false, l)
                     };
                     self.put_type(m, l);
                     l.emulated_stores += 1;
@@ -1914,6 +2126,22 @@ impl XenSim {
         }
         l.faults += 1;
         Err(fault)
+    }
+}
+
+/// The cache bits Xen flips in an L1 entry of I/O memory: write-back,
+/// write-through and write-protect become uncacheable (PCD | PWT);
+/// UC-, UC and WC stay.
+fn io_cache_flip(e: u64) -> u64 {
+    let (pwt, pcd, pat) = (
+        EntryFlags::PWT.bits(),
+        EntryFlags::PCD.bits(),
+        EntryFlags::PAT_4K.bits(),
+    );
+    match e & (pwt | pcd | pat) {
+        0 => pwt | pcd,
+        a if a == pwt || a == pwt | pat => pcd | (a & pat),
+        _ => 0,
     }
 }
 
