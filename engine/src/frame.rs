@@ -364,6 +364,11 @@ pub struct FrameStore<L: RawLock> {
     /// Frames released while a lock-free reader may still walk them.
     retired: core::cell::UnsafeCell<Vec<u32>>,
     allocated: AtomicUsize,
+    /// With `std`: frames retired to the epoch collector and not yet
+    /// freed, so an allocation that finds no free frame knows whether
+    /// waiting for a grace period can help at all.
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+    awaiting_grace: AtomicUsize,
 }
 
 // SAFETY: the UnsafeCell'd vectors are only touched with `free_lock` held;
@@ -424,6 +429,8 @@ impl<L: RawLock> FrameStore<L> {
             free: core::cell::UnsafeCell::new(free),
             retired: core::cell::UnsafeCell::new(Vec::new()),
             allocated: AtomicUsize::new(0),
+            #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+            awaiting_grace: AtomicUsize::new(0),
         }
     }
 
@@ -535,6 +542,11 @@ impl<L: RawLock> FrameStore<L> {
         }
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         for attempt in 0..RECLAIM_ATTEMPTS + RECLAIM_NAPS {
+            // Nothing retired is waiting for its grace period: the store is
+            // full, and waiting cannot change that.
+            if self.awaiting_grace.load(Ordering::Acquire) == 0 {
+                break;
+            }
             crossbeam_epoch::pin().flush();
             // Readers on other CPUs must leave their epoch for it to advance;
             // one descheduled inside its read section needs a nap, not a
@@ -603,11 +615,13 @@ impl<L: RawLock> FrameStore<L> {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         {
             let store = alloc::sync::Arc::clone(self);
+            self.awaiting_grace.fetch_add(1, Ordering::AcqRel);
             let guard = crossbeam_epoch::pin();
             guard.defer(move || {
                 // SAFETY: the grace period is over: every reader that could
                 // reach the retired (already unlinked) frame has left.
                 unsafe { store.free_now(pfn) };
+                store.awaiting_grace.fetch_sub(1, Ordering::AcqRel);
             });
         }
         #[cfg(any(not(feature = "std"), loom, shuttle))]
