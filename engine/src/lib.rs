@@ -4,18 +4,27 @@
 //! and pins or unpins them with a hypervisor, the way Linux's Xen PV MMU
 //! code does, while other threads keep updating entries.
 //!
-//! - [`mode`]: x86-64 (4- and 5-level) and PAE paging as types with constants;
-//! - [`entry`]: 64-bit entries;
-//! - [`frame`]: the frame store with atomic entries and per-frame metadata;
-//! - [`lock`]: raw locks, the [`Split`] / [`Global`] policies, the
-//!   preempt-count model;
-//! - [`batch`]: the multicall batch;
-//! - [`walk`]: the walk in protocol order;
-//! - [`space`]: an address space and its writers;
-//! - [`cursor`]: a writer holding a range's locks, a reader in one read
-//!   section;
-//! - [`pin`]: pin and unpin with rollback;
-//! - [`backend`]: what a hypervisor or hardware provides.
+//! Layers, each naming only those below it (the asterinas page-table
+//! shape: node, then cursor, then page table):
+//!
+//! 1. [`entry`], [`mode`], [`lock`] (raw locks, the [`Split`] / [`Global`]
+//!    policies, the preempt-count model), [`error`], [`backend`] (what a
+//!    hypervisor or hardware provides);
+//! 2. [`frame`]: the frame store with atomic entries and per-frame
+//!    metadata; the pin journal (private) below [`batch`], the multicall
+//!    batch (a per-CPU context);
+//! 3. [`walk`]: the one descent primitive ([`walk::next`], [`walk::descend`])
+//!    and the full walk in protocol order; the lock protocol (private
+//!    `locking`: guards, the flush target, the deferred unlock);
+//! 4. [`space`]: an address space, its entry writes and lookups;
+//!    [`cursor`]: every write of a space goes through [`CursorMut`]
+//!    (`map`, `unmap`, `protect` are one-page uses of it), and [`Reader`]
+//!    translates in one read section;
+//! 5. [`pin`]: pin and unpin, each run as an operation object that owns the
+//!    batch and the journal for one call, with rollback.
+//!
+//! The protocol the engine implements, and the hypervisor rules it lives
+//! by, are in `docs/PROTOCOL.md` of the repository.
 //!
 //! `no_std` + `alloc`; the default `std` feature brings parking_lot locks
 //! and crossbeam-epoch reclamation.
