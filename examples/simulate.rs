@@ -12,6 +12,10 @@
 mod platform;
 
 use std::io::IsTerminal;
+
+use clap::builder::RangedU64ValueParser;
+use clap::{CommandFactory, Parser, ValueEnum};
+use serde::Serialize;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,102 +28,87 @@ use platform::{Platform, PlatformKind};
 
 const MAX_BATCH: usize = 256;
 
-#[derive(Clone, Debug)]
+/// The command line (the README's flags).
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "simulate",
+    version,
+    about = "Pin and unpin address spaces in rounds while writer threads update entries, and report",
+    after_help = "Exit status: 0 clean, 1 faults, lost updates, leaked frames or invariant \
+                  breaks (or a failed run), 2 usage."
+)]
 struct Args {
+    /// The backend: the Xen backend over the simulated hypervisor, native
+    /// x86-64 (no pinning), or the recording mock.
+    #[arg(long, value_name = "xen|native|mock", default_value = "xen", value_parser = parse_backend)]
     backend: PlatformKind,
-    split: bool,
-    pae: bool,
+    /// Lock policy: split PTE locks or one space lock.
+    #[arg(long, value_enum, default_value_t = Policy::Split)]
+    policy: Policy,
+    /// Paging mode.
+    #[arg(long, value_enum, default_value_t = Mode::X86_64)]
+    mode: Mode,
+    /// Multicall batch size.
+    #[arg(long, default_value_t = 32, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_BATCH as u64))]
     batch: usize,
+    /// Address spaces.
+    #[arg(long, default_value_t = 8, value_parser = RangedU64ValueParser::<usize>::new().range(1..=4096))]
     spaces: usize,
+    /// MiB mapped per space (4 KiB pages; PAE: at most 3072).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=64 * 1024))]
     mapped_mib: u64,
+    /// Writer threads.
+    #[arg(long, default_value_t = 2, value_parser = RangedU64ValueParser::<usize>::new().range(0..=64))]
     writers: usize,
+    /// Pin/unpin rounds.
+    #[arg(long, default_value_t = 16, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     rounds: usize,
+    /// Simulated cost of one trap into the hypervisor, in ns.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     trap_cost_ns: u64,
+    /// Seed of the writers' and the simulator's pseudo-random choices.
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
     json: bool,
 }
 
-impl Default for Args {
-    fn default() -> Self {
-        Args {
-            backend: PlatformKind::default_kind(),
-            split: true,
-            pae: false,
-            batch: 32,
-            spaces: 8,
-            mapped_mib: 256,
-            writers: 2,
-            rounds: 16,
-            trap_cost_ns: 0,
-            seed: 1,
-            json: false,
-        }
-    }
+/// `--policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Policy {
+    Split,
+    Global,
 }
 
-const USAGE: &str = "usage: simulate [--backend xen|native|mock] [--policy split|global] [--mode x86_64|pae] \
-[--batch 1..=256] [--spaces N] [--mapped-mib N] [--writers N] [--rounds N] [--trap-cost-ns N] [--seed N] [--json]";
+/// `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    #[value(name = "x86_64")]
+    X86_64,
+    Pae,
+}
 
-fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut a = Args::default();
-    let mut it = argv.peekable();
-    fn num<T>(flag: &str, v: Option<String>, lo: T, hi: T) -> Result<T, String>
-    where
-        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
-    {
-        let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
-        let n: T = v
-            .parse()
-            .map_err(|_| format!("{flag}: '{v}' is not a number"))?;
-        if n < lo || n > hi {
-            return Err(format!("{flag}: {n} is outside {lo}..={hi}"));
-        }
-        Ok(n)
-    }
-    while let Some(flag) = it.next() {
-        let (flag, inline) = match flag.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (flag, None),
-        };
-        let mut value = || inline.clone().or_else(|| it.next());
-        match flag.as_str() {
-            "--backend" => {
-                let v = value().ok_or("--backend needs a value")?;
-                a.backend = PlatformKind::parse(&v)
-                    .ok_or_else(|| format!("--backend: unknown backend '{v}'"))?;
-            }
-            "--policy" => match value().as_deref() {
-                Some("split") => a.split = true,
-                Some("global") => a.split = false,
-                Some(v) => return Err(format!("--policy: unknown policy '{v}' (split|global)")),
-                None => return Err("--policy needs a value".into()),
-            },
-            "--mode" => match value().as_deref() {
-                Some("x86_64") => a.pae = false,
-                Some("pae") => a.pae = true,
-                Some(v) => return Err(format!("--mode: unknown mode '{v}' (x86_64|pae)")),
-                None => return Err("--mode needs a value".into()),
-            },
-            "--batch" => a.batch = num("--batch", value(), 1, MAX_BATCH)?,
-            "--spaces" => a.spaces = num("--spaces", value(), 1, 4096)?,
-            "--mapped-mib" => a.mapped_mib = num("--mapped-mib", value(), 1, 64 * 1024)?,
-            "--writers" => a.writers = num("--writers", value(), 0, 64)?,
-            "--rounds" => a.rounds = num("--rounds", value(), 1, 1_000_000)?,
-            "--trap-cost-ns" => a.trap_cost_ns = num("--trap-cost-ns", value(), 0, 10_000_000)?,
-            "--seed" => a.seed = num("--seed", value(), 0, u64::MAX)?,
-            "--json" => a.json = true,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown flag '{other}'")),
-        }
-    }
-    if a.pae && a.mapped_mib > 3 * 1024 {
-        return Err("--mapped-mib: PAE user space is 3 GiB".into());
+fn parse_backend(s: &str) -> Result<PlatformKind, String> {
+    PlatformKind::parse(s).ok_or_else(|| "expected xen, native or mock".into())
+}
+
+/// Parse the flags (without the program name); checks across flags
+/// included. A usage error or `--help` is clap's error (exit 2 or 0).
+fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Args, clap::Error> {
+    let a = Args::try_parse_from(std::iter::once("simulate".to_string()).chain(argv))?;
+    if a.mode == Mode::Pae && a.mapped_mib > 3 * 1024 {
+        return Err(Args::command().error(
+            clap::error::ErrorKind::ValueValidation,
+            "--mapped-mib: PAE user space is 3 GiB (at most 3072)",
+        ));
     }
     Ok(a)
 }
 
-/// The report, with exactly the fields of the JSON object.
-#[derive(Debug, Default)]
+/// The report: its fields, in order, are the JSON object's (serde) and the
+/// table's rows.
+#[derive(Debug, Default, Serialize)]
 struct Report {
     backend: &'static str,
     policy: &'static str,
@@ -146,68 +135,38 @@ struct Report {
 
 impl Report {
     fn json(&self) -> String {
-        serde_json::json!({
-            "backend": self.backend,
-            "policy": self.policy,
-            "mode": self.mode,
-            "batch": self.batch,
-            "spaces": self.spaces,
-            "mapped_pages": self.mapped_pages,
-            "table_pages": self.table_pages,
-            "entries": self.entries,
-            "multicalls": self.multicalls,
-            "hypercalls": self.hypercalls,
-            "pins_l1": self.pins_l1,
-            "pins_root": self.pins_root,
-            "unpins": self.unpins,
-            "tlb_flushes": self.tlb_flushes,
-            "max_locks_held": self.max_locks_held,
-            "emulated_stores": self.emulated_stores,
-            "faults": self.faults,
-            "lost_updates": self.lost_updates,
-            "leaked_frames": self.leaked_frames,
-            "invariant_violations": self.invariant_violations,
-            "elapsed_ms": self.elapsed_ms,
-        })
-        .to_string()
+        serde_json::to_string(self).expect("a report serializes")
     }
 
-    fn table(&self) -> String {
-        let rows: [(&str, String); 21] = [
-            ("backend", self.backend.into()),
-            ("policy", self.policy.into()),
-            ("mode", self.mode.into()),
-            ("batch", self.batch.to_string()),
-            ("spaces", self.spaces.to_string()),
-            ("mapped pages", self.mapped_pages.to_string()),
-            ("table pages", self.table_pages.to_string()),
-            ("multicall entries", self.entries.to_string()),
-            ("multicalls", self.multicalls.to_string()),
-            ("hypercalls", self.hypercalls.to_string()),
-            ("L1 pins", self.pins_l1.to_string()),
-            ("root pins", self.pins_root.to_string()),
-            ("unpins", self.unpins.to_string()),
-            ("TLB flushes", self.tlb_flushes.to_string()),
-            ("max locks held", self.max_locks_held.to_string()),
-            ("emulated stores", self.emulated_stores.to_string()),
-            ("faults", self.faults.to_string()),
-            ("lost updates", self.lost_updates.to_string()),
-            ("leaked frames", self.leaked_frames.to_string()),
-            (
-                "invariant violations",
-                self.invariant_violations.to_string(),
-            ),
-            ("elapsed", format!("{} ms", self.elapsed_ms)),
-        ];
-        let mut out = String::from("pagepin simulate\n");
-        for (k, v) in rows {
-            out.push_str(&format!("  {k:<22} {v:>14}\n"));
-        }
-        let ok = self.faults == 0
+    fn ok(&self) -> bool {
+        self.faults == 0
             && self.lost_updates == 0
             && self.leaked_frames == 0
-            && self.invariant_violations == 0;
-        out.push_str(if ok {
+            && self.invariant_violations == 0
+    }
+
+    /// The table: one row per field of the JSON object, in its order
+    /// (serde_json's `preserve_order`), labelled by its name.
+    fn table(&self) -> String {
+        let value = serde_json::to_value(self).expect("a report serializes");
+        let mut out = String::from("pagepin simulate\n");
+        for (k, v) in value.as_object().into_iter().flatten() {
+            // A few names read better spelled out.
+            let label = match k.as_str() {
+                "entries" => "multicall entries".to_string(),
+                "pins_l1" => "L1 pins".to_string(),
+                "pins_root" => "root pins".to_string(),
+                "tlb_flushes" => "TLB flushes".to_string(),
+                "elapsed_ms" => "elapsed (ms)".to_string(),
+                other => other.replace('_', " "),
+            };
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!("  {label:<22} {v:>14}\n"));
+        }
+        out.push_str(if self.ok() {
             "  verdict: OK\n"
         } else {
             "  verdict: PROBLEMS FOUND\n"
@@ -386,6 +345,9 @@ fn writer<M: PagingMode, P: LockPolicy, B: Platform>(
     // Each writer touches a window of pages so its entries stay hot.
     let mine: Vec<u64> = (0..pages).filter(|i| i % writers == w).take(4096).collect();
     let mut last = vec![None::<u64>; mine.len() * spaces.len()];
+    // A seeded xorshift by hand, not `rand`: three shifts per write keep the
+    // writer's loop tight, and `--seed` replays the same run whatever
+    // version of a crate is resolved.
     let mut rng = seed ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut n = 0u64;
     while !done.load(Ordering::Acquire) {
@@ -478,7 +440,7 @@ impl Progress {
 fn dispatch(args: &Args) -> Result<Report, String> {
     macro_rules! go {
         ($b:ty) => {
-            match (args.pae, args.split) {
+            match (args.mode == Mode::Pae, args.policy == Policy::Split) {
                 (false, true) => run::<X86_64, Split, $b>(args),
                 (false, false) => run::<X86_64, Global, $b>(args),
                 (true, true) => run::<Pae, Split, $b>(args),
@@ -490,16 +452,9 @@ fn dispatch(args: &Args) -> Result<Report, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("simulate: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    // Usage errors exit 2 with clap's message and usage line; `--help` and
+    // `--version` print and exit 0.
+    let args = parse_args(std::env::args().skip(1)).unwrap_or_else(|e| e.exit());
     match dispatch(&args) {
         Ok(r) => {
             if args.json {
@@ -507,11 +462,7 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", r.table());
             }
-            let ok = r.faults == 0
-                && r.lost_updates == 0
-                && r.leaked_frames == 0
-                && r.invariant_violations == 0;
-            if ok {
+            if r.ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -528,7 +479,7 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<Args, String> {
+    fn parse(s: &str) -> Result<Args, clap::Error> {
         parse_args(s.split_whitespace().map(String::from))
     }
 
@@ -536,9 +487,28 @@ mod tests {
     fn flags() {
         let a = parse("--batch 7 --policy global --mode pae --spaces 2 --json").unwrap();
         assert_eq!(
-            (a.batch, a.split, a.pae, a.spaces, a.json),
-            (7, false, true, 2, true)
+            (a.batch, a.policy, a.mode, a.spaces, a.json),
+            (7, Policy::Global, Mode::Pae, 2, true)
         );
+        let d = parse("").unwrap();
+        assert_eq!(
+            (d.backend, d.policy, d.mode, d.batch, d.spaces, d.mapped_mib),
+            (PlatformKind::Xen, Policy::Split, Mode::X86_64, 32, 8, 256)
+        );
+        assert_eq!((d.writers, d.rounds, d.trap_cost_ns, d.seed), (2, 16, 0, 1));
+        use clap::error::ErrorKind;
+        // Usage errors are clap's (exit 2); help and version are not errors
+        // of the user (exit 0).
+        for bad in [
+            "--batch 0",
+            "--batch x",
+            "--frobnicate",
+            "--mode pae --mapped-mib 4096",
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad}");
+        }
+        assert_eq!(parse("--help").unwrap_err().kind(), ErrorKind::DisplayHelp);
+        assert_eq!(parse("--version").unwrap_err().exit_code(), 0);
         assert!(parse("--batch 0").is_err());
         assert!(parse("--batch 257").is_err());
         assert!(parse("--frobnicate").is_err());
@@ -546,6 +516,32 @@ mod tests {
         assert!(parse("--backend=mock").is_ok());
         assert!(parse("--backend hyperv").is_err());
         assert!(parse("--mode pae --mapped-mib 4096").is_err());
+        assert!(parse("--mode pae --mapped-mib 3072").is_ok());
+    }
+
+    /// The JSON object has the README's fields, in its order, and the table
+    /// one row per field.
+    #[test]
+    fn report_fields() {
+        let r = Report {
+            backend: "xen",
+            faults: 3,
+            ..Report::default()
+        };
+        let json = r.json();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            names.join(", "),
+            "backend, policy, mode, batch, spaces, mapped_pages, table_pages, entries, \
+             multicalls, hypercalls, pins_l1, pins_root, unpins, tlb_flushes, max_locks_held, \
+             emulated_stores, faults, lost_updates, leaked_frames, invariant_violations, elapsed_ms"
+        );
+        assert!(json.contains(r#""faults":3"#), "{json}");
+        let table = r.table();
+        assert_eq!(table.lines().count(), 1 + 21 + 1, "{table}");
+        assert!(table.contains("  multicall entries"), "{table}");
+        assert!(table.ends_with("verdict: PROBLEMS FOUND\n"), "{table}");
     }
 
     /// A small run on every backend, policy and mode: the invariants hold

@@ -6,6 +6,17 @@
 //! backend's ABI and `xen::XenBackend` are built, for a PV guest kernel
 //! (`--no-default-features --features xen`); the simulator, mock and
 //! native backends need `std`.
+//!
+//! # Cargo features
+//!
+//! - `std` (default): the simulated hypervisor (`xen::XenSim`), parking_lot
+//!   locks, `libc` (madvise for the simulator's type table on Linux).
+//! - `mock` (default, needs `std`): `mock::MockBackend`, which records every
+//!   call and injects failures, and `mock::NullBackend`.
+//! - `xen`: the Xen PV backend (`no_std` + `alloc`); with `std` also the
+//!   simulator.
+//! - `native` (needs `std`): x86-64 without pinning.
+//! - `kvm`: the KVM checker of native tables (Linux; rust-vmm crates).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 

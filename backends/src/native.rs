@@ -13,7 +13,7 @@
 //! [`NativeBackend::counters`] reads the counters, so tests can assert that
 //! an operation did exactly the TLB work it should.
 //!
-//! With the `kvm` feature (Linux only), [`kvm`] checks a space's tables
+//! With the `kvm` feature (Linux only), `native::kvm` checks a space's tables
 //! against the CPU's own page walk inside a KVM virtual machine.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,83 +2,51 @@
 
 use core::fmt;
 
-/// Flag bits of an x86 page-table entry.
-///
-/// A small hand-written flag set (no macro crate) so the engine stays
-/// dependency-light; the bit positions are the architectural ones.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[repr(transparent)]
-pub struct EntryFlags(u64);
+bitflags::bitflags! {
+    /// Flag bits of an x86 page-table entry (a `bitflags` set: `bits()`,
+    /// `contains`, `intersects`, `union`, `difference`, `|`, `&`, `!`).
+    ///
+    /// The bit positions are the architectural ones. Every bit outside the
+    /// address field (bits 12..=51) is a known flag bit, so
+    /// `from_bits_truncate` drops exactly the address bits;
+    /// [`EntryFlags::PAT_LARGE`] (bit 12) is therefore not a member of the
+    /// set: it is meaningful only in a large leaf, where the caller adds it.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+    #[repr(transparent)]
+    pub struct EntryFlags: u64 {
+        /// Bit 0: the entry is present.
+        const PRESENT = 1 << 0;
+        /// Bit 1: writes allowed.
+        const WRITABLE = 1 << 1;
+        /// Bit 2: user-mode accesses allowed.
+        const USER = 1 << 2;
+        /// Bit 3: page-level write-through.
+        const PWT = 1 << 3;
+        /// Bit 4: page-level cache disable.
+        const PCD = 1 << 4;
+        /// Bit 5: accessed (set by the CPU).
+        const ACCESSED = 1 << 5;
+        /// Bit 6: dirty (set by the CPU, leaves only).
+        const DIRTY = 1 << 6;
+        /// Bit 7: page size (2 MiB at L2, 1 GiB at L3); PAT in an L1 entry.
+        const HUGE = 1 << 7;
+        /// Bit 7 of an L1 entry: PAT index bit for 4 KiB pages.
+        const PAT_4K = 1 << 7;
+        /// Bit 8: global translation.
+        const GLOBAL = 1 << 8;
+        /// Bits 9..=11 and 52..=58: ignored by the CPU, free for software.
+        const AVAILABLE = (0b111 << 9) | (0x7f << 52);
+        // Bits 59..=62 (protection key): kept by `from_bits_truncate`.
+        const _ = 0xf << 59;
+        /// Bit 63: no-execute (with EFER.NXE).
+        const NO_EXECUTE = 1 << 63;
+    }
+}
 
 impl EntryFlags {
-    /// Bit 0: the entry is present.
-    pub const PRESENT: Self = Self(1 << 0);
-    /// Bit 1: writes allowed.
-    pub const WRITABLE: Self = Self(1 << 1);
-    /// Bit 2: user-mode accesses allowed.
-    pub const USER: Self = Self(1 << 2);
-    /// Bit 3: page-level write-through.
-    pub const PWT: Self = Self(1 << 3);
-    /// Bit 4: page-level cache disable.
-    pub const PCD: Self = Self(1 << 4);
-    /// Bit 5: accessed (set by the CPU).
-    pub const ACCESSED: Self = Self(1 << 5);
-    /// Bit 6: dirty (set by the CPU, leaves only).
-    pub const DIRTY: Self = Self(1 << 6);
-    /// Bit 7: page size (2 MiB at L2, 1 GiB at L3); PAT in an L1 entry.
-    pub const HUGE: Self = Self(1 << 7);
-    /// Bit 7 of an L1 entry: PAT index bit for 4 KiB pages.
-    pub const PAT_4K: Self = Self(1 << 7);
-    /// Bit 8: global translation.
-    pub const GLOBAL: Self = Self(1 << 8);
-    /// Bit 12 of a large (2 MiB / 1 GiB) entry: PAT index bit.
-    pub const PAT_LARGE: Self = Self(1 << 12);
-    /// Bit 63: no-execute (with EFER.NXE).
-    pub const NO_EXECUTE: Self = Self(1 << 63);
-    /// Bits 9..=11 and 52..=58: ignored by the CPU, free for software.
-    pub const AVAILABLE: Self = Self((0b111 << 9) | (0x7f << 52));
-
-    /// No flags.
-    pub const fn empty() -> Self {
-        Self(0)
-    }
-    /// Flags from raw bits; address bits are dropped.
-    pub const fn from_bits_truncate(bits: u64) -> Self {
-        Self(bits & !PageTableEntry::ADDR_MASK)
-    }
-    /// The raw bits.
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-    /// Whether every bit of `other` is set in `self`.
-    pub const fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
-    }
-    /// Whether any bit of `other` is set in `self`.
-    pub const fn intersects(self, other: Self) -> bool {
-        self.0 & other.0 != 0
-    }
-    /// The union of two flag sets.
-    pub const fn union(self, other: Self) -> Self {
-        Self(self.0 | other.0)
-    }
-    /// `self` without the bits of `other`.
-    pub const fn difference(self, other: Self) -> Self {
-        Self(self.0 & !other.0)
-    }
-}
-
-impl core::ops::BitOr for EntryFlags {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        self.union(rhs)
-    }
-}
-
-impl core::ops::BitOrAssign for EntryFlags {
-    fn bitor_assign(&mut self, rhs: Self) {
-        *self = self.union(rhs);
-    }
+    /// Bit 12 of a large (2 MiB / 1 GiB) entry: PAT index bit. Outside the
+    /// flag set (an address bit elsewhere): `from_bits_truncate` drops it.
+    pub const PAT_LARGE: Self = Self::from_bits_retain(1 << 12);
 }
 
 impl fmt::Debug for EntryFlags {
@@ -198,8 +166,20 @@ mod tests {
         assert_eq!(ro.frame(), 0x1234);
         assert_eq!(PageTableEntry::RESERVED_ADDR_BITS, 0x000f_c000_0000_0000);
         assert_eq!(
-            EntryFlags::from_bits_truncate(u64::MAX).bits() & PageTableEntry::ADDR_MASK,
-            0
+            EntryFlags::from_bits_truncate(u64::MAX).bits(),
+            !PageTableEntry::ADDR_MASK,
+            "truncation drops exactly the address bits"
+        );
+        let f = EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::NO_EXECUTE;
+        assert!(f.contains(EntryFlags::PRESENT | EntryFlags::NO_EXECUTE));
+        assert!(!f.contains(EntryFlags::USER));
+        assert_eq!(f.difference(EntryFlags::WRITABLE).bits(), (1 << 63) | 1);
+        assert_eq!(EntryFlags::HUGE, EntryFlags::PAT_4K);
+        assert_eq!(alloc::format!("{f:?}"), "P|W|NX");
+        assert_eq!(alloc::format!("{:?}", EntryFlags::empty()), "-");
+        assert_eq!(
+            alloc::format!("{:?}", EntryFlags::HUGE | EntryFlags::PAT_LARGE),
+            "PS|PAT12"
         );
     }
 }

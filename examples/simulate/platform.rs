@@ -155,10 +155,6 @@ pub enum PlatformKind {
 }
 
 impl PlatformKind {
-    /// The default backend.
-    pub fn default_kind() -> Self {
-        PlatformKind::Xen
-    }
     /// From its name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {

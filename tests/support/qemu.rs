@@ -9,6 +9,11 @@
 //! client has read the target description: cr0 27, cr3 29, cr4 30, efer
 //! 32). Both sockets are Unix sockets in a private temporary directory, so
 //! concurrent tests never collide on a port.
+//!
+//! [`Machine::boot`] starts a machine that runs: a kernel and initrd given
+//! to QEMU's `-kernel`, its serial console in a file, QMP only (no
+//! gdbstub); [`Machine::wait_serial`], [`Machine::stop`] and
+//! [`Machine::hmp`] drive it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -46,7 +51,9 @@ pub fn qemu_or_skip(what: &str) -> Option<PathBuf> {
 pub struct Machine {
     child: Child,
     qmp: BufReader<UnixStream>,
-    gdb: UnixStream,
+    /// The gdbstub of a machine from [`Machine::start`]; `None` for one
+    /// from [`Machine::boot`].
+    gdb: Option<UnixStream>,
     dir: PathBuf,
 }
 
@@ -56,6 +63,18 @@ impl Drop for Machine {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh directory for one machine's sockets and files.
+fn private_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "pagepin-qemu-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn connect(path: &Path, deadline: Instant) -> UnixStream {
@@ -78,13 +97,7 @@ impl Machine {
     /// Start `qemu` paused with `mem_mib` MiB of RAM, `image` loaded at
     /// guest-physical `load_addr`, and `-cpu max` (5-level capable).
     pub fn start(qemu: &Path, mem_mib: u32, image: &[u8], load_addr: u64) -> Machine {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pagepin-qemu-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = private_dir();
         let img = dir.join("mem.bin");
         std::fs::write(&img, image).unwrap();
         let (qmp_path, gdb_path) = (dir.join("qmp.sock"), dir.join("gdb.sock"));
@@ -116,7 +129,7 @@ impl Machine {
         let mut m = Machine {
             child,
             qmp,
-            gdb,
+            gdb: Some(gdb),
             dir,
         };
         m.qmp_read(); // greeting
@@ -126,6 +139,102 @@ impl Machine {
         m.gdb_packet("qSupported");
         m.gdb_packet("qXfer:features:read:target.xml:0,ffb");
         m
+    }
+
+    /// Boot `kernel` with `initrd` and command line `append` under TCG:
+    /// `mem_mib` MiB of RAM, one vCPU of model `cpu` (e.g. `max,la57=off`),
+    /// the serial console written to a file ([`Machine::serial`]).
+    pub fn boot(
+        qemu: &Path,
+        cpu: &str,
+        mem_mib: u32,
+        kernel: &Path,
+        initrd: &Path,
+        append: &str,
+    ) -> Machine {
+        let dir = private_dir();
+        let qmp_path = dir.join("qmp.sock");
+        let child = Command::new(qemu)
+            .args(["-machine", "q35", "-cpu", cpu, "-accel", "tcg", "-smp", "1"])
+            .args(["-m", &format!("{mem_mib}M"), "-nodefaults", "-no-reboot"])
+            .args(["-display", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", dir.join("serial.log").display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", append])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start qemu");
+        let qmp = BufReader::new(connect(&qmp_path, Instant::now() + Duration::from_secs(20)));
+        let mut m = Machine {
+            child,
+            qmp,
+            gdb: None,
+            dir,
+        };
+        m.qmp_read(); // greeting
+        m.qmp_call(r#"{"execute":"qmp_capabilities"}"#);
+        m
+    }
+
+    /// The machine's private directory (sockets, serial log; removed on
+    /// drop): a place for its dumps too.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long a QMP reply may take (20 s unless set).
+    pub fn set_reply_timeout(&mut self, limit: Duration) {
+        self.qmp.get_ref().set_read_timeout(Some(limit)).unwrap();
+    }
+
+    /// The serial console's output so far.
+    pub fn serial(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("serial.log")).unwrap_or_default())
+            .into_owned()
+    }
+
+    /// Wait until the serial console shows `marker`: `Ok(elapsed)`, or
+    /// `Err(console)` after `limit` or if QEMU exits.
+    pub fn wait_serial(&mut self, marker: &str, limit: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            let out = self.serial();
+            if out.contains(marker) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit || self.child.try_wait().ok().flatten().is_some() {
+                return Err(out);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop the vCPUs (QMP `stop`): the tables no longer change.
+    pub fn stop(&mut self) {
+        self.qmp_call(r#"{"execute":"stop"}"#);
+    }
+
+    /// A register of `info registers` (e.g. `CR3`, `CR4`), as printed:
+    /// `NAME=hex`.
+    pub fn register(&mut self, name: &str) -> u64 {
+        let regs = self.hmp("info registers");
+        let key = format!("{name}=");
+        let at = regs
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {name} in info registers: {regs}"));
+        let hex: String = regs[at + key.len()..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        u64::from_str_radix(&hex, 16).unwrap_or_else(|e| panic!("{name}={hex}: {e}"))
     }
 
     fn qmp_read(&mut self) -> serde_json::Value {
@@ -151,6 +260,13 @@ impl Machine {
         }
     }
 
+    /// A QMP command with arguments: its `return` value (a QMP error
+    /// panics, naming the command).
+    pub fn qmp(&mut self, execute: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let req = serde_json::json!({ "execute": execute, "arguments": arguments });
+        self.qmp_call(&req.to_string())
+    }
+
     /// A human-monitor command's output.
     pub fn hmp(&mut self, cmd: &str) -> String {
         let req = serde_json::json!({
@@ -166,28 +282,31 @@ impl Machine {
     /// One gdb remote-protocol exchange; returns the reply's payload.
     fn gdb_packet(&mut self, payload: &str) -> String {
         let sum: u8 = payload.bytes().fold(0u8, |a, b| a.wrapping_add(b));
-        self.gdb
-            .write_all(format!("${payload}#{sum:02x}").as_bytes())
+        let gdb = self
+            .gdb
+            .as_mut()
+            .expect("a machine from Machine::start has a gdbstub");
+        gdb.write_all(format!("${payload}#{sum:02x}").as_bytes())
             .unwrap();
         // Skip acks up to '$', read to '#', then the two checksum digits.
         let mut byte = [0u8; 1];
         loop {
-            self.gdb.read_exact(&mut byte).expect("gdb read");
+            gdb.read_exact(&mut byte).expect("gdb read");
             if byte[0] == b'$' {
                 break;
             }
         }
         let mut reply = Vec::new();
         loop {
-            self.gdb.read_exact(&mut byte).expect("gdb read");
+            gdb.read_exact(&mut byte).expect("gdb read");
             if byte[0] == b'#' {
                 break;
             }
             reply.push(byte[0]);
         }
         let mut sum = [0u8; 2];
-        self.gdb.read_exact(&mut sum).expect("gdb read");
-        self.gdb.write_all(b"+").unwrap();
+        gdb.read_exact(&mut sum).expect("gdb read");
+        gdb.write_all(b"+").unwrap();
         String::from_utf8_lossy(&reply).into_owned()
     }
 

@@ -37,13 +37,22 @@ pub struct PhysMem {
 
 /// Map `file` read-only; `what` names it in errors.
 pub(crate) fn map_file(file: &File, what: &str) -> Result<Option<Mmap>, DumpError> {
-    let len = file
-        .metadata()
-        .map_err(|source| DumpError::Io {
-            what: format!("stat {what}"),
-            source,
-        })?
-        .len();
+    let meta = file.metadata().map_err(|source| DumpError::Io {
+        what: format!("stat {what}"),
+        source,
+    })?;
+    // A directory or a device cannot be mapped (mmap says ENODEV, which
+    // names neither the problem nor the fix): refuse it as bad input.
+    if !meta.is_file() {
+        return Err(DumpError::NotAFile {
+            kind: if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            },
+        });
+    }
+    let len = meta.len();
     if len == 0 {
         return Ok(None);
     }

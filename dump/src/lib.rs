@@ -1,4 +1,5 @@
-//! Read real x86-64 page tables out of memory dumps.
+//! Read real x86-64 page tables out of memory dumps: the library behind
+//! the `inspect` tool (`cargo install --path dump`, then `inspect --help`).
 //!
 //! Two inputs are understood:
 //!
@@ -13,7 +14,7 @@
 //!
 //! On top of the physical view:
 //!
-//! - [`walk`]: a 4-level walk of a foreign table (4 KiB, 2 MiB and 1 GiB
+//! - [`walk`]: a 4- or 5-level walk of a foreign table (4 KiB, 2 MiB and 1 GiB
 //!   leaves, PAT in bit 12 of large leaves, PTI's paired roots), with
 //!   statistics and single-address translation;
 //! - [`qemu`]: QEMU's `info mem` and `info tlb` output, line for line;
@@ -28,7 +29,16 @@
 //! dump's distinct tables whatever cycles they form ([`walk::Census`]), and
 //! the simulated domain of `pin::sim_check` is sized by the frames the
 //! tables map, not by their numbers.
+//!
+//! # Cargo features
+//!
+//! - `cli` (default): `pagepin_dump::cli`, the `inspect` command line (clap), and the
+//!   `inspect` binary. Without it the crate is the reader alone.
+//! - `xen` (default): `--pin-report`'s verdict comes from the simulated Xen
+//!   hypervisor of `pagepin-backends` (`pin::sim_check`); without it the
+//!   hand-written rule checks decide.
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod elf;
 pub mod phys;
@@ -69,6 +79,11 @@ pub enum DumpError {
     },
     /// The file is empty.
     Empty,
+    /// The path is a directory (or another non-regular file).
+    NotAFile {
+        /// What it is instead.
+        kind: &'static str,
+    },
     /// Not an ELF file (no `\x7fELF` magic).
     NotElf,
     /// An ELF file of a kind this reader does not handle (class, byte order,
@@ -99,9 +114,7 @@ pub enum DumpError {
     NoCr3,
     /// The CPU-state note is malformed or of an unknown version.
     BadCpuState(String),
-    /// CR4.LA57 is set (or 5-level paging was asked for): not handled.
-    FiveLevelPaging,
-    /// The CPU was not in 4-level long mode (paging off or PAE off).
+    /// The CPU was not in long-mode paging (paging off or PAE off).
     NotLongMode {
         /// CR0 from the note.
         cr0: u64,
@@ -175,10 +188,19 @@ pub enum DumpError {
         /// The bound.
         limit: u64,
     },
-    /// A virtual address outside the 48-bit canonical space.
+    /// A virtual address outside the canonical space (48-bit, or 57-bit
+    /// under 5-level paging).
     NonCanonical {
         /// The address.
         va: u64,
+        /// Whether the walk is 5-level (57-bit addresses).
+        la57: bool,
+    },
+    /// A 5-level table given to a Xen PV check: Xen PV guests are 4-level
+    /// only (their root is pinned with `MMUEXT_PIN_L4_TABLE`).
+    XenFourLevelOnly {
+        /// The 5-level root.
+        root: u64,
     },
     /// A command-line style argument was invalid.
     BadArgument(String),
@@ -191,6 +213,11 @@ impl fmt::Display for DumpError {
             DumpError::Empty => write!(
                 f,
                 "the file is empty: expected an ELF core or a raw image from offset 0x0"
+            ),
+            DumpError::NotAFile { kind } => write!(
+                f,
+                "{kind}: expected a regular file (an ELF core, or a raw image with --raw) at \
+                 offset 0x0"
             ),
             DumpError::NotElf => write!(
                 f,
@@ -220,14 +247,9 @@ impl fmt::Display for DumpError {
                  the core has none: give --cr3 ADDR"
             ),
             DumpError::BadCpuState(s) => write!(f, "bad QEMU CPU-state note: {s}"),
-            DumpError::FiveLevelPaging => write!(
-                f,
-                "5-level paging (CR4.LA57, {CR4_LA57:#x}) is not supported: expected 4-level \
-                 x86-64 tables"
-            ),
             DumpError::NotLongMode { cr0, cr4 } => write!(
                 f,
-                "the CPU is not in 4-level long mode (CR0 {cr0:#x}, CR4 {cr4:#x}): expected \
+                "the CPU is not in long-mode paging (CR0 {cr0:#x}, CR4 {cr4:#x}): expected \
                  CR0.PG ({CR0_PG:#x}) and CR4.PAE ({CR4_PAE:#x}) set"
             ),
             DumpError::Cr3OutsideMemory { cr3 } => write!(
@@ -292,13 +314,19 @@ impl fmt::Display for DumpError {
                  walk of every path would visit {visits} tables, over the bound {limit}; expected \
                  tables shared less (--stats counts them exactly)"
             ),
-            DumpError::NonCanonical { va } => {
+            DumpError::NonCanonical { va, la57 } => {
+                let (bits, top) = if *la57 { (57, 56) } else { (48, 47) };
                 write!(
                     f,
-                    "{va:#x} is not a canonical 48-bit virtual address: expected bits 63..=47 \
-                     all equal"
+                    "{va:#x} is not a canonical {bits}-bit virtual address: expected bits \
+                     63..={top} all equal"
                 )
             }
+            DumpError::XenFourLevelOnly { root } => write!(
+                f,
+                "the table at {root:#x} is 5-level (CR4.LA57): Xen PV cannot run it; expected a \
+                 4-level table (Xen PV pins an L4 root)"
+            ),
             DumpError::BadArgument(s) => write!(f, "bad argument: {s}"),
         }
     }
@@ -339,14 +367,9 @@ impl Dump {
     }
 
     /// The CR3 to walk: `explicit` if given, else CPU `cpu`'s from the
-    /// notes, checked for 4-level long mode (LA57 is an error).
+    /// notes, checked for long-mode paging.
     pub fn cr3(&self, explicit: Option<u64>, cpu: usize) -> Result<u64, DumpError> {
         if let Some(c) = explicit {
-            if let Some(state) = self.cpus.get(cpu) {
-                if state.cr4 & CR4_LA57 != 0 {
-                    return Err(DumpError::FiveLevelPaging);
-                }
-            }
             return Ok(c);
         }
         let state = match self.cpus.get(cpu) {
@@ -361,5 +384,11 @@ impl Dump {
         };
         state.check_long_mode()?;
         Ok(state.cr3)
+    }
+
+    /// Whether CPU `cpu`'s note says 5-level paging (CR4.LA57); `false`
+    /// without a note (a raw image: `--la57` says so).
+    pub fn la57(&self, cpu: usize) -> bool {
+        self.cpus.get(cpu).is_some_and(CpuState::la57)
     }
 }

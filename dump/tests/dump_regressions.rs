@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dump_cli::{run_inspect, BinRun};
-use pagepin::dump::pin::{engine_count, sim_check, xen_check, XenOptions};
-use pagepin::dump::{cli, qemu, Dump, DumpError, Walker, MAX_PHYS_END};
+use pagepin_dump::pin::{engine_count, sim_check, xen_check, XenOptions};
+use pagepin_dump::{cli, qemu, Dump, DumpError, Walker, MAX_PHYS_END};
 
 /// Address-space limit for the binary: far below what the bugs allocated
 /// (2 GiB to 32 GiB), well above what a small dump needs.
@@ -223,6 +223,35 @@ fn same_level_sharing_is_bounded_too() {
     ));
 }
 
+/// Linux's espfix area shares on purpose: on a live Debian 6.1 guest 2,048
+/// L2 entries point at one L1 whose 32 entries map one stack page, 65,536
+/// `info tlb` lines QEMU prints path by path. The per-pair bound refused it
+/// (found by tests/inspect_live_qemu.rs); sharing without recursion is now
+/// walked up to `WALK_SHARED_VISIT_LIMIT` tables.
+#[test]
+fn espfix_like_sharing_is_walked_like_qemu() {
+    // Root slot 510 -> L3; L3 entries 0..4 -> four L2s; every L2 entry ->
+    // one L1; every 16th L1 entry -> the page at 0x7000.
+    let mut entries = vec![(510 * 8, 0x1000 | TABLE)];
+    entries.extend((0..4u64).map(|i| (0x1000 + i * 8, (0x2000 + i * 0x1000) | TABLE)));
+    for t in 0..4u64 {
+        entries.extend((0..512).map(|i| (0x2000 + t * 0x1000 + i * 8, 0x6000 | TABLE)));
+    }
+    entries.extend((0..32u64).map(|i| (0x6000 + i * 16 * 8, 0x7000 | TABLE)));
+    let p = raw_image("espfix.raw", 8, &entries);
+    let ps = p.to_str().unwrap();
+    let r = bin(&["--raw", ps, "--cr3", "0", "--tlb"]);
+    assert_eq!(r.code, Some(0), "{:?}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 65_536);
+    assert_eq!(lines[0], "ffffff0000000000: 0000000000007000 ---DA--UW");
+    assert_eq!(lines[1], "ffffff0000010000: 0000000000007000 ---DA--UW");
+    let dump = Dump::open_raw(&p).unwrap();
+    let c = Walker::new(&dump.mem, 0).unwrap().census(0..512).unwrap();
+    assert!(c.recursion.is_none() && c.bounded(), "{c:?}");
+    assert_eq!(c.visits, 1 + 1 + 4 + 2048);
+}
+
 /// Root -> L3 -> L2 -> L1 in a 16 KiB image; the one user leaf maps `leaf`.
 fn far_leaf_image(name: &str, leaf: u64) -> PathBuf {
     raw_image(
@@ -392,10 +421,96 @@ fn refusals_name_file_place_and_expectation() {
     fs::write(&p2, core_bytes(&[(0, 0, 0)], &[])).unwrap();
     let ps2 = p2.to_str().unwrap();
     assert_refusal(&bin(&["--core", ps2]), ps2, &["PT_LOAD", "offset 0x40"]);
+    // Usage errors are clap's: the value, the flag, the expectation, the
+    // usage line; exit 2.
     let r = bin(&["--core", ps, "--batch", "0"]);
     assert_eq!(r.code, Some(2));
     assert!(
-        r.stderr.starts_with("inspect: error: bad argument"),
+        r.stderr
+            .starts_with("error: invalid value '0' for '--batch <N>': expected 1..=256"),
         "{r:?}"
+    );
+    assert!(r.stderr.contains("try '--help'"), "{r:?}");
+}
+
+/// The binary's contract (issue 14): `--help` and `--version` exit 0 on
+/// stdout; a directory, an empty file, a truncated ELF, a core without a
+/// CPU note and a CR3 outside memory are each one line on stderr naming
+/// the file and what was expected, exit 2, never a panic.
+#[test]
+fn the_binary_answers_help_version_and_bad_files() {
+    let r = bin(&["--help"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    for flag in [
+        "--core",
+        "--raw",
+        "--cr3",
+        "--cpu",
+        "--root",
+        "--mem",
+        "--tlb",
+        "--translate",
+        "--pin-report",
+        "--batch",
+        "--io-privileged",
+        "--stats",
+        "--la57",
+        "--version",
+    ] {
+        assert!(r.stdout.contains(flag), "--help lacks {flag}: {}", r.stdout);
+    }
+    let r = bin(&["--version"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout.trim(),
+        format!("inspect {}", env!("CARGO_PKG_VERSION"))
+    );
+    // Usage errors: exit 2, nothing on stdout.
+    for args in [
+        &[][..],
+        &["--bogus"],
+        &["--raw", "x"],
+        &["--core", "a", "--raw", "b"],
+    ] {
+        let r = bin(args);
+        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
+        assert!(
+            r.stdout.is_empty() && r.stderr.starts_with("error: "),
+            "{args:?}: {r:?}"
+        );
+    }
+
+    let dir = tmp("a-directory");
+    fs::create_dir_all(&dir).unwrap();
+    let ds = dir.to_str().unwrap();
+    let r = bin(&["--core", ds]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(
+        r.stderr.contains(ds) && r.stderr.contains("expected"),
+        "{r:?}"
+    );
+
+    let empty = tmp("empty.core");
+    fs::write(&empty, b"").unwrap();
+    let es = empty.to_str().unwrap();
+    assert_refusal(&bin(&["--core", es]), es, &["empty", "offset 0x0"]);
+    assert_refusal(&bin(&["--raw", es, "--cr3", "0x1000"]), es, &["empty"]);
+
+    let mut elf = core_bytes(&[(0, 0x1000, 0x1000)], &[0; 0x1000]);
+    elf.truncate(0x30);
+    let trunc = tmp("truncated.core");
+    fs::write(&trunc, &elf).unwrap();
+    let ts = trunc.to_str().unwrap();
+    assert_refusal(&bin(&["--core", ts]), ts, &["truncated", "0x"]);
+
+    let nonote = tmp("nonote.core");
+    fs::write(&nonote, core_bytes(&[(0, 0x1000, 0x1000)], &[0; 0x1000])).unwrap();
+    let ns = nonote.to_str().unwrap();
+    assert_refusal(&bin(&["--core", ns]), ns, &["no CR3", "QEMU"]);
+    assert_refusal(
+        &bin(&["--core", ns, "--cr3", "0x7000000"]),
+        ns,
+        &["CR3 0x7000000", "outside the dump's memory"],
     );
 }

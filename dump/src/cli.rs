@@ -3,7 +3,7 @@
 //! ```text
 //! inspect (--core FILE | --raw FILE --cr3 ADDR) [--cr3 ADDR] [--cpu N]
 //!         [--root cr3|kernel|user] [--mem] [--tlb] [--translate VA]...
-//!         [--pin-report] [--batch N] [--io-privileged] [--stats]
+//!         [--pin-report] [--batch N] [--io-privileged] [--stats] [--la57]
 //! ```
 //!
 //! `--mem` and `--tlb` print exactly what QEMU's `info mem` / `info tlb`
@@ -12,46 +12,87 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use clap::error::ErrorKind;
+use clap::{ArgGroup, Parser, ValueEnum};
+
 use pagepin_engine::{EntryFlags, Level, PageSize};
 
 use super::pin::{self, PinCount, XenOptions};
 use super::walk::{Translation, WalkStats, Walker};
 use super::{qemu, Dump, DumpError, PTI_USER_BIT};
 
-/// Usage text.
-pub const USAGE: &str = "\
-usage: inspect (--core FILE | --raw FILE --cr3 ADDR) [options]
-  --core FILE       a QEMU dump-guest-memory ELF core (CR3 from its QEMU CPU note)
-  --raw FILE        a raw physical image (pmemsave): needs --cr3
-  --cr3 ADDR        the root table (overrides the core's note)
-  --cpu N           which CPU's note gives CR3 (default 0)
-  --root WHICH      cr3 (default: CR3 as is, as QEMU does), kernel (CR3 & ~0x1000)
-                    or user (CR3 | 0x1000: PTI's user root)
-  --mem             QEMU `info mem` lines
-  --tlb             QEMU `info tlb` lines
-  --translate VA    every level's entry for VA (repeatable)
-  --pin-report      would Xen pin this as a PV guest's table; what pinning costs
-  --batch N         multicall batch size for --pin-report (1..=256, default 32)
-  --io-privileged   check --pin-report for a domain with I/O resources
-  --stats           tables per level, leaves per size, flag counts (the default)
-  --la57            the dump uses 5-level paging (refused: only 4-level is read)
-exit status: 0 ok, 1 I/O error, 2 bad input or usage";
+/// What `--root` walks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Root {
+    /// CR3 as it is (what QEMU walks).
+    #[default]
+    Cr3,
+    /// CR3 & !0x1000: PTI's kernel root.
+    Kernel,
+    /// CR3 | 0x1000: PTI's user root.
+    User,
+}
 
-#[derive(Debug, Default)]
-struct Args {
-    core: Option<PathBuf>,
-    raw: Option<PathBuf>,
-    cr3: Option<u64>,
-    cpu: usize,
-    root: Option<String>,
-    mem: bool,
-    tlb: bool,
-    translate: Vec<u64>,
-    pin_report: bool,
-    batch: usize,
-    io_privileged: bool,
-    stats: bool,
-    help: bool,
+/// The command line of `inspect`.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "inspect",
+    version,
+    about = "Read x86-64 page tables out of a QEMU ELF core or a raw memory image",
+    after_help = "With no action flag the statistics are printed (--stats).\n\
+                  Numbers are decimal or 0x hex; `_` separators are allowed.\n\
+                  Exit status: 0 ok, 1 I/O error, 2 bad input or usage."
+)]
+#[command(group(ArgGroup::new("input").required(true).args(["core", "raw"])))]
+pub struct Args {
+    /// A QEMU dump-guest-memory ELF core (CR3 from its QEMU CPU note).
+    #[arg(long, value_name = "FILE")]
+    pub core: Option<PathBuf>,
+    /// A raw physical image (pmemsave: byte n is guest-physical n); needs --cr3.
+    #[arg(long, value_name = "FILE", requires = "cr3")]
+    pub raw: Option<PathBuf>,
+    /// The root table (overrides the core's note).
+    #[arg(long, value_name = "ADDR", value_parser = parse_number)]
+    pub cr3: Option<u64>,
+    /// Which CPU's note gives CR3.
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_cpu)]
+    pub cpu: usize,
+    /// Which root to walk: CR3 as is (as QEMU does), PTI's kernel root
+    /// (CR3 & !0x1000) or its user root (CR3 | 0x1000).
+    #[arg(long, value_name = "WHICH", value_enum, default_value_t = Root::Cr3)]
+    pub root: Root,
+    /// Print QEMU `info mem` lines.
+    #[arg(long)]
+    pub mem: bool,
+    /// Print QEMU `info tlb` lines.
+    #[arg(long)]
+    pub tlb: bool,
+    /// Print every level's entry for VA (repeatable).
+    #[arg(long, value_name = "VA", value_parser = parse_number)]
+    pub translate: Vec<u64>,
+    /// Would Xen pin this as a PV guest's table; what pinning costs.
+    #[arg(long)]
+    pub pin_report: bool,
+    /// Multicall batch size for --pin-report (1..=256).
+    #[arg(long, value_name = "N", default_value = "32", value_parser = parse_batch)]
+    pub batch: usize,
+    /// Check --pin-report for a domain with I/O resources.
+    #[arg(long)]
+    pub io_privileged: bool,
+    /// Tables per level, leaves per size, flag counts (the default action).
+    #[arg(long)]
+    pub stats: bool,
+    /// The tables are 5-level (CR4.LA57): for a raw image, or a core whose
+    /// note says otherwise. A core's note sets it by itself.
+    #[arg(long)]
+    pub la57: bool,
+}
+
+impl Args {
+    /// Whether to print the statistics: asked for, or no other action.
+    pub fn wants_stats(&self) -> bool {
+        self.stats || !(self.mem || self.tlb || self.pin_report || !self.translate.is_empty())
+    }
 }
 
 /// Parse a number: `0x` hex, or decimal; `_` separators allowed.
@@ -64,94 +105,59 @@ pub fn parse_u64(s: &str) -> Result<u64, DumpError> {
     r.map_err(|_| DumpError::BadArgument(format!("not a number: {s:?}")))
 }
 
-fn parse_args(args: &[String]) -> Result<Args, DumpError> {
-    let mut a = Args {
-        batch: 32,
-        ..Args::default()
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| DumpError::BadArgument(format!("{name} needs a value")))
-        };
-        match arg.as_str() {
-            "--core" => a.core = Some(value("--core")?.into()),
-            "--raw" => a.raw = Some(value("--raw")?.into()),
-            "--cr3" => a.cr3 = Some(parse_u64(&value("--cr3")?)?),
-            "--cpu" => a.cpu = parse_u64(&value("--cpu")?)? as usize,
-            "--root" => a.root = Some(value("--root")?),
-            "--mem" => a.mem = true,
-            "--tlb" => a.tlb = true,
-            "--translate" => a.translate.push(parse_u64(&value("--translate")?)?),
-            "--pin-report" => a.pin_report = true,
-            "--batch" => {
-                let n = parse_u64(&value("--batch")?)?;
-                if !(1..=pin::MAX_BATCH as u64).contains(&n) {
-                    return Err(DumpError::BadArgument(format!(
-                        "--batch {n}: must be 1..={}",
-                        pin::MAX_BATCH
-                    )));
-                }
-                a.batch = n as usize;
-            }
-            "--io-privileged" => a.io_privileged = true,
-            "--stats" => a.stats = true,
-            "--la57" => return Err(DumpError::FiveLevelPaging),
-            "-h" | "--help" => a.help = true,
-            other => {
-                return Err(DumpError::BadArgument(format!(
-                    "unknown argument {other:?} (see --help)"
-                )))
-            }
+fn parse_number(s: &str) -> Result<u64, String> {
+    parse_u64(s).map_err(|_| "expected a decimal or 0x hex number".into())
+}
+
+fn parse_cpu(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_number(s)?).map_err(|_| "too large".into())
+}
+
+fn parse_batch(s: &str) -> Result<usize, String> {
+    match parse_number(s)? {
+        n @ 1..=256 if n as usize <= pin::MAX_BATCH => Ok(n as usize),
+        _ => Err(format!("expected 1..={}", pin::MAX_BATCH)),
+    }
+}
+
+/// Parse `args` (without the program name) as the binary does. `--help`
+/// and `--version` come back as `Ok(Err(text))`; a usage error is
+/// [`DumpError::BadArgument`] with clap's message.
+pub fn parse_args(args: &[String]) -> Result<Result<Args, String>, DumpError> {
+    match Args::try_parse_from(std::iter::once("inspect").chain(args.iter().map(String::as_str))) {
+        Ok(a) => Ok(Ok(a)),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            Ok(Err(e.render().to_string()))
         }
-    }
-    if a.help {
-        return Ok(a);
-    }
-    match (&a.core, &a.raw) {
-        (Some(_), Some(_)) => {
-            return Err(DumpError::BadArgument(
-                "give either --core or --raw, not both".into(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            Err(DumpError::BadArgument(
+                first.strip_prefix("error: ").unwrap_or(first).to_string(),
             ))
         }
-        (None, None) => {
-            return Err(DumpError::BadArgument(
-                "give --core FILE or --raw FILE --cr3 ADDR".into(),
-            ))
-        }
-        (None, Some(_)) if a.cr3.is_none() => {
-            return Err(DumpError::BadArgument("--raw needs --cr3 ADDR".into()))
-        }
-        _ => {}
     }
-    if !(a.mem || a.tlb || a.pin_report || !a.translate.is_empty()) {
-        a.stats = true;
-    }
-    Ok(a)
 }
 
 /// The exit status for an error: 1 for I/O, 2 for bad input or usage.
-pub fn exit_code(e: &DumpError) -> i32 {
+pub fn exit_code(e: &DumpError) -> u8 {
     match e {
         DumpError::Io { .. } => 1,
         _ => 2,
     }
 }
 
-/// The message for an error of [`run`] with `args`: an error about the
-/// dump's contents is prefixed with the file's path (the error itself names
-/// the offset or address), so a refusal names all three: file, where, and
-/// what was expected. Usage, argument and I/O errors are left as they are
-/// (an I/O error names its file already).
-pub fn error_message(args: &[String], e: &DumpError) -> String {
-    let file = match (e, parse_args(args)) {
+/// The message for an error of [`run_args`] with `args`: an error about
+/// the dump's contents is prefixed with the file's path (the error itself
+/// names the offset or address), so a refusal names all three: file, where,
+/// and what was expected. Argument and I/O errors are left as they are (an
+/// I/O error names its file already).
+pub fn error_message(args: &Args, e: &DumpError) -> String {
+    let file = match e {
         // Not about the file's contents: I/O (names its file), a bad
         // argument or address given on the command line.
-        (DumpError::Io { .. } | DumpError::BadArgument(_) | DumpError::NonCanonical { .. }, _)
-        | (_, Err(_)) => None,
-        (_, Ok(a)) => a.core.or(a.raw),
+        DumpError::Io { .. } | DumpError::BadArgument(_) | DumpError::NonCanonical { .. } => None,
+        _ => args.core.as_ref().or(args.raw.as_ref()),
     };
     match file {
         Some(f) => format!("{}: {e}", f.display()),
@@ -187,9 +193,15 @@ fn bytes(n: u128) -> String {
 
 /// Print the statistics block.
 pub fn write_stats(out: &mut dyn Write, s: &WalkStats) -> std::io::Result<()> {
+    // L5 only when there is one (5-level paging).
+    let l5 = if s.tables[5] > 0 {
+        format!("L5 {}, ", s.tables[5])
+    } else {
+        String::new()
+    };
     writeln!(
         out,
-        "tables: L4 {}, L3 {}, L2 {}, L1 {} (shared {}, at two levels {})",
+        "tables: {l5}L4 {}, L3 {}, L2 {}, L1 {} (shared {}, at two levels {})",
         s.tables[4], s.tables[3], s.tables[2], s.tables[1], s.shared_tables, s.multi_level_tables
     )?;
     writeln!(
@@ -222,7 +234,9 @@ pub fn write_translation(out: &mut dyn Write, t: &Translation) -> std::io::Resul
         let present = e & 1 != 0;
         let what = if !present {
             "not present".to_string()
-        } else if s.level == Level::L1 || (s.level != Level::L4 && e & (1 << 7) != 0) {
+        } else if s.level == Level::L1
+            || (matches!(s.level, Level::L2 | Level::L3) && e & (1 << 7) != 0)
+        {
             let size = match s.level {
                 Level::L1 => PageSize::Size4K,
                 Level::L2 => PageSize::Size2M,
@@ -303,32 +317,32 @@ fn write_count(
 }
 
 /// Run the inspector with `args` (without the program name), writing to
-/// `out`.
+/// `out`: [`parse_args`], then [`run_args`] (`--help` and `--version` write
+/// their text to `out`).
 pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
-    let a = parse_args(args)?;
-    if a.help {
-        writeln!(out, "{USAGE}").map_err(io)?;
-        return Ok(());
+    match parse_args(args)? {
+        Ok(a) => run_args(&a, out),
+        Err(text) => out.write_all(text.as_bytes()).map_err(io),
     }
+}
+
+/// Run the inspector with parsed arguments, writing to `out`.
+pub fn run_args(a: &Args, out: &mut dyn Write) -> Result<(), DumpError> {
     let dump = match (&a.core, &a.raw) {
         (Some(p), _) => Dump::open_core(p)?,
         (_, Some(p)) => Dump::open_raw(p)?,
         _ => unreachable_args(),
     };
     let cr3 = dump.cr3(a.cr3, a.cpu)?;
-    let cr3 = match a.root.as_deref() {
-        None | Some("cr3") => cr3,
-        Some("kernel") => cr3 & !PTI_USER_BIT,
-        Some("user") => cr3 | PTI_USER_BIT,
-        Some(other) => {
-            return Err(DumpError::BadArgument(format!(
-                "--root {other:?}: expected cr3, kernel or user"
-            )))
-        }
+    let cr3 = match a.root {
+        Root::Cr3 => cr3,
+        Root::Kernel => cr3 & !PTI_USER_BIT,
+        Root::User => cr3 | PTI_USER_BIT,
     };
-    let w = Walker::new(&dump.mem, cr3)?;
+    let la57 = a.la57 || dump.la57(a.cpu);
+    let w = Walker::with_levels(&dump.mem, cr3, la57)?;
     let user_root = w.pti_user_root();
-    if a.stats {
+    if a.wants_stats() {
         let s = w.stats(0..512)?;
         let mut o = String::new();
         o += &format!(
@@ -337,7 +351,12 @@ pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
             bytes(dump.mem.total() as u128),
             dump.cpus.len()
         );
-        o += &format!("root: {:#x} (CR3 {:#x})", w.root(), cr3);
+        o += &format!(
+            "root: {:#x} (CR3 {:#x}, {}-level paging)",
+            w.root(),
+            cr3,
+            w.top().number()
+        );
         if let Some(u) = user_root {
             o += &format!("; PTI user root at {u:#x}");
         }
@@ -345,13 +364,16 @@ pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
         writeln!(out).map_err(io)?;
         write_stats(out, &s).map_err(io)?;
         let user = w.stats(0..256)?;
+        // Below the root: L4 .. L1 under 5-level paging, L3 .. L1 under 4.
+        let levels: Vec<String> = (1..w.top().number())
+            .rev()
+            .map(|l| format!("L{l} {}", user.tables[usize::from(l)]))
+            .collect();
         writeln!(
             out,
-            "user half: {} leaves, tables L3 {}, L2 {}, L1 {}",
+            "user half: {} leaves, tables {}",
             user.leaves(),
-            user.tables[3],
-            user.tables[2],
-            user.tables[1]
+            levels.join(", ")
         )
         .map_err(io)?;
     }
@@ -365,7 +387,9 @@ pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
         let t = w.translate(va)?;
         write_translation(out, &t).map_err(io)?;
     }
-    if a.pin_report {
+    if a.pin_report && w.la57() {
+        write_pin_report_la57(out, &w, user_root.is_some(), a.batch)?;
+    } else if a.pin_report {
         // The simulator and the engine follow every path of the user half:
         // refuse an exploding one before printing a partial report.
         w.census(0..256)?.check()?;
@@ -488,6 +512,45 @@ pub fn run(args: &[String], out: &mut dyn Write) -> Result<(), DumpError> {
     Ok(())
 }
 
+/// `--pin-report` for 5-level tables: Xen PV cannot run them at all (a PV
+/// guest's root is an L4: `MMUEXT_PIN_L4_TABLE`, and the engine's Xen
+/// backend refuses a 5-level space at compile time), so there is no rule
+/// check; the engine's own cost of pinning them on a hypervisor that could
+/// is still counted.
+fn write_pin_report_la57(
+    out: &mut dyn Write,
+    w: &Walker<'_>,
+    user_root: bool,
+    batch: usize,
+) -> Result<(), DumpError> {
+    w.census(0..256)?.check()?;
+    writeln!(
+        out,
+        "pin report: user half of root {:#x}, 5-level paging (CR4.LA57)",
+        w.root()
+    )
+    .map_err(io)?;
+    writeln!(
+        out,
+        "  xen: CANNOT RUN: Xen PV guests are 4-level only (the root is pinned with \
+         MMUEXT_PIN_L4_TABLE; there is no L5 pin), so Xen cannot pin or run a 5-level table"
+    )
+    .map_err(io)?;
+    let (split, global) = pin::engine_count(w, false, batch)?;
+    writeln!(
+        out,
+        "  pinning at batch {batch} on a 5-level capable hypervisor (the engine's La57 mode{}):",
+        if user_root {
+            "; the PTI user root is not counted: a separate user root is 64-bit PV's"
+        } else {
+            ""
+        }
+    )
+    .map_err(io)?;
+    write_count(out, &split).map_err(io)?;
+    write_count(out, &global).map_err(io)
+}
+
 fn errno_name(e: i32) -> &'static str {
     match e {
         0 => "engine",
@@ -501,6 +564,6 @@ fn errno_name(e: i32) -> &'static str {
 
 #[cold]
 fn unreachable_args() -> ! {
-    // parse_args guarantees exactly one of --core / --raw.
+    // The `input` argument group guarantees exactly one of --core / --raw.
     panic!("argument check let neither --core nor --raw through")
 }

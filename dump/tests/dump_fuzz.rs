@@ -44,11 +44,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagepin::backends::mock::NullBackend;
-use pagepin::dump::cli::exit_code;
-use pagepin::dump::pin::{engine_count, sim_check, xen_check, XenOptions};
-use pagepin::dump::{qemu, CpuState, Dump, DumpError, ElfCoreWriter, Walker};
-use pagepin::{
+use pagepin_backends::mock::NullBackend;
+use pagepin_dump::cli::exit_code;
+use pagepin_dump::pin::{engine_count, sim_check, xen_check, XenOptions};
+use pagepin_dump::{qemu, CpuState, Dump, DumpError, ElfCoreWriter, Walker};
+use pagepin_engine::{
     AddressSpace, DefaultRawLock, EntryFlags, FrameStore, PageSize, Pfn, SpaceOptions, Split,
     X86_64,
 };
@@ -68,7 +68,9 @@ const BIN_VMEM_KIB: u64 = 1_000_000;
 /// Peak RSS any binary run may reach.
 const BIN_MAX_RSS_KIB: u64 = 256 * 1024;
 
-/// splitmix64, as the simulator's p2m shuffle uses.
+/// splitmix64, as the simulator's p2m shuffle uses. By hand, not `rand`:
+/// a failing case is replayed from its seed, so the sequence must never
+/// change with a dependency's version (rand's do between releases).
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {

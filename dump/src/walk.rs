@@ -1,4 +1,4 @@
-//! A 4-level x86-64 walk of a foreign page table read from a dump.
+//! A 4- or 5-level x86-64 walk of a foreign page table read from a dump.
 //!
 //! Entries are read straight from the [`PhysMem`] view and interpreted with
 //! the engine's [`PageTableEntry`] / [`EntryFlags`] / [`Level`] types. The
@@ -9,7 +9,7 @@
 //!
 //! A dump is untrusted: its tables may form cycles (an entry pointing back
 //! at its own table or an ancestor) or share tables, so the paths through
-//! four levels can number 512^4 even for one table page. [`Walker::census`]
+//! four (five) levels can number 512^4 (512^5) even for one table page. [`Walker::census`]
 //! summarises every distinct (table, level) once, so statistics cost what
 //! the distinct tables cost; a walk that follows every path
 //! ([`Walker::walk`], QEMU's `info mem` / `info tlb`) first checks, with the
@@ -33,6 +33,11 @@ pub const TABLE_ADDR_MASK: u64 = CR3_ADDR_MASK;
 /// Sign-extend a 48-bit linear address.
 pub fn canonical(va: u64) -> u64 {
     ((va << 16) as i64 >> 16) as u64
+}
+
+/// Sign-extend a 57-bit linear address (5-level paging, CR4.LA57).
+pub fn canonical57(va: u64) -> u64 {
+    ((va << 7) as i64 >> 7) as u64
 }
 
 /// One leaf mapping.
@@ -82,8 +87,9 @@ impl Leaf {
 /// What a walk found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WalkStats {
-    /// Distinct table pages per level (index 1..=4; index 0 unused).
-    pub tables: [usize; 5],
+    /// Distinct table pages per level (index 1..=5; index 0 unused; index
+    /// 5 only under 5-level paging).
+    pub tables: [usize; 6],
     /// Table pages reached through more than one entry.
     pub shared_tables: usize,
     /// Table pages reached at two different levels (a recursive or
@@ -162,6 +168,13 @@ pub const WALK_VISIT_FLOOR: u64 = 64;
 /// reaches. A tree (or a table with one self-map slot) visits each pair
 /// once; the slack admits a little same-level sharing.
 pub const WALK_VISITS_PER_PAIR: u64 = 4;
+/// Table visits a walk may make, whatever its distinct pairs, when no table
+/// is reached at two levels (sharing at one level, no cycle). Real kernels
+/// share on purpose: Linux's espfix area points thousands of L2 entries at
+/// one L1 (2,048 paths on a 1-vCPU Debian 6.1 guest, up to 8,192 with many
+/// CPUs), which QEMU walks and prints path by path. The cap keeps the
+/// output below 2^24 lines (32,768 tables x 512 entries).
+pub const WALK_SHARED_VISIT_LIMIT: u64 = 32_768;
 
 /// What a walk of some root slots finds, computed once per distinct
 /// (table, level, inherited rights) instead of once per path, so its cost
@@ -210,11 +223,18 @@ pub struct Recursion {
 
 impl Census {
     /// The most table visits a path-by-path walk may make:
-    /// [`WALK_VISIT_FLOOR`] + [`WALK_VISITS_PER_PAIR`] x distinct pairs.
-    /// It grows with the dump's distinct tables, never with how often a
-    /// cycle or a shared table repeats them.
+    /// [`WALK_VISIT_FLOOR`] + [`WALK_VISITS_PER_PAIR`] x distinct pairs,
+    /// or at least [`WALK_SHARED_VISIT_LIMIT`] when no table is reached at
+    /// two levels. It grows with the dump's distinct tables, never with how
+    /// often a cycle or a shared table repeats them.
     pub fn limit(&self) -> u64 {
-        WALK_VISIT_FLOOR.saturating_add(WALK_VISITS_PER_PAIR.saturating_mul(self.pairs))
+        let per_pair =
+            WALK_VISIT_FLOOR.saturating_add(WALK_VISITS_PER_PAIR.saturating_mul(self.pairs));
+        if self.recursion.is_none() {
+            per_pair.max(WALK_SHARED_VISIT_LIMIT)
+        } else {
+            per_pair
+        }
     }
 
     /// Whether a path-by-path walk stays within [`Self::limit`].
@@ -329,17 +349,46 @@ pub struct Translation {
 pub struct Walker<'a> {
     mem: &'a PhysMem,
     root: u64,
+    /// The root's level: L4, or L5 under CR4.LA57.
+    top: Level,
 }
 
 impl<'a> Walker<'a> {
     /// A walker for `cr3` (PCID and flag bits are ignored). The root table
     /// must be wholly in memory.
     pub fn new(mem: &'a PhysMem, cr3: u64) -> Result<Walker<'a>, DumpError> {
+        Self::with_levels(mem, cr3, false)
+    }
+
+    /// A walker for `cr3` with 4-level paging, or 5-level (`la57`: CR4.LA57,
+    /// an L5 root, 57-bit addresses).
+    pub fn with_levels(mem: &'a PhysMem, cr3: u64, la57: bool) -> Result<Walker<'a>, DumpError> {
         let root = cr3 & CR3_ADDR_MASK;
         if !mem.contains_page(root) {
             return Err(DumpError::Cr3OutsideMemory { cr3 });
         }
-        Ok(Walker { mem, root })
+        let top = if la57 { Level::L5 } else { Level::L4 };
+        Ok(Walker { mem, root, top })
+    }
+
+    /// The root's level: [`Level::L4`], or [`Level::L5`] under LA57.
+    pub fn top(&self) -> Level {
+        self.top
+    }
+
+    /// Whether the walk is 5-level.
+    pub fn la57(&self) -> bool {
+        self.top == Level::L5
+    }
+
+    /// Sign-extend `va` from the top of this walk's address space (bit 47,
+    /// or bit 56 under LA57).
+    pub fn canonical(&self, va: u64) -> u64 {
+        if self.la57() {
+            canonical57(va)
+        } else {
+            canonical(va)
+        }
     }
 
     /// The root table's guest-physical address.
@@ -381,7 +430,7 @@ impl<'a> Walker<'a> {
                 index,
                 entry_pa: table + index as u64 * 8,
                 entry,
-                va: canonical(va),
+                va: self.canonical(va),
             });
         }
         Ok(child)
@@ -428,7 +477,7 @@ impl<'a> Walker<'a> {
         let and = path_and & entry;
         let or = path_or | entry;
         Leaf {
-            va: canonical(va),
+            va: self.canonical(va),
             size,
             entry,
             entry_pa,
@@ -465,65 +514,61 @@ impl<'a> Walker<'a> {
         on_table: &mut dyn FnMut(Level, u64, u64),
         on_leaf: &mut dyn FnMut(&Leaf),
     ) -> Result<(), DumpError> {
-        on_table(Level::L4, self.root, 0);
-        let all = u64::MAX;
-        for i4 in slots.start.min(512)..slots.end.min(512) {
-            let e4 = self.entry(self.root, i4);
-            if e4 & 1 == 0 {
+        on_table(self.top, self.root, 0);
+        let slots = slots.start.min(512)..slots.end.min(512);
+        self.walk_table(
+            self.top,
+            self.root,
+            0,
+            slots,
+            u64::MAX,
+            0,
+            on_table,
+            on_leaf,
+        )
+    }
+
+    /// Walk entries `slots` of the `level` table at `table`, which covers
+    /// VAs from `base` (uncanonical); `and` / `or` are the entries above
+    /// ANDed / ORed (the effective U/RW and NX of a leaf).
+    #[allow(clippy::too_many_arguments)]
+    fn walk_table(
+        &self,
+        level: Level,
+        table: u64,
+        base: u64,
+        slots: Range<usize>,
+        and: u64,
+        or: u64,
+        on_table: &mut dyn FnMut(Level, u64, u64),
+        on_leaf: &mut dyn FnMut(&Leaf),
+    ) -> Result<(), DumpError> {
+        for i in slots {
+            let e = self.entry(table, i);
+            if e & 1 == 0 {
                 continue;
             }
-            let va4 = (i4 as u64) << 39;
-            self.is_leaf(Level::L4, self.root, i4, e4)?;
-            let t3 = self.child(Level::L4, self.root, i4, e4, va4)?;
-            on_table(Level::L3, t3, canonical(va4));
-            for i3 in 0..512 {
-                let e3 = self.entry(t3, i3);
-                if e3 & 1 == 0 {
-                    continue;
-                }
-                let va3 = va4 | (i3 as u64) << 30;
-                if self.is_leaf(Level::L3, t3, i3, e3)? {
-                    on_leaf(&self.make_leaf(Level::L3, va3, e3, t3 + i3 as u64 * 8, e4, e4));
-                    continue;
-                }
-                let t2 = self.child(Level::L3, t3, i3, e3, va3)?;
-                on_table(Level::L2, t2, canonical(va3));
-                for i2 in 0..512 {
-                    let e2 = self.entry(t2, i2);
-                    if e2 & 1 == 0 {
-                        continue;
-                    }
-                    let va2 = va3 | (i2 as u64) << 21;
-                    if self.is_leaf(Level::L2, t2, i2, e2)? {
-                        on_leaf(&self.make_leaf(
-                            Level::L2,
-                            va2,
-                            e2,
-                            t2 + i2 as u64 * 8,
-                            e4 & e3,
-                            e4 | e3,
-                        ));
-                        continue;
-                    }
-                    let t1 = self.child(Level::L2, t2, i2, e2, va2)?;
-                    on_table(Level::L1, t1, canonical(va2));
-                    for i1 in 0..512 {
-                        let e1 = self.entry(t1, i1);
-                        if e1 & 1 == 0 {
-                            continue;
-                        }
-                        let va1 = va2 | (i1 as u64) << 12;
-                        on_leaf(&self.make_leaf(
-                            Level::L1,
-                            va1,
-                            e1,
-                            t1 + i1 as u64 * 8,
-                            e4 & e3 & e2 & all,
-                            e4 | e3 | e2,
-                        ));
-                    }
-                }
+            let va = base | (i as u64) << level.shift();
+            let entry_pa = table + i as u64 * 8;
+            if self.is_leaf(level, table, i, e)? {
+                on_leaf(&self.make_leaf(level, va, e, entry_pa, and, or));
+                continue;
             }
+            let Some(child_level) = level.child() else {
+                continue;
+            };
+            let child = self.child(level, table, i, e, va)?;
+            on_table(child_level, child, self.canonical(va));
+            self.walk_table(
+                child_level,
+                child,
+                va,
+                0..512,
+                and & e,
+                or | e,
+                on_table,
+                on_leaf,
+            )?;
         }
         Ok(())
     }
@@ -565,7 +610,8 @@ impl<'a> Walker<'a> {
         // and address of the entry's table, index, entry). CR3 reaches the
         // root first.
         let mut first_ref: HashMap<(u64, u8), Ref> = HashMap::new();
-        first_ref.insert((self.root, 4), ((0, Reverse(5)), 5, 0, 0, 0));
+        let top = self.top.number();
+        first_ref.insert((self.root, top), ((0, Reverse(top + 1)), top + 1, 0, 0, 0));
         let mut error: Option<(Order, DumpError)> = None;
         let mut keep_first = |order: Order, e: DumpError| {
             if error.as_ref().is_none_or(|(o, _)| order < *o) {
@@ -579,9 +625,9 @@ impl<'a> Walker<'a> {
                 first_va: 0,
             },
         )]);
-        let mut level = Level::L4;
+        let mut level = self.top;
         loop {
-            let range = if level == Level::L4 {
+            let range = if level == self.top {
                 slots.start.min(512)..slots.end.min(512)
             } else {
                 0..512
@@ -663,7 +709,7 @@ impl<'a> Walker<'a> {
         // first reference at a level other than the one it is first met at.
         let mut best: Option<(Order, Recursion)> = None;
         for (&table, &(levels, paths)) in &tables {
-            for n in 1..=4u8 {
+            for n in 1..=5u8 {
                 if levels & (1 << n) != 0 {
                     c.stats.tables[n as usize] += 1;
                 }
@@ -675,7 +721,7 @@ impl<'a> Walker<'a> {
                 continue;
             }
             c.stats.multi_level_tables += 1;
-            let mut refs: Vec<Ref> = (1..=4u8)
+            let mut refs: Vec<Ref> = (1..=5u8)
                 .filter(|n| levels & (1 << n) != 0)
                 .filter_map(|n| first_ref.get(&(table, n)).copied())
                 .collect();
@@ -691,7 +737,7 @@ impl<'a> Walker<'a> {
                     order,
                     Recursion {
                         table,
-                        levels: (1..=4u8).rev().filter(|n| levels & (1 << n) != 0).collect(),
+                        levels: (1..=5u8).rev().filter(|n| levels & (1 << n) != 0).collect(),
                         level,
                         index,
                         entry_pa: holder + index as u64 * 8,
@@ -706,8 +752,11 @@ impl<'a> Walker<'a> {
 
     /// Translate one address, recording every entry read.
     pub fn translate(&self, va: u64) -> Result<Translation, DumpError> {
-        if canonical(va) != va {
-            return Err(DumpError::NonCanonical { va });
+        if self.canonical(va) != va {
+            return Err(DumpError::NonCanonical {
+                va,
+                la57: self.la57(),
+            });
         }
         let mut t = Translation {
             va,
@@ -716,7 +765,7 @@ impl<'a> Walker<'a> {
             phys: None,
         };
         let mut table = self.root;
-        let mut level = Level::L4;
+        let mut level = self.top;
         let (mut and, mut or) = (u64::MAX, 0u64);
         loop {
             let index = ((va >> level.shift()) & 511) as usize;
@@ -784,5 +833,13 @@ mod tests {
         assert_eq!(canonical(0x8000_0000_0000), 0xffff_8000_0000_0000);
         assert_eq!(canonical(0x7fff_ffff_f000), 0x7fff_ffff_f000);
         assert_eq!(canonical(0x1_0000_0000_0000), 0);
+    }
+
+    #[test]
+    fn canonical57_sign_extends_bit_56() {
+        assert_eq!(canonical57(0x0100_0000_0000_0000), 0xff00_0000_0000_0000);
+        assert_eq!(canonical57(0x00ff_ffff_ffff_f000), 0x00ff_ffff_ffff_f000);
+        assert_eq!(canonical57(0x8000_0000_0000), 0x8000_0000_0000);
+        assert_eq!(canonical57(0x0200_0000_0000_0000), 0);
     }
 }

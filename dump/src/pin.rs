@@ -23,7 +23,7 @@
 //! are counted separately: they are what the pin protocol's read-only
 //! remaps remove, not a reason to refuse.
 //!
-//! `inspect --pin-report` takes its verdict from [`sim_check`], which pins a
+//! `inspect --pin-report` takes its verdict from `sim_check` (feature `xen`), which pins a
 //! copy of the user half on the simulated hypervisor (`XenSim`) through
 //! the engine; [`xen_check`] explains it (rule number, in words).
 //!
@@ -43,7 +43,7 @@ use pagepin_engine::backend::errno;
 use pagepin_engine::TableMemory;
 use pagepin_engine::{
     AddressSpace, Backend, Batch, Call, CallResult, DefaultRawLock, Error, FrameStore, Global,
-    Level, LockPolicy, PageTableEntry, Pfn, SpaceOptions, Split, X86_64,
+    La57, Level, LockPolicy, PageTableEntry, PagingMode, Pfn, SpaceOptions, Split, X86_64,
 };
 
 use super::walk::{canonical, Walker};
@@ -304,6 +304,9 @@ impl Checker<'_, '_> {
 /// Check the user half of the table under `w` against Xen's rules for a PV
 /// guest's root (a `MMUEXT_PIN_L4_TABLE` of the root).
 pub fn xen_check(w: &Walker<'_>, opts: XenOptions) -> Result<XenVerdict, DumpError> {
+    if w.la57() {
+        return Err(DumpError::XenFourLevelOnly { root: w.root() });
+    }
     let mut c = Checker {
         w,
         opts,
@@ -410,7 +413,7 @@ fn user_tables(w: &Walker<'_>) -> Result<Vec<(u64, Level)>, DumpError> {
     w.walk(
         0..256,
         &mut |level, pa, _| {
-            if level != Level::L4 && !seen.contains_key(&pa) {
+            if level != w.top() && !seen.contains_key(&pa) {
                 seen.insert(pa, level);
                 out.push((pa, level));
             }
@@ -420,19 +423,23 @@ fn user_tables(w: &Walker<'_>) -> Result<Vec<(u64, Level)>, DumpError> {
     Ok(out)
 }
 
-type Space<P> = AddressSpace<X86_64, P, CountingBackend>;
+type Space<M, P> = AddressSpace<M, P, CountingBackend>;
 
-fn pin_copy<P: LockPolicy<Lock = DefaultRawLock>>(
+/// Pin a copy of the user half under mode `M` (X86_64, or La57 for a
+/// 5-level table) and policy `P`.
+fn pin_copy<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(
     w: &Walker<'_>,
     tables: &[(u64, Level)],
     user_root: bool,
     batch: usize,
     policy: &'static str,
 ) -> Result<PinCount, Error> {
+    // A separate user root is 64-bit PV's (M::HAS_USER_ROOT): La57 has none.
+    let user_root = user_root && M::HAS_USER_ROOT;
     let frames = tables.len() + 2;
     let store = Arc::new(FrameStore::<DefaultRawLock>::new(frames, 0x100));
     let backend = Arc::new(CountingBackend::default());
-    let space: Space<P> =
+    let space: Space<M, P> =
         AddressSpace::new(store.clone(), backend.clone(), SpaceOptions { user_root })?;
     let mut pfn_of: HashMap<u64, Pfn> = HashMap::new();
     pfn_of.insert(w.root(), space.root());
@@ -450,7 +457,7 @@ fn pin_copy<P: LockPolicy<Lock = DefaultRawLock>>(
         for i in 0..slots {
             let e = w.entry(src, i);
             let is_table =
-                e & 1 != 0 && (level == Level::L4 || (level != Level::L1 && e & (1 << 7) == 0));
+                e & 1 != 0 && (level == w.top() || (level != Level::L1 && e & (1 << 7) == 0));
             let v = if is_table {
                 match pfn_of.get(&(e & PageTableEntry::ADDR_MASK)) {
                     Some(p) => (e & !PageTableEntry::ADDR_MASK) | (p.0 << 12),
@@ -465,7 +472,7 @@ fn pin_copy<P: LockPolicy<Lock = DefaultRawLock>>(
         }
     };
     for &r in &roots {
-        copy(w.root(), r, Level::L4, 256);
+        copy(w.root(), r, w.top(), 256);
     }
     for &(pa, level) in tables {
         if let Some(&p) = pfn_of.get(&pa) {
@@ -514,17 +521,24 @@ pub fn engine_count(w: &Walker<'_>, user_root: bool, batch: usize) -> Result<Pin
         )));
     }
     let tables = user_tables(w)?;
-    Ok((
-        pin_copy::<Split<DefaultRawLock>>(w, &tables, user_root, batch, "split"),
-        pin_copy::<Global<DefaultRawLock>>(w, &tables, user_root, batch, "global"),
-    ))
+    Ok(if w.la57() {
+        (
+            pin_copy::<La57, Split<DefaultRawLock>>(w, &tables, user_root, batch, "split"),
+            pin_copy::<La57, Global<DefaultRawLock>>(w, &tables, user_root, batch, "global"),
+        )
+    } else {
+        (
+            pin_copy::<X86_64, Split<DefaultRawLock>>(w, &tables, user_root, batch, "split"),
+            pin_copy::<X86_64, Global<DefaultRawLock>>(w, &tables, user_root, batch, "global"),
+        )
+    })
 }
 
 #[cfg(feature = "xen")]
 pub use sim::sim_check;
 
 /// The simulated hypervisor's verdict on pinning the user half of a
-/// dumped table (see [`sim_check`]).
+/// dumped table (see `sim_check`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimVerdict {
     /// `None`: the simulator pinned (and unpinned) the table.
@@ -585,6 +599,9 @@ mod sim {
         user_root: bool,
         batch: usize,
     ) -> Result<SimVerdict, DumpError> {
+        if w.la57() {
+            return Err(DumpError::XenFourLevelOnly { root: w.root() });
+        }
         if !(1..=MAX_BATCH).contains(&batch) {
             return Err(DumpError::BadArgument(format!(
                 "batch size {batch} outside 1..={MAX_BATCH}"

@@ -1,4 +1,4 @@
-//! Running the `inspect` example binary from the dump tests: under a wall
+//! Running the `inspect` binary from the dump tests: under a wall
 //! clock limit and an address-space limit (`ulimit -v`), with its exit
 //! status or signal, output, time and peak RSS.
 
@@ -7,39 +7,12 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The `inspect` example next to this test binary (`target/<profile>/
-/// examples/inspect`), built first: `cargo test --test NAME` builds only
-/// the test, and a binary left from an older build would test old code.
+/// The `inspect` binary of this crate: cargo builds it for every
+/// integration test and names it in `CARGO_BIN_EXE_inspect`.
 pub fn inspect_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test>
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "--example", "inspect", "--target-dir"])
-            .arg(target_dir);
-        if release {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().expect("run cargo build --example inspect");
-        assert!(
-            out.status.success(),
-            "cargo build --example inspect failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("examples").join("inspect");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-    .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_inspect"))
 }
 
 /// One run of the binary.
@@ -112,22 +85,6 @@ pub fn run_inspect(args: &[&str], limit: Duration, vmem_kib: u64) -> BinRun {
     }
 }
 
-/// struct rusage on x86-64 / aarch64 Linux: two timevals, then 14 longs of
-/// which ru_maxrss (KiB) is the first.
-#[cfg(target_os = "linux")]
-#[repr(C)]
-struct Rusage {
-    utime: [i64; 2],
-    stime: [i64; 2],
-    maxrss: i64,
-    rest: [i64; 13],
-}
-
-#[cfg(target_os = "linux")]
-extern "C" {
-    fn wait4(pid: i32, status: *mut i32, options: i32, usage: *mut Rusage) -> i32;
-}
-
 /// Reap `child` if it has ended (or, with `block`, when it ends): its exit
 /// code, signal and peak RSS. `wait4` gives this child's own rusage.
 #[cfg(target_os = "linux")]
@@ -135,28 +92,31 @@ fn reap(
     child: &mut std::process::Child,
     block: bool,
 ) -> Option<(Option<i32>, Option<i32>, Option<u64>)> {
-    const WNOHANG: i32 = 1;
     let mut status = 0i32;
-    let mut u = Rusage {
-        utime: [0; 2],
-        stime: [0; 2],
-        maxrss: 0,
-        rest: [0; 13],
-    };
+    // SAFETY: rusage is plain integers; all-zero is a valid value.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: `status` and `u` are valid, writable; `pid` is our child,
     // not yet reaped (std never waits for it: we reap it here).
-    let r = unsafe { wait4(pid, &mut status, if block { 0 } else { WNOHANG }, &mut u) };
+    let r = unsafe {
+        libc::wait4(
+            pid,
+            &mut status,
+            if block { 0 } else { libc::WNOHANG },
+            &mut u,
+        )
+    };
     if r != pid {
         assert!(r == 0 && !block, "wait4({pid}) = {r}");
         return None;
     }
-    let (code, signal) = if status & 0x7f == 0 {
-        (Some((status >> 8) & 0xff), None)
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
     } else {
-        (None, Some(status & 0x7f))
+        (None, Some(libc::WTERMSIG(status)))
     };
-    Some((code, signal, Some(u.maxrss.max(0) as u64)))
+    // ru_maxrss is in KiB on Linux.
+    Some((code, signal, Some(u.ru_maxrss.max(0) as u64)))
 }
 
 #[cfg(not(target_os = "linux"))]
