@@ -26,8 +26,15 @@
 //! The protocol the engine implements, and the hypervisor rules it lives
 //! by, are in `docs/PROTOCOL.md` of the repository.
 //!
-//! `no_std` + `alloc`; the default `std` feature brings parking_lot locks
-//! and crossbeam-epoch reclamation.
+//! # Cargo features
+//!
+//! - `std` (default): parking_lot locks and crossbeam-epoch reclamation.
+//!   Without it the engine is `no_std` + `alloc`, depending on `arrayvec`
+//!   and `bitflags` only.
+//! - `sabotage`: test hooks that break the protocol on purpose
+//!   (`Sabotage`, `AddressSpace::set_sabotage`) for negative controls;
+//!   never in production (without it the broken branches are compiled
+//!   out).
 #![no_std]
 #![warn(missing_docs)]
 
