@@ -16,7 +16,11 @@
 //! are run in boots of at most `PAGEPIN_DIFF_PER_BOOT`, 100).
 //! `PAGEPIN_DIFF_FIRST=k` starts at program k; `PAGEPIN_DIFF_DETAIL=1`
 //! prints the first divergent operation from the campaign's own boot;
-//! `PAGEPIN_DIFF_NO_SHRINK=1` skips the shrink.
+//! `PAGEPIN_DIFF_NO_SHRINK=1` skips the shrink;
+//! `PAGEPIN_DIFF_EXPLAIN=file` runs the hand-written programs in `file`
+//! (`program::encode_all` words, little-endian; e.g. a candidate
+//! regression test) in one boot and prints both sides' lines, `!` where
+//! they differ.
 //! Without QEMU or Xen it prints `SKIP:` and passes, unless `CI=true`.
 
 extern crate alloc;
@@ -345,9 +349,14 @@ fn shrink(rig: &mut Rig, p: &Program) -> Program {
 /// Both sides' per-operation lines of `p`, and where they first differ.
 fn explain(rig: &mut Rig, p: &Program) -> String {
     let x = rig.answers(std::slice::from_ref(p), true);
+    explain_answer(p, x.first().and_then(Option::as_ref))
+}
+
+/// [`explain`] with real Xen's answer at hand.
+fn explain_answer(p: &Program, x: Option<&XenAnswer>) -> String {
     let s = run_sim(p, true);
     let mut out = format!("program: {p:?}\n");
-    let Some(Some(x)) = x.first() else {
+    let Some(x) = x else {
         return out + "(real Xen gave no answer)";
     };
     for (k, (a, b)) in x.lines.iter().zip(&s.lines).enumerate() {
@@ -365,13 +374,33 @@ fn explain(rig: &mut Rig, p: &Program) -> String {
 }
 
 #[test]
-#[ignore = "one open mismatch in the default set (program 31 of seed 1: a reference real Xen keeps after a failed nested validation, BENCHMARKS.md \"Simulator vs real Xen\"); run with --ignored"]
 fn simulator_matches_real_xen_on_random_programs() {
     if let Some(reason) = unavailable() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
         }
         println!("SKIP: real Xen unavailable ({reason}); the differential programs did not run");
+        return;
+    }
+    // Hand-written programs (a file of `program::encode_all` words, e.g.
+    // a regression test's): both sides' lines, one boot.
+    if let Ok(path) = std::env::var("PAGEPIN_DIFF_EXPLAIN") {
+        let bytes = std::fs::read(&path).expect("PAGEPIN_DIFF_EXPLAIN file");
+        let words: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let ps = program::decode_all(&words).expect("encoded programs");
+        let mut rig = Rig {
+            guest: build_guest(),
+            xen: xen_elf(),
+            boots: 0,
+            boot_time: Duration::ZERO,
+        };
+        let xs = rig.answers(&ps, true);
+        for (p, x) in ps.iter().zip(&xs) {
+            println!("{}", explain_answer(p, x.as_ref()));
+        }
         return;
     }
     let seed = env_u64("PAGEPIN_DIFF_SEED", 1);

@@ -92,23 +92,40 @@ impl Real<'_> {
                 }
             }
         };
-        unpin_all();
         // A table that maps itself or a peer (Xen's linear page tables)
         // keeps a type count without a pin: clear entries through Xen
         // (which works on typed tables too), then unpin again.
-        for (i, &m) in self.mfns.iter().enumerate() {
-            for k in 0..512 {
-                if self.slot(i, k).load(Ordering::Relaxed) != 0 {
-                    let req = MmuUpdateAbi {
-                        ptr: (m << 12) + k as u64 * 8,
-                        val: 0,
-                    };
-                    let mut done = 0;
-                    // SAFETY: one live request and counter.
-                    unsafe { self.xen.mmu_update(&req, 1, &mut done, DOMID_SELF) };
+        let clear_all = || {
+            for (i, &m) in self.mfns.iter().enumerate() {
+                for k in 0..512 {
+                    if self.slot(i, k).load(Ordering::Relaxed) != 0 {
+                        let req = MmuUpdateAbi {
+                            ptr: (m << 12) + k as u64 * 8,
+                            val: 0,
+                        };
+                        let mut done = 0;
+                        // SAFETY: one live request and counter.
+                        unsafe { self.xen.mmu_update(&req, 1, &mut done, DOMID_SELF) };
+                    }
+                }
+            }
+        };
+        unpin_all();
+        clear_all();
+        unpin_all();
+        // A table whose failed nested validation Xen lost track of stays
+        // partially validated (typed, entries frozen) until a request of
+        // its type resumes it: pinning every frame at L2..L4 (and
+        // unpinning what pins) tears every such table down; then clear
+        // what it froze.
+        for &m in &self.mfns {
+            for level in 1..4 {
+                if self.ext(program::cmd::PIN_L1 + level, m) == 0 {
+                    self.ext(program::cmd::UNPIN, m);
                 }
             }
         }
+        clear_all();
         unpin_all();
         for (i, &d) in dm_boot.iter().enumerate() {
             if self.dm_entry(i) != d {

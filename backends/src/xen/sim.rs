@@ -26,7 +26,11 @@
 //! - **Types.** Rules 1–9 of DESIGN §6: type changes only at count 0;
 //!   writable mappings hold writable references (`-EBUSY` for a page-table
 //!   frame, `-EINVAL` for typing a writable frame as a table); recursive
-//!   validation with rollback; pin/unpin/base pointers; checked
+//!   validation with rollback (an L1 at once; an L2..L4 that fails at
+//!   entry i > 0 stays partially validated until the request ends, and
+//!   stays so, as in Xen 4.17, if a failed nested validation lost track of
+//!   it, until a request of its type resumes it); pin/unpin/base
+//!   pointers; checked
 //!   `mmu_update`; the XSA-182 fast path only for A/D/NX/U/G/available bits.
 //!   Large (PS) entries in L2..L4 are refused, as Xen PV does by default.
 //! - **Guest stores** (rule 10): a store through a writable mapping is
@@ -78,6 +82,11 @@ const TYPE_SHIFT: u32 = 32;
 const TYPE_MASK: u64 = 0x7 << TYPE_SHIFT;
 const VALIDATED: u64 = 1 << 40;
 const PINNED: u64 = 1 << 41;
+/// Xen's `PGT_partial`: a validation failed partway and the entries before
+/// the failing one still hold their references (count 1, not validated),
+/// until the request ends (Xen's `old_guest_table`) or, if Xen lost track
+/// of the frame, until a later request of the same type resumes it.
+const PARTIAL: u64 = 1 << 42;
 
 /// How many entries ahead of the one being checked a (de)validation
 /// prefetches the referenced frame's `type_info`.
@@ -340,6 +349,10 @@ macro_rules! counters {
             $( $name: u64, )*
             ext_cmds: [u64; 16],
             pins: [u64; 4],
+            /// Xen's `old_guest_table` of the request in progress: the
+            /// table a failed validation left [`PARTIAL`], torn down when
+            /// the request ends.
+            ogt: Option<u64>,
         }
 
         #[derive(Default)]
@@ -426,6 +439,13 @@ counters! {
     /// Linear page-table entries accepted (an L2..L4 entry mapping a table
     /// of its own level read-only).
     linear_entries,
+    /// Validations that failed partway and left the table partially
+    /// validated (Xen's `PGT_partial`; torn down when the request ends).
+    partial_validations,
+    /// Partially validated tables Xen 4.17 loses track of (a failed nested
+    /// validation overwrote its `old_guest_table`): they keep their
+    /// references until a request of their type resumes them.
+    lost_partials,
     /// Calls or requests that returned an error.
     errors,
     /// Failures injected.
@@ -511,6 +531,9 @@ pub struct FrameInfo {
     pub validated: bool,
     /// Whether it is pinned.
     pub pinned: bool,
+    /// Whether a failed validation left it partially validated (Xen's
+    /// `PGT_partial`).
+    pub partial: bool,
     /// Its direct-map mapping: `Some(true)` writable, `Some(false)` read-only,
     /// `None` not mapped.
     pub direct_map_writable: Option<bool>,
@@ -562,11 +585,7 @@ impl TypeInfoTable {
             // SAFETY: the range is this allocation (page-aligned, `size`
             // bytes); the advice only changes how it is backed. Failure
             // (no THP support) is harmless and ignored.
-            extern "C" {
-                fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: i32) -> i32;
-            }
-            const MADV_HUGEPAGE: i32 = 14;
-            unsafe { madvise(raw.cast(), size, MADV_HUGEPAGE) };
+            unsafe { libc::madvise(raw.cast(), size, libc::MADV_HUGEPAGE) };
         }
         for i in 0..n {
             // SAFETY: `i < n` words fit in the allocation.
@@ -636,7 +655,14 @@ struct FrameCold {
     /// Xen's `linear_pt_count` as a two's-complement word: > 0, linear
     /// entries this table holds; < 0, linear entries mapping it.
     linear: AtomicU64,
+    /// Of a [`PARTIAL`] table: the entries below this index hold
+    /// references (Xen's `nr_validated_ptes`); bit 32: so does the entry at
+    /// it, on a child left partial itself (`PTF_partial_set`).
+    partial: AtomicU64,
 }
+
+/// [`FrameCold::partial`]'s flag bit.
+const PARTIAL_HELD: u64 = 1 << 32;
 
 /// One machine frame's state: its `type_info` word (the hot array: one
 /// `u64` per frame, so validating an L1 touches 8 bytes per data frame)
@@ -920,6 +946,7 @@ impl XenSim {
             count: (x & COUNT_MASK) as u32,
             validated: x & VALIDATED != 0,
             pinned: x & PINNED != 0,
+            partial: x & PARTIAL != 0,
             direct_map_writable: pte.is_present().then_some(pte.is_writable()),
             stale_tlb: self.stale_live(f),
         })
@@ -1039,6 +1066,9 @@ impl XenSim {
     fn get_type(&self, mfn: u64, ty: FrameType, direct: bool, l: &mut Local) -> R {
         let f = self.frame(mfn)?;
         let mut spins = 0;
+        // Resuming a partially validated table (Xen continues its
+        // validation from the failing entry): where to start.
+        let mut from = (0, false);
         loop {
             let x = f.type_info.load(Ordering::Acquire);
             let cnt = x & COUNT_MASK;
@@ -1070,6 +1100,19 @@ impl XenSim {
                     errno::EINVAL
                 });
             }
+            if x & PARTIAL != 0 {
+                // Partially validated: take over its one reference (others
+                // now wait) and go on from the entry that failed.
+                if f.type_info
+                    .compare_exchange_weak(x, x & !PARTIAL, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let p = f.cold.partial.load(Ordering::Acquire);
+                    from = ((p & 0xffff) as usize, p & PARTIAL_HELD != 0);
+                    break;
+                }
+                continue;
+            }
             if x & VALIDATED == 0 {
                 // Being validated or devalidated by another CPU.
                 backoff(&mut spins);
@@ -1085,8 +1128,8 @@ impl XenSim {
                 return Ok(());
             }
         }
-        // We changed the type to a page-table type: validate.
-        if self.stale_live(f) {
+        // We changed the type to a page-table type (or resume one): validate.
+        if from.0 == 0 && self.stale_live(f) {
             if direct {
                 f.stale.store(0, Ordering::Release);
                 l.filter_flushes += 1;
@@ -1099,7 +1142,7 @@ impl XenSim {
         let level = ty.level().ok_or(errno::EINVAL)?;
         let r = {
             let _g = hold(f.lock);
-            self.validate(mfn, level, l)
+            self.validate(mfn, level, from, l)
         };
         match r {
             Ok(()) => {
@@ -1107,6 +1150,12 @@ impl XenSim {
                 l.validations += 1;
                 self.check_frame(mfn, l);
                 Ok(())
+            }
+            // Failed partway: the table stays typed with the references
+            // its accepted entries took, until the request ends.
+            Err(e) if l.ogt == Some(mfn) => {
+                f.type_info.fetch_or(PARTIAL, Ordering::AcqRel);
+                Err(e)
             }
             Err(e) => {
                 f.type_info.store(0, Ordering::Release);
@@ -1125,6 +1174,10 @@ impl XenSim {
             let x = f.type_info.load(Ordering::Acquire);
             if x & COUNT_MASK == 0 || FrameType::from_bits(x) != ty {
                 return Ok(false);
+            }
+            if x & PARTIAL != 0 {
+                // Not validated: Xen cannot lock it for an update.
+                return Err(errno::EINVAL);
             }
             if x & VALIDATED == 0 {
                 backoff(&mut spins);
@@ -1272,11 +1325,18 @@ impl XenSim {
     }
 
     /// Validate table `mfn` at `level` (its page lock is held): take the
-    /// references of every present entry, undoing them on failure. Not
-    /// inlined: its 4 KiB snapshot would make every `get_type` (most take a
-    /// writable reference and never validate) probe a 4 KiB stack frame.
+    /// references of every present entry. `from`: the entry to start at and
+    /// whether it already holds a partial child (resuming a [`PARTIAL`]
+    /// table), else `(0, false)`.
+    ///
+    /// On failure an L1 undoes its references; an L2..L4 failing at entry
+    /// `i > 0` keeps those of entries `0..i` and becomes the request's
+    /// `old_guest_table` (`l.ogt`), as Xen 4.17 does, to be torn down when
+    /// the request ends. Not inlined: its 4 KiB snapshot would make every
+    /// `get_type` (most take a writable reference and never validate)
+    /// probe a 4 KiB stack frame.
     #[inline(never)]
-    fn validate(&self, mfn: u64, level: Level, l: &mut Local) -> R {
+    fn validate(&self, mfn: u64, level: Level, from: (usize, bool), l: &mut Local) -> R {
         let frame = self.table_memory(mfn)?;
         let (n, hole) = self.table_slots(level);
         let mut snap = [0u64; ENTRIES_PER_FRAME];
@@ -1287,11 +1347,12 @@ impl XenSim {
             self.prefetch_entry(e);
         }
         // A table being validated starts with no linear entries (Xen
-        // resets `linear_pt_count`).
-        if let Ok(f) = self.frame(mfn) {
+        // resets `linear_pt_count`), unless it resumes.
+        let (start, start_held) = from;
+        if let (Ok(f), 0) = (self.frame(mfn), start) {
             f.cold.linear.store(0, Ordering::Release);
         }
-        for i in 0..n {
+        for i in start..n {
             if let Some(&ahead) = snap[..n].get(i + PREFETCH_AHEAD) {
                 self.prefetch_entry(ahead);
             }
@@ -1313,10 +1374,14 @@ impl XenSim {
                         entry: snap[i],
                         errno: e,
                     });
-                    for j in (0..i).rev() {
-                        if !hole.contains(&j) {
-                            self.put_entry_refs(level, snap[j], mfn, l);
+                    if level == Level::L1 {
+                        for j in (0..i).rev() {
+                            if !hole.contains(&j) {
+                                self.put_entry_refs(level, snap[j], mfn, l);
+                            }
                         }
+                    } else if i > 0 {
+                        self.keep_partial(mfn, i, snap[i], i == start && start_held, l);
                     }
                     return Err(e);
                 }
@@ -1338,6 +1403,89 @@ impl XenSim {
             }
         }
         Ok(())
+    }
+
+    /// Table `mfn` failed its validation at entry `i > 0` (entry `e`):
+    /// leave it partially validated, as the request's `old_guest_table`.
+    /// `held`: entry `i` already held a partial child when it resumed.
+    fn keep_partial(&self, mfn: u64, i: usize, e: u64, held: bool, l: &mut Local) {
+        let child = (e & PageTableEntry::ADDR_MASK) >> 12;
+        // A child left partial by this failure is the request's
+        // `old_guest_table`: entry `i` takes over its reference. Any other
+        // one (a grandchild, when the child failed at its first entry) Xen
+        // 4.17 overwrites and never tears down: it stays partial, with
+        // its references, until a request of its type resumes it.
+        let held = match l.ogt {
+            Some(g) if g == child && e & EntryFlags::PRESENT.bits() != 0 => true,
+            Some(_) => {
+                l.lost_partials += 1;
+                held
+            }
+            None => held,
+        };
+        if let Ok(f) = self.frame(mfn) {
+            let flag = if held { PARTIAL_HELD } else { 0 };
+            f.cold.partial.store(i as u64 | flag, Ordering::Release);
+        }
+        l.ogt = Some(mfn);
+        l.partial_validations += 1;
+    }
+
+    /// Tear down a [`PARTIAL`] table (Xen's `put_old_guest_table`): drop
+    /// the references of the entries it had accepted, last first, and of a
+    /// partial child it holds; then untype it. Nothing if it is no longer
+    /// partial (resumed meanwhile).
+    fn put_partial(&self, mfn: u64, l: &mut Local) {
+        let Ok(f) = self.frame(mfn) else { return };
+        let x = loop {
+            let x = f.type_info.load(Ordering::Acquire);
+            if x & PARTIAL == 0 {
+                return;
+            }
+            // Its one reference is the partial state's: clearing the bit
+            // makes others wait, as for a validation.
+            if f.type_info
+                .compare_exchange_weak(x, x & !PARTIAL, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break x;
+            }
+        };
+        let Some(level) = FrameType::from_bits(x).level() else {
+            return;
+        };
+        let p = f.cold.partial.load(Ordering::Acquire);
+        let nv = (p & 0xffff) as usize;
+        {
+            let _g = hold(f.lock);
+            if let Ok(frame) = self.table_memory(mfn) {
+                let (_, hole) = self.table_slots(level);
+                if p & PARTIAL_HELD != 0 {
+                    let e = frame.entry(nv).load(Ordering::Acquire);
+                    let child = (e & PageTableEntry::ADDR_MASK) >> 12;
+                    if e & EntryFlags::PRESENT.bits() != 0 && child != mfn {
+                        self.put_partial(child, l);
+                    }
+                }
+                for j in (0..nv).rev() {
+                    if !hole.contains(&j) {
+                        let e = frame.entry(j).load(Ordering::Acquire);
+                        self.put_entry_refs(level, e, mfn, l);
+                    }
+                }
+            }
+        }
+        self.stamp(f, x);
+        f.type_info.store(0, Ordering::Release);
+        l.devalidations += 1;
+    }
+
+    /// End of a request: tear down the table its failed validation left
+    /// partial (Xen does it before the next request, or the guest, runs).
+    fn put_old_guest_table(&self, l: &mut Local) {
+        if let Some(m) = l.ogt.take() {
+            self.put_partial(m, l);
+        }
     }
 
     fn devalidate(&self, mfn: u64, level: Level, l: &mut Local) {
@@ -1950,7 +2098,11 @@ impl XenSim {
     ) -> (i64, u32) {
         let limit = inj.map_or(reqs.len(), |j| j.item.min(reqs.len()));
         for (i, &r) in reqs.iter().enumerate().take(limit) {
-            if let Err(e) = one(self, r, l) {
+            let res = one(self, r, l);
+            // Xen tears down a failed validation's table before the next
+            // request (or the return to the guest).
+            self.put_old_guest_table(l);
+            if let Err(e) = res {
                 l.errors += 1;
                 return (-(e as i64), i as u32);
             }
