@@ -201,6 +201,7 @@ fn run_sim(span: (u64, u64), holes: &[u64]) -> (bool, Vec<Report>) {
 
 #[test]
 fn scenarios_on_the_simulator() {
+    let _one_at_a_time = one_at_a_time();
     let (all, reports) = run_sim((0, 0x40_0000), &[]);
     for r in &reports {
         println!("{}", r.line());
@@ -356,6 +357,7 @@ fn fields(line: &str) -> (String, BTreeMap<String, String>) {
 
 #[test]
 fn guest_on_real_xen() {
+    let _one_at_a_time = one_at_a_time();
     if let Some(reason) = unavailable() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
@@ -467,6 +469,7 @@ fn guest_on_real_xen() {
 /// USER | GUEST_KERNEL (bit 52), on `mmu_update` and on emulated stores.
 #[test]
 fn simulator_adjusts_pv_entries_like_xen() {
+    let _one_at_a_time = one_at_a_time();
     let sim = Sim::new((0, 0), Vec::new());
     let s: AddressSpace<X86_64, Split<SpinLock>, scenarios::Backend<SimH>> = AddressSpace::new(
         sim.store.clone(),
@@ -498,4 +501,13 @@ fn simulator_adjusts_pv_entries_like_xen() {
         );
     }
     s.unpin(&mut Batch::<32>::new()).expect("unpin");
+}
+
+/// The tests of this file one at a time: a real-Xen boot runs its vCPUs
+/// as host threads, and a simulator workload spinning on the same two host
+/// cores beside it starves them (a lock holder's vCPU descheduled while
+/// the others spin) until the boot times out.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -316,6 +316,7 @@ fn assert_job(platform: &str, name: &str, job: &Job, c: &BTreeMap<String, String
 
 #[test]
 fn smp_workloads_on_the_simulator() {
+    let _one_at_a_time = one_at_a_time();
     let (rounds, controls) = (12, SIM_CONTROL_ROUNDS);
     let jobs = job_table(&BATCHES, rounds, controls);
     for writers in [1, 3] {
@@ -488,6 +489,7 @@ const COMPARED: [&str; 5] = ["pins", "unpins", "traps_pin", "traps_unpin", "l1pi
 
 #[test]
 fn guest_on_real_xen_smp() {
+    let _one_at_a_time = one_at_a_time();
     if let Some(reason) = unavailable() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
@@ -663,6 +665,7 @@ fn measure_fields(line: &str) -> Option<(String, BTreeMap<String, String>)> {
 #[test]
 #[ignore = "measurements: minutes of TCG; run by hand"]
 fn real_xen_sweep() {
+    let _one_at_a_time = one_at_a_time();
     if let Some(reason) = unavailable() {
         println!("SKIP: real Xen unavailable ({reason})");
         return;
@@ -849,4 +852,13 @@ fn plot_svg(title: &str, panels: &[(&str, Vec<Line<'_>>)]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The tests of this file one at a time: a real-Xen boot runs its vCPUs
+/// as host threads, and a simulator workload spinning on the same two host
+/// cores beside it starves them (a lock holder's vCPU descheduled while
+/// the others spin) until the boot times out.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
