@@ -28,8 +28,8 @@ use loom::thread;
 use pagepin_backends::xen::{xen_env, XenBackend, XenEnv, XenSim};
 use pagepin_engine::space::Sabotage;
 use pagepin_engine::{
-    AddressSpace, Batch, EntryFlags, LockPolicy, PageSize, PageTableEntry, Pfn, RawLock,
-    SpaceOptions, WritePath, X86_64,
+    AddressSpace, Batch, EntryFlags, LockPolicy, PageSize, PageTableEntry, Pfn, SpaceOptions,
+    WritePath, X86_64,
 };
 
 #[path = "../../engine/tests/model/lock.rs"]
