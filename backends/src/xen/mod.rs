@@ -10,6 +10,8 @@
 pub mod abi;
 pub mod backend;
 #[cfg(feature = "std")]
+mod env;
+#[cfg(feature = "std")]
 pub mod sim;
 
 use pagepin_engine::backend::StoreFault;
@@ -20,9 +22,10 @@ use core::sync::atomic::AtomicU64;
 pub use abi::{MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, DOMID_SELF};
 pub use backend::{FrameMap, P2m, Scratch, XenBackend};
 #[cfg(feature = "std")]
+pub use env::{xen_env, xen_env_with, XenEnv};
+#[cfg(feature = "std")]
 pub use sim::{
-    p2m_permutation, xen_env, xen_env_with, FrameInfo, FrameType, SimConfig, SimStats, XenEnv,
-    XenSim, MIN_P2M_EXTENTS, P2M_EXTENT,
+    p2m_permutation, FrameInfo, FrameType, SimConfig, SimStats, XenSim, MIN_P2M_EXTENTS, P2M_EXTENT,
 };
 
 /// The hypervisor's trap interface: what a PV kernel reaches through its
