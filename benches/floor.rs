@@ -23,7 +23,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use pagepin::backends::mock::NullBackend;
 use pagepin::backends::xen::abi::hypercall;
 use pagepin::backends::xen::{MmuExtOpAbi, MulticallEntry, DOMID_SELF};
-use pagepin::frame::PteLock;
+use pagepin::PteLock;
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, EntryFlags, ExtCmd, FrameStore, Global, LockPolicy, Pfn,
     Split, X86_64,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use pagepin::backends::mock::NullBackend;
-use pagepin::frame::read_guard;
+use pagepin::read_guard;
 use pagepin::{
     AddressSpace, DefaultRawLock, EntryFlags, FrameStore, Global, La57, LockPolicy, PageSize,
     PagingMode, SpaceOptions, Split, X86_64,

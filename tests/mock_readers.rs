@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 
 use common::*;
 use pagepin::backends::mock::MockBackend;
-use pagepin::frame::read_guard;
+use pagepin::read_guard;
 use pagepin::{
     AddressSpace, EntryFlags, Level, PageSize, Pfn, RawLock, SpaceOptions, Split, X86_64,
 };

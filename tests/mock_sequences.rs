@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use pagepin::backend::uvmf;
 use pagepin::backends::mock::{MockBackend, Recorded};
+use pagepin::uvmf;
 use pagepin::{
     AddressSpace, Batch, EntryFlags, ExtCmd, Global, Level, LockPolicy, MmuExtOp, Pae, PageSize,
     PagingMode, Pfn, SpaceOptions, Split, X86_64,
@@ -267,7 +267,7 @@ fn pae_global_sequence() {
 fn pae_kernel_pmd_pin_on_unpin_is_caught() {
     let mut s = space::<Pae, Split>(false);
     build_pae(&s);
-    s.set_sabotage(pagepin::space::Sabotage {
+    s.set_sabotage(pagepin::Sabotage {
         pae_kpmd_pin_on_unpin: true,
         ..Default::default()
     });
@@ -310,7 +310,7 @@ fn root_first_is_caught() {
     for sabotage in [false, true] {
         let mut s = space::<X86_64, Split>(false);
         build_x86(&s);
-        s.set_sabotage(pagepin::space::Sabotage {
+        s.set_sabotage(pagepin::Sabotage {
             root_first: sabotage,
             ..Default::default()
         });

@@ -26,7 +26,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use pagepin_backends::xen::{SimConfig, XenBackend, XenSim};
-use pagepin_engine::lock::SpinLock;
+use pagepin_engine::SpinLock;
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, ExtCmd, FrameStore, Mfn, PageSize, PageTableEntry, Pfn,
     SpaceOptions, Split, TableMemory, WritePath, X86_64,

@@ -42,7 +42,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use pagepin_backends::xen::{MmuExtOpAbi, SimConfig, XenBackend, XenHypercalls, XenSim};
-use pagepin_engine::lock::SpinLock;
+use pagepin_engine::SpinLock;
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, ExtCmd, FrameStore, Mfn, PageSize, Pfn, SpaceOptions, Split,
     TableMemory, X86_64,

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use pagepin::backend::ExtCmd;
 use pagepin::backends::mock::{MockBackend, Recorded};
 use pagepin::backends::native::NativeBackend;
+use pagepin::ExtCmd;
 use pagepin::{
     AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, La57, Level,
     PageSize, PageTableEntry, PagingMode, Pfn, SpaceOptions, Split, WritePath, X86_64,

@@ -4,7 +4,7 @@
 
 mod xen_common;
 
-use pagepin::engine::backend::errno;
+use pagepin::engine::errno;
 use pagepin::{Batch, DefaultRawLock, Error, Global, LockPolicy, Split, X86_64};
 use xen_common::*;
 

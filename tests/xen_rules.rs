@@ -10,8 +10,8 @@ use pagepin::backends::xen::{
     p2m_permutation, xen_env_with, FrameType, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, Scratch,
     SimConfig, XenSim, DOMID_SELF, MIN_P2M_EXTENTS, P2M_EXTENT,
 };
-use pagepin::engine::backend::{errno, uvmf};
-use pagepin::engine::space::Sabotage;
+use pagepin::engine::Sabotage;
+use pagepin::engine::{errno, uvmf};
 use pagepin::{
     Backend, Batch, Call, CallResult, EntryFlags, Error, ExtCmd, Global, Level, MmuExtOp,
     MmuUpdate, Pae, PageSize, Pfn, Split, WritePath, X86_64,

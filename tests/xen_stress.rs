@@ -8,7 +8,7 @@ mod xen_common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use pagepin::engine::space::Sabotage;
+use pagepin::engine::Sabotage;
 use pagepin::{
     Batch, DefaultRawLock, EntryFlags, Error, Global, LockPolicy, PageTableEntry, Split, WritePath,
     X86_64,

@@ -23,7 +23,7 @@ mod xen_common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use pagepin::engine::space::Sabotage;
+use pagepin::engine::Sabotage;
 use pagepin::{
     pin_all, unpin_all, Batch, DefaultRawLock, EntryFlags, Error, Global, Level, LockPolicy,
     PageSize, PageTableEntry, Split, WritePath, X86_64,

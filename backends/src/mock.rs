@@ -7,11 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pagepin_engine::backend::{
-    uvmf, Backend, Call, CallResult, ExtCmd, MmuExtOp, MmuUpdate, StoreFault,
-};
-use pagepin_engine::entry::{EntryFlags, PageTableEntry};
-use pagepin_engine::frame::{Mfn, Pfn, TableMemory};
+use pagepin_engine::{uvmf, Backend, Call, CallResult, ExtCmd, MmuExtOp, MmuUpdate, StoreFault};
+use pagepin_engine::{EntryFlags, PageTableEntry};
+use pagepin_engine::{Mfn, Pfn, TableMemory};
 use parking_lot::Mutex;
 
 /// One recorded call.

@@ -19,10 +19,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pagepin_engine::backend::{
-    errno, uvmf, Backend, Call, CallResult, ExtCmd, MmuUpdate, StoreFault,
-};
-use pagepin_engine::frame::{Mfn, Pfn, TableMemory, ENTRIES_PER_FRAME};
+use pagepin_engine::{errno, uvmf, Backend, Call, CallResult, ExtCmd, MmuUpdate, StoreFault};
+use pagepin_engine::{Mfn, Pfn, TableMemory, ENTRIES_PER_FRAME};
 
 #[cfg(all(feature = "kvm", target_os = "linux"))]
 pub mod kvm;
@@ -149,8 +147,8 @@ impl NativeBackend {
             return Err(errno::ENOSYS);
         };
         let cmd = req.ptr & 3;
-        if cmd != pagepin_engine::backend::mmu_cmd::NORMAL_PT_UPDATE
-            && cmd != pagepin_engine::backend::mmu_cmd::PT_UPDATE_PRESERVE_AD
+        if cmd != pagepin_engine::mmu_cmd::NORMAL_PT_UPDATE
+            && cmd != pagepin_engine::mmu_cmd::PT_UPDATE_PRESERVE_AD
         {
             return Err(errno::ENOSYS);
         }
@@ -162,7 +160,7 @@ impl NativeBackend {
         let index = ((addr & 0xfff) >> 3) as usize;
         debug_assert!(index < ENTRIES_PER_FRAME);
         let slot = frame.entry(index);
-        let value = if cmd == pagepin_engine::backend::mmu_cmd::PT_UPDATE_PRESERVE_AD {
+        let value = if cmd == pagepin_engine::mmu_cmd::PT_UPDATE_PRESERVE_AD {
             let ad = pagepin_engine::EntryFlags::ACCESSED.bits()
                 | pagepin_engine::EntryFlags::DIRTY.bits();
             (req.val & !ad) | (slot.load(Ordering::Acquire) & ad)
@@ -250,7 +248,7 @@ impl Backend for NativeBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pagepin_engine::backend::MmuExtOp;
+    use pagepin_engine::MmuExtOp;
     use pagepin_engine::{FrameStore, SpinLock};
 
     #[test]

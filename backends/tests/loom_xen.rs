@@ -26,7 +26,7 @@ use std::time::Instant;
 use loom::thread;
 
 use pagepin_backends::xen::{xen_env, XenBackend, XenEnv, XenSim};
-use pagepin_engine::space::Sabotage;
+use pagepin_engine::Sabotage;
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, LockPolicy, PageSize, PageTableEntry, Pfn, SpaceOptions,
     WritePath, X86_64,

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 #[cfg(feature = "xen")]
 use pagepin_backends::xen::{P2m, SimConfig, XenBackend, XenSim};
-use pagepin_engine::backend::errno;
+use pagepin_engine::errno;
 #[cfg(feature = "xen")]
 use pagepin_engine::TableMemory;
 use pagepin_engine::{

@@ -68,8 +68,14 @@ const EMPTY: Cached = Cached {
     pfn: Pfn(0),
 };
 
-/// A writer holding the locks of a virtual-address range; see the
-/// [module documentation](self). Made by [`AddressSpace::cursor_mut`].
+/// A writer holding the locks of a virtual-address range (after asterinas'
+/// `CursorMut`). Made by [`AddressSpace::cursor_mut`].
+///
+/// It remembers the tables of the path it last walked, so consecutive
+/// pages walk and validate the upper levels once per table. The
+/// remembered path stays valid because entries above L1 change only under
+/// the space lock, which the cursor holds, and (split) L1 entries of the
+/// page it writes only under that page's lock, which it holds too.
 ///
 /// The cursor is at an address ([`Self::va`]); [`Self::map`] maps a page
 /// there and moves past it, [`Self::jump`] moves it anywhere in its range.
@@ -432,8 +438,13 @@ struct PathStep<'a> {
     child_level: Level,
 }
 
-/// Lock-free translations in one read section; see the
-/// [module documentation](self). Made by [`AddressSpace::reader`].
+/// Lock-free translations in one read section. Made by
+/// [`AddressSpace::reader`].
+///
+/// It remembers the last L1 it reached with the path to it; the next
+/// address in the same 2 MiB re-reads each entry of that path and the level
+/// of each table on it, and uses the remembered L1 only if all are
+/// unchanged (anything else is a full, validated walk).
 ///
 /// Results are those of [`AddressSpace::translate`]. Keep a reader
 /// short-lived, as an RCU read section: with `std`, table frames released

@@ -5,23 +5,26 @@
 //! code does, while other threads keep updating entries.
 //!
 //! Layers, each naming only those below it (the asterinas page-table
-//! shape: node, then cursor, then page table):
+//! shape: node, then cursor, then page table); the modules are private and
+//! their items re-exported here, one path each:
 //!
-//! 1. [`entry`], [`mode`], [`lock`] (raw locks, the [`Split`] / [`Global`]
-//!    policies, the preempt-count model), [`error`], [`backend`] (what a
-//!    hypervisor or hardware provides);
-//! 2. [`frame`]: the frame store with atomic entries and per-frame
-//!    metadata; the pin journal (private) below [`batch`], the multicall
-//!    batch (a per-CPU context);
-//! 3. [`walk`]: the one descent primitive ([`walk::next`], [`walk::descend`])
-//!    and the full walk in protocol order; the lock protocol (private
-//!    `locking`: guards, the flush target, the deferred unlock);
-//! 4. [`space`]: an address space, its entry writes and lookups;
-//!    [`cursor`]: every write of a space goes through [`CursorMut`]
-//!    (`map`, `unmap`, `protect` are one-page uses of it), and [`Reader`]
-//!    translates in one read section;
-//! 5. [`pin`]: pin and unpin, each run as an operation object that owns the
-//!    batch and the journal for one call, with rollback.
+//! 1. `entry` ([`PageTableEntry`], [`EntryFlags`]), `mode` ([`PagingMode`]:
+//!    [`X86_64`], [`La57`], [`Pae`]), `lock` ([`RawLock`], the [`Split`] /
+//!    [`Global`] policies, the preempt-count model), `error` ([`Error`]),
+//!    `backend` ([`Backend`]: what a hypervisor or hardware provides);
+//! 2. `frame` ([`FrameStore`]: atomic entries and per-frame metadata); the
+//!    pin journal, below `batch` ([`Batch`], the multicall batch, a per-CPU
+//!    context);
+//! 3. [`walk`]: the one descent primitive ([`walk::next`],
+//!    [`walk::descend`]) and the full walk in protocol order; `locking`: the
+//!    lock protocol (guards, the flush target, the deferred unlock);
+//! 4. `space` ([`AddressSpace`]: its entry writes and lookups) and `cursor`:
+//!    every write of a space goes through [`CursorMut`] (`map`, `unmap`,
+//!    `protect` are one-page uses of it), and [`Reader`] translates in one
+//!    read section;
+//! 5. `pin`: [`AddressSpace::pin`] and [`AddressSpace::unpin`], each run as
+//!    an operation object that owns the batch and the journal for one call,
+//!    with rollback; [`pin_all`] / [`unpin_all`].
 //!
 //! The protocol the engine implements, and the hypervisor rules it lives
 //! by, are in `docs/PROTOCOL.md` of the repository.
@@ -40,31 +43,45 @@
 
 extern crate alloc;
 
-pub mod backend;
-pub mod batch;
-pub mod cursor;
-pub mod entry;
-pub mod error;
-pub mod frame;
-pub(crate) mod journal;
-pub mod lock;
-pub(crate) mod locking;
-pub mod mode;
-pub mod pin;
-pub mod space;
-pub(crate) mod sync;
+// Private modules, flat re-exports: one path to each item. `walk` stays a
+// public namespace (the walker API: `walk::next`, `walk::descend`, ...),
+// as do the ABI constant namespaces `errno`, `uvmf` and `mmu_cmd`.
+mod backend;
+mod batch;
+mod cursor;
+mod entry;
+mod error;
+mod frame;
+mod journal;
+mod lock;
+mod locking;
+mod mode;
+mod pin;
+mod space;
+mod sync;
 pub mod walk;
 
-pub use backend::{Backend, Call, CallKind, CallResult, ExtCmd, MmuExtOp, MmuUpdate, StoreFault};
-pub use batch::{Batch, BatchStats, Deferred, FlushTarget, DEFAULT_BATCH};
+pub use backend::{
+    errno, mmu_cmd, uvmf, Backend, Call, CallKind, CallResult, ExtCmd, MmuExtOp, MmuUpdate,
+    StoreFault,
+};
+pub use batch::{
+    Batch, BatchStats, Deferred, Failure, FlushTarget, Tag, ARG_BYTES_PER_ENTRY, DEFAULT_BATCH,
+    MMUEXT_OP_BYTES, MMU_UPDATE_BYTES, NO_TAG,
+};
 pub use cursor::{CursorMut, Reader};
 pub use entry::{EntryFlags, PageTableEntry};
 pub use error::{Error, HypercallFailure, StepKind};
-pub use frame::{Frame, FrameStore, Mfn, Pfn, TableMemory};
+pub use frame::{
+    read_guard, Frame, FrameMeta, FrameStore, Mfn, Owner, Pfn, PteLock, ReadGuard, TableMemory,
+    ENTRIES_PER_FRAME, FRAME_SIZE,
+};
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+pub use lock::ParkingLock;
 pub use lock::{
     DefaultRawLock, Global, LockPolicy, PreemptCount, PreemptOverflow, RawLock, SpinLock, Split,
-    PREEMPT_LIMIT,
+    PREEMPT_LIMIT, SPIN_ROUNDS,
 };
 pub use mode::{La57, Level, Pae, PageSize, PagingMode, X86_64};
 pub use pin::{pin_all, unpin_all, PinStats, PinnedSet};
-pub use space::{AddressSpace, SpaceOptions, Translation, WritePath};
+pub use space::{AddressSpace, Sabotage, SpaceOptions, Translation, WritePath};

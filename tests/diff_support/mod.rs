@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use pagepin_backends::xen::{MmuExtOpAbi, SimConfig, XenHypercalls, XenSim, DOMID_SELF};
-use pagepin_engine::lock::SpinLock;
+use pagepin_engine::SpinLock;
 use pagepin_engine::{FrameStore, Pfn, TableMemory, X86_64};
 use program::{Outcome, Program, Sym, Target, POOL};
 

@@ -32,8 +32,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use pagepin_backends::xen::{
     FrameMap, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, P2m, XenBackend, XenHypercalls, DOMID_SELF,
 };
-use pagepin_engine::backend::StoreFault;
-use pagepin_engine::lock::SpinLock;
+use pagepin_engine::SpinLock;
+use pagepin_engine::StoreFault;
 use pagepin_engine::{EntryFlags, Frame, FrameStore, Mfn, PageTableEntry, Pfn};
 
 use hypercall::{hypercall5, nr};

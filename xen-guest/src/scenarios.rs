@@ -20,12 +20,12 @@ use pagepin_backends::xen::abi::hypercall;
 use pagepin_backends::xen::{
     MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, P2m, XenBackend, XenHypercalls, DOMID_SELF,
 };
-use pagepin_engine::backend::{uvmf, ExtCmd, StoreFault};
-use pagepin_engine::lock::{RawLock, SpinLock};
+use pagepin_engine::{uvmf, ExtCmd, StoreFault};
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, Error, FrameStore, Global, Level, LockPolicy, Mfn, PageSize,
     PageTableEntry, Pfn, SpaceOptions, Split, StepKind, WritePath, X86_64,
 };
+use pagepin_engine::{RawLock, SpinLock};
 
 /// The prefix of every scenario line on the console.
 pub const LINE_PREFIX: &str = "PAGEPIN-SCENARIO";

@@ -17,12 +17,12 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use pagepin_backends::xen::XenHypercalls;
-use pagepin_engine::lock::{LockPolicy, SpinLock};
-use pagepin_engine::space::Sabotage;
+use pagepin_engine::Sabotage;
 use pagepin_engine::{
     pin_all, unpin_all, AddressSpace, Batch, EntryFlags, Error, ExtCmd, Global, Level, Mfn,
     PageSize, PageTableEntry, Pfn, SpaceOptions, Split, WritePath,
 };
+use pagepin_engine::{LockPolicy, SpinLock};
 
 use crate::scenarios::{ext_raw, mfn_of, states, Platform, Report, Space, LEAF};
 

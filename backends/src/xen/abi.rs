@@ -27,7 +27,7 @@ pub mod hypercall {
 pub const DOMID_SELF: u16 = 0x7FF0;
 
 /// Xen's errno values (returned negated).
-pub use pagepin_engine::backend::errno;
+pub use pagepin_engine::errno;
 
 /// One entry of a `multicall` hypercall: the hypercall number, its result
 /// (written by Xen: 0 or a negated errno), and up to six arguments.

@@ -9,8 +9,8 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::AtomicU64;
 
-use pagepin_engine::backend::{errno, Backend, Call, CallResult, StoreFault};
-use pagepin_engine::frame::{Mfn, Pfn};
+use pagepin_engine::{errno, Backend, Call, CallResult, StoreFault};
+use pagepin_engine::{Mfn, Pfn};
 use smallvec::SmallVec;
 
 use super::abi::{hypercall, rc_of, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, DOMID_SELF};

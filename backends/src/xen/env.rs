@@ -4,9 +4,9 @@
 
 use alloc::sync::Arc;
 
-use pagepin_engine::frame::{FrameStore, TableMemory};
-use pagepin_engine::lock::RawLock;
-use pagepin_engine::mode::PagingMode;
+use pagepin_engine::PagingMode;
+use pagepin_engine::RawLock;
+use pagepin_engine::{FrameStore, TableMemory};
 
 use super::backend::{P2m, XenBackend};
 use super::sim::{SimConfig, SimError, XenSim};

@@ -14,8 +14,8 @@ mod env;
 #[cfg(feature = "std")]
 pub mod sim;
 
-use pagepin_engine::backend::StoreFault;
-use pagepin_engine::frame::Mfn;
+use pagepin_engine::Mfn;
+use pagepin_engine::StoreFault;
 
 use core::sync::atomic::AtomicU64;
 

@@ -27,8 +27,8 @@ pub use shuttle::sync::{Arc, Mutex};
 #[cfg(all(shuttle, not(loom)))]
 pub use shuttle::thread;
 
-use pagepin_engine::backend::{uvmf, Backend, Call, CallResult, ExtCmd, StoreFault};
-pub use pagepin_engine::space::Sabotage;
+pub use pagepin_engine::Sabotage;
+use pagepin_engine::{uvmf, Backend, Call, CallResult, ExtCmd, StoreFault};
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, FrameStore, Level, LockPolicy, Mfn, PageSize, PageTableEntry,
     Pfn, SpaceOptions, TableMemory, WritePath, X86_64,

@@ -4,10 +4,10 @@
 
 use std::sync::atomic::Ordering;
 
-use pagepin_engine::frame::{ENTRIES_PER_FRAME, FRAME_SIZE};
 use pagepin_engine::{
     AddressSpace, Backend, EntryFlags, Error, Level, LockPolicy, PageSize, PagingMode, Pfn, X86_64,
 };
+use pagepin_engine::{ENTRIES_PER_FRAME, FRAME_SIZE};
 
 use super::memory::{frame_gpa, machine_address, GuestMemory};
 use super::probe::{expected_outcome, Probe, ProbeResult};

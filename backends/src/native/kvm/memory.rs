@@ -5,7 +5,7 @@
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
-use pagepin_engine::frame::FRAME_SIZE;
+use pagepin_engine::FRAME_SIZE;
 use pagepin_engine::{Backend, PagingMode, Pfn, X86_64};
 
 /// Host memory backing guest-physical ranges: heap allocations handed to

@@ -2,8 +2,8 @@
 //! it, and the hand-assembled guest code that performs it and reports
 //! back through I/O ports.
 
-use pagepin_engine::frame::FRAME_SIZE;
 use pagepin_engine::Translation;
+use pagepin_engine::FRAME_SIZE;
 
 /// How a probe touches its address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use pagepin_engine::frame::FRAME_SIZE;
+use pagepin_engine::FRAME_SIZE;
 use pagepin_engine::{
     AddressSpace, Backend, EntryFlags, FrameStore, LockPolicy, PageSize, PageTableEntry, Pfn,
     RawLock, X86_64,

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use pagepin_engine::mode::{Level, PagingMode};
+use pagepin_engine::{Level, PagingMode};
 
 use super::p2m::P2M_EXTENT;
 

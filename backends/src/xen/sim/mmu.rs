@@ -1,6 +1,6 @@
 //! `mmu_update`: one checked page-table entry update request.
 
-use pagepin_engine::backend::{errno, mmu_cmd};
+use pagepin_engine::{errno, mmu_cmd};
 
 use crate::sync::Ordering;
 

@@ -1,8 +1,8 @@
 //! `mmuext_op`: pin and unpin, base pointers, TLB flushes, and the
 //! commands the engine never sends, answered as real Xen 4.17 does.
 
-use pagepin_engine::backend::{errno, ExtCmd};
-use pagepin_engine::frame::ENTRIES_PER_FRAME;
+use pagepin_engine::ENTRIES_PER_FRAME;
+use pagepin_engine::{errno, ExtCmd};
 
 use crate::sync::Ordering;
 
@@ -159,12 +159,7 @@ impl XenSim {
     /// Run `f` on the memory of `mfn` (if it is table memory) under a
     /// transient writable type reference: `-EINVAL` when the domain does
     /// not own it or it is a page table.
-    fn with_writable(
-        &self,
-        mfn: u64,
-        l: &mut Local,
-        f: impl FnOnce(&pagepin_engine::frame::Frame),
-    ) -> R {
+    fn with_writable(&self, mfn: u64, l: &mut Local, f: impl FnOnce(&pagepin_engine::Frame)) -> R {
         if !self.owned(mfn) {
             return Err(errno::EINVAL);
         }

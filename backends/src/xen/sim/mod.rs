@@ -80,8 +80,8 @@ mod validate;
 use std::cell::Cell;
 use std::sync::Arc;
 
-use pagepin_engine::entry::{EntryFlags, PageTableEntry};
-use pagepin_engine::frame::{Mfn, Pfn, TableMemory};
+use pagepin_engine::{EntryFlags, PageTableEntry};
+use pagepin_engine::{Mfn, Pfn, TableMemory};
 
 // Shared state comes from the crate's sync facade (model checkers' types
 // under cfg(loom) / cfg(shuttle)); table entries are the engine's memory

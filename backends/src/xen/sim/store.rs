@@ -1,10 +1,10 @@
 //! Guest stores into table frames (rule 10 of docs/PROTOCOL.md §6): plain
 //! through a writable mapping, emulated into a read-only L1, else a fault.
 
-use pagepin_engine::backend::{errno, StoreFault};
-use pagepin_engine::entry::PageTableEntry;
-use pagepin_engine::frame::{Mfn, ENTRIES_PER_FRAME};
-use pagepin_engine::mode::Level;
+use pagepin_engine::Level;
+use pagepin_engine::PageTableEntry;
+use pagepin_engine::{errno, StoreFault};
+use pagepin_engine::{Mfn, ENTRIES_PER_FRAME};
 
 use crate::sync::Ordering;
 use core::sync::atomic::AtomicU64 as EntryWord;

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use pagepin_engine::backend::{errno, StoreFault};
-use pagepin_engine::frame::Mfn;
+use pagepin_engine::Mfn;
+use pagepin_engine::{errno, StoreFault};
 
 use crate::sync::Ordering;
 use core::sync::atomic::AtomicU64 as EntryWord;

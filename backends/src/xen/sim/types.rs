@@ -3,10 +3,10 @@
 //! cold state beside it (stale TLB, page lock, linear and partial counts),
 //! the direct-map slots, and taking and dropping type references.
 
-use pagepin_engine::backend::errno;
-use pagepin_engine::entry::PageTableEntry;
-use pagepin_engine::frame::{Mfn, Pfn};
-use pagepin_engine::mode::Level;
+use pagepin_engine::errno;
+use pagepin_engine::Level;
+use pagepin_engine::PageTableEntry;
+use pagepin_engine::{Mfn, Pfn};
 
 use crate::sync::{backoff, AtomicBool, AtomicU64, Ordering};
 

@@ -1,9 +1,9 @@
 //! `update_va_mapping` on the guest's direct map, and single-address TLB
 //! invalidation.
 
-use pagepin_engine::backend::{errno, uvmf};
-use pagepin_engine::entry::PageTableEntry;
-use pagepin_engine::mode::Level;
+use pagepin_engine::Level;
+use pagepin_engine::PageTableEntry;
+use pagepin_engine::{errno, uvmf};
 
 use crate::sync::Ordering;
 

@@ -5,10 +5,10 @@
 
 use std::ops::Range;
 
-use pagepin_engine::backend::errno;
-use pagepin_engine::entry::{EntryFlags, PageTableEntry};
-use pagepin_engine::frame::{Mfn, Pfn, ENTRIES_PER_FRAME};
-use pagepin_engine::mode::Level;
+use pagepin_engine::errno;
+use pagepin_engine::Level;
+use pagepin_engine::{EntryFlags, PageTableEntry};
+use pagepin_engine::{Mfn, Pfn, ENTRIES_PER_FRAME};
 
 use crate::sync::{AtomicU64, Ordering};
 use core::sync::atomic::AtomicU64 as EntryWord;
@@ -105,7 +105,7 @@ impl XenSim {
         let _ = e;
     }
 
-    pub(super) fn table_memory(&self, mfn: u64) -> R<&pagepin_engine::frame::Frame> {
+    pub(super) fn table_memory(&self, mfn: u64) -> R<&pagepin_engine::Frame> {
         let pfn = *self
             .m2p
             .get(usize::try_from(mfn).map_err(|_| errno::EINVAL)?)
