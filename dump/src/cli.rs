@@ -401,7 +401,7 @@ pub fn run_args(a: &Args, out: &mut dyn Write) -> Result<(), DumpError> {
         )?;
         writeln!(
             out,
-            "pin report: user half of root {:#x}, Xen PV rules (DESIGN §6), {}",
+            "pin report: user half of root {:#x}, Xen PV rules (docs/PROTOCOL.md §6), {}",
             w.root(),
             if a.io_privileged {
                 "domain with I/O resources"

@@ -18,8 +18,8 @@
 //!   leaves, PAT in bit 12 of large leaves, PTI's paired roots), with
 //!   statistics and single-address translation;
 //! - [`qemu`]: QEMU's `info mem` and `info tlb` output, line for line;
-//! - [`pin`]: whether Xen would accept this table as a PV guest's (DESIGN
-//!   §6, over the user half), and what pinning it would cost, counted by
+//! - [`pin`]: whether Xen would accept this table as a PV guest's (the
+//!   rules of the repository's docs/PROTOCOL.md §6, over the user half), and what pinning it would cost, counted by
 //!   running the engine itself on a copy of the tables.
 //!
 //! Bad input is a [`DumpError`], never a panic, a hang or an allocation

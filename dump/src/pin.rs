@@ -1,7 +1,7 @@
 //! Would Xen accept this table as a PV guest's, and what would pinning it
 //! cost?
 //!
-//! [`xen_check`] applies the rules of DESIGN §6 (Xen's `xen/arch/x86/mm.c`)
+//! [`xen_check`] applies the rules of docs/PROTOCOL.md §6 (Xen's `xen/arch/x86/mm.c`)
 //! to the user half of a table read from a dump, in the order Xen's
 //! recursive validation visits it (root slots in order, each table's
 //! entries in order, children before the next entry), and reports the first
@@ -72,7 +72,7 @@ pub struct XenOptions {
 /// The first rule broken.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleBreak {
-    /// The rule's number in DESIGN §6.
+    /// The rule's number in docs/PROTOCOL.md §6.
     pub rule: u8,
     /// The errno Xen returns (positive).
     pub errno: i32,

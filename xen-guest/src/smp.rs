@@ -2,7 +2,7 @@
 //! fault handler, bringing vCPUs 1..k up, the clock, and a scoped "run this
 //! on every vCPU" primitive the parallel scenarios use.
 //!
-//! Facts this relies on (DESIGN §11): Xen delivers a guest-kernel #PF on
+//! Facts this relies on (docs/PROTOCOL.md §11): Xen delivers a guest-kernel #PF on
 //! the interrupted stack, frame at `(rsp & ~15) - 64`, lowest first `rcx,
 //! r11, error code, rip, cs, rflags, rsp, ss`; CR2 is in `vcpu_info[v]`
 //! of the shared-info page; the `iret` hypercall returns. Events stay
@@ -129,7 +129,7 @@ fn shared_word<T>(off: usize) -> *const T {
 /// CR2 of vCPU `v` (exact: Xen writes it before delivering the #PF).
 fn cr2_of(v: usize) -> u64 {
     // SAFETY: `SHARED` maps the shared-info page after `init`; vcpu_info[v]
-    // is at 64 * v and its `arch.cr2` at +16 (DESIGN §11).
+    // is at 64 * v and its `arch.cr2` at +16 (docs/PROTOCOL.md §11).
     unsafe { core::ptr::read_volatile(shared_word::<u64>(64 * v + 16)) }
 }
 
@@ -427,7 +427,7 @@ fn load_trap_table() -> i64 {
 // ---------------------------------------------------------------------------
 // bring-up
 
-/// `vcpu_guest_context` of x86-64 (DESIGN §11): 5168 bytes.
+/// `vcpu_guest_context` of x86-64 (docs/PROTOCOL.md §11): 5168 bytes.
 const CTX_BYTES: usize = 5168;
 
 #[repr(C, align(16))]
