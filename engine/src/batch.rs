@@ -30,8 +30,9 @@ pub const ARG_BYTES_PER_ENTRY: usize = 16;
 pub const DEFAULT_BATCH: usize = 32;
 
 /// What a flush needs from its surroundings: the backend to issue calls and
-/// the PTE locks to release.
-pub trait FlushTarget {
+/// the PTE locks to release. Crate-private: only the engine's pin and
+/// writers queue requests (a user drives a batch through them).
+pub(crate) trait FlushTarget {
     /// Issue the calls; one result per call.
     fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);
     /// Take the PTE-page lock of `pfn` (waiting while it is held).
@@ -45,7 +46,7 @@ pub trait FlushTarget {
 
 /// A callback run after the batch it was registered with has been issued.
 #[derive(Clone, Copy, Debug)]
-pub enum Deferred {
+pub(crate) enum Deferred {
     /// Release `pfn`'s PTE lock, unless the request labelled `watch` did not
     /// take effect: then the lock stays held (reported by
     /// [`Batch::take_kept_locks`]) so the caller can restore the page before
@@ -56,7 +57,9 @@ pub enum Deferred {
         /// The request whose failure keeps the lock.
         watch: Tag,
     },
-    /// Call `f(data)` (Linux's `xen_mc_callback`).
+    /// Call `f(data)` (Linux's `xen_mc_callback`; the batch's own tests
+    /// record callback order with it).
+    #[cfg(test)]
     Call {
         /// The function.
         f: fn(usize),
@@ -141,7 +144,6 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     results: ArrayVec<CallResult, N>,
     /// Calls (and callbacks) per flush: `N` unless lowered at run time.
     limit: usize,
-    lazy: bool,
     seq: u64,
     preempt: PreemptCount,
     stats: BatchStats,
@@ -182,7 +184,6 @@ impl<const N: usize> Batch<N> {
             deferred: ArrayVec::new(),
             results: ArrayVec::new(),
             limit: N,
-            lazy: false,
             seq: 0,
             preempt: PreemptCount::default(),
             stats: BatchStats::default(),
@@ -292,14 +293,10 @@ impl<const N: usize> Batch<N> {
         self.journal = steps;
     }
 
-    /// Whether lazy-MMU mode is on.
-    pub fn is_lazy(&self) -> bool {
-        self.lazy
-    }
 
     /// Queue `update_va_mapping(va, pte, flags)`.
     #[inline]
-    pub fn update_va_mapping<T: FlushTarget + ?Sized>(
+    pub(crate) fn update_va_mapping<T: FlushTarget + ?Sized>(
         &mut self,
         target: &T,
         va: u64,
@@ -321,7 +318,7 @@ impl<const N: usize> Batch<N> {
     /// Queue one `mmu_update` request, extending the previous call when it is
     /// an `mmu_update` too.
     #[inline]
-    pub fn mmu_update<T: FlushTarget + ?Sized>(&mut self, target: &T, req: MmuUpdate, tag: Tag) {
+    pub(crate) fn mmu_update<T: FlushTarget + ?Sized>(&mut self, target: &T, req: MmuUpdate, tag: Tag) {
         let fits = self.updates.len() < self.limit
             && self.arg_bytes + MMU_UPDATE_BYTES <= self.arg_space();
         match self.slots.last_mut() {
@@ -343,7 +340,7 @@ impl<const N: usize> Batch<N> {
     /// Queue one `mmuext_op`, extending the previous call when it is an
     /// `mmuext_op` too.
     #[inline]
-    pub fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
+    pub(crate) fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
         let fits =
             self.ext.len() < self.limit && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space();
         match self.slots.last_mut() {
@@ -370,14 +367,14 @@ impl<const N: usize> Batch<N> {
     /// flush; the lock is held across). The caller counts the lock in the
     /// preempt count.
     #[inline]
-    pub fn hold_pte(&mut self, pfn: Pfn) {
+    pub(crate) fn hold_pte(&mut self, pfn: Pfn) {
         self.to_lock.push(pfn);
     }
 
     /// Register a callback to run after this batch is issued; flushes first
     /// if the callback list is full.
     #[inline(always)]
-    pub fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
+    pub(crate) fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
         if self.deferred.len() >= self.limit {
             self.flush_cold(target);
         }
@@ -393,28 +390,10 @@ impl<const N: usize> Batch<N> {
         self.flush(target);
     }
 
-    /// Enter lazy-MMU mode: [`Self::issue`] no longer flushes.
-    pub fn enter_lazy(&mut self) {
-        self.lazy = true;
-    }
-
-    /// Leave lazy-MMU mode and flush.
-    pub fn leave_lazy<T: FlushTarget + ?Sized>(&mut self, target: &T) {
-        self.lazy = false;
-        self.flush(target);
-    }
-
-    /// Flush unless in lazy-MMU mode (Linux's `xen_mc_issue`).
-    pub fn issue<T: FlushTarget + ?Sized>(&mut self, target: &T) {
-        if !self.lazy {
-            self.flush(target);
-        }
-    }
-
     /// Issue everything queued, record per-request outcomes, then run the
     /// callbacks in the order they were registered. Returns the number of
     /// calls that failed.
-    pub fn flush<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
+    pub(crate) fn flush<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
         let mut failed = 0;
         // The held pages' locks, taken as late as possible: a writer of
         // one of them waits only while the batch is issued.
@@ -530,6 +509,7 @@ impl<const N: usize> Batch<N> {
                         self.preempt.release();
                     }
                 }
+                #[cfg(test)]
                 Deferred::Call { f, data } => f(data),
             }
         }
@@ -726,24 +706,6 @@ mod tests {
         b.flush(&t);
         assert_eq!(ORDER.load(core::sync::atomic::Ordering::SeqCst), 123);
         assert_eq!(b.stats().callbacks, 3);
-    }
-
-    #[test]
-    fn lazy_mode_defers_issue() {
-        let t = Rec::default();
-        let mut b: Batch<8> = Batch::new();
-        b.enter_lazy();
-        b.update_va_mapping(&t, 1, 0, 0, 0);
-        b.issue(&t);
-        b.update_va_mapping(&t, 2, 0, 0, 1);
-        b.issue(&t);
-        assert!(t.issued.borrow().is_empty());
-        b.leave_lazy(&t);
-        assert_eq!(t.issued.borrow().len(), 1);
-        assert_eq!(t.issued.borrow()[0].len(), 2);
-        b.update_va_mapping(&t, 3, 0, 0, 2);
-        b.issue(&t);
-        assert_eq!(t.issued.borrow().len(), 2);
     }
 
     #[test]

@@ -66,8 +66,8 @@ pub use backend::{
     StoreFault,
 };
 pub use batch::{
-    Batch, BatchStats, Deferred, Failure, FlushTarget, Tag, ARG_BYTES_PER_ENTRY, DEFAULT_BATCH,
-    MMUEXT_OP_BYTES, MMU_UPDATE_BYTES, NO_TAG,
+    Batch, BatchStats, Failure, Tag, ARG_BYTES_PER_ENTRY, DEFAULT_BATCH, MMUEXT_OP_BYTES,
+    MMU_UPDATE_BYTES, NO_TAG,
 };
 pub use cursor::{CursorMut, Reader};
 pub use entry::{EntryFlags, PageTableEntry};
