@@ -293,7 +293,6 @@ impl<const N: usize> Batch<N> {
         self.journal = steps;
     }
 
-
     /// Queue `update_va_mapping(va, pte, flags)`.
     #[inline]
     pub(crate) fn update_va_mapping<T: FlushTarget + ?Sized>(
@@ -318,7 +317,12 @@ impl<const N: usize> Batch<N> {
     /// Queue one `mmu_update` request, extending the previous call when it is
     /// an `mmu_update` too.
     #[inline]
-    pub(crate) fn mmu_update<T: FlushTarget + ?Sized>(&mut self, target: &T, req: MmuUpdate, tag: Tag) {
+    pub(crate) fn mmu_update<T: FlushTarget + ?Sized>(
+        &mut self,
+        target: &T,
+        req: MmuUpdate,
+        tag: Tag,
+    ) {
         let fits = self.updates.len() < self.limit
             && self.arg_bytes + MMU_UPDATE_BYTES <= self.arg_space();
         match self.slots.last_mut() {
