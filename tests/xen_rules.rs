@@ -362,7 +362,7 @@ fn xsa182_fast_path_only_for_harmless_bits() {
         other => panic!("expected -EBUSY, got {other:?}"),
     }
     match s.set_pte(va, rw_root, WritePath::Store) {
-        Err(Error::Fault(f)) => assert_eq!(f.rc, -errno::EBUSY),
+        Err(Error::Fault(f)) => assert_eq!(f.errno, errno::EBUSY),
         other => panic!("expected an emulation refusal, got {other:?}"),
     }
     // Real Xen 4.17 marks a 64-bit PV kernel leaf USER | GUEST_KERNEL

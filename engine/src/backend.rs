@@ -252,8 +252,9 @@ pub struct StoreFault {
     pub mfn: Mfn,
     /// The entry index.
     pub index: usize,
-    /// Why (a negated errno from the emulator, or `-EFAULT` for a fault).
-    pub rc: i32,
+    /// Why, as a positive errno like every errno the engine reports
+    /// (`EFAULT` for a page fault, or the emulator's refusal).
+    pub errno: i32,
 }
 
 /// A hypervisor or hardware the engine drives.

@@ -264,7 +264,7 @@ impl fmt::Display for Error {
             Error::Fault(s) => write!(
                 f,
                 "a store into entry {} of table frame {:#x} faulted ({})",
-                s.index, s.mfn.0, s.rc
+                s.index, s.mfn.0, s.errno
             ),
             Error::HypervisorHole { va } => {
                 write!(f, "{va:#x} is in the hypervisor's hole of the address space")
@@ -349,7 +349,7 @@ mod tests {
             Error::Fault(StoreFault {
                 mfn: Mfn(5),
                 index: 1,
-                rc: -14,
+                errno: 14,
             }),
             Error::HypervisorHole {
                 va: 0xffff_8000_0000_0000,

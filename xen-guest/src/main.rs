@@ -149,7 +149,7 @@ impl XenHypercalls for RealXen {
             Err(StoreFault {
                 mfn,
                 index,
-                rc: -14,
+                errno: 14,
             })
         }
     }

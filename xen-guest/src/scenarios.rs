@@ -398,7 +398,8 @@ impl<H: XenHypercalls> XenHypercalls for Recorder<H> {
         if self.on.load(Ordering::SeqCst) {
             self.push(Rec {
                 op: Op::Store,
-                rc: r.as_ref().map_or_else(|f| f.rc as i64, |_| 0),
+                // Recorded as hypercall results are: a negated errno.
+                rc: r.as_ref().map_or_else(|f| -(f.errno as i64), |_| 0),
                 done: 0,
                 trap: u32::MAX,
                 ext: Vec::new(),

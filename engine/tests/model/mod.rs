@@ -269,7 +269,7 @@ impl Backend for ModelHv {
             return Err(StoreFault {
                 mfn,
                 index,
-                rc: -14,
+                errno: 14,
             });
         }
         if p.read_only {

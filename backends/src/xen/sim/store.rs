@@ -26,7 +26,7 @@ impl XenSim {
         let fault = StoreFault {
             mfn,
             index,
-            rc: -errno::EFAULT,
+            errno: errno::EFAULT,
         };
         let m = mfn.0;
         let (Ok(f), Some(pfn)) = (self.frame(m), self.pfn_of(mfn)) else {
@@ -62,7 +62,11 @@ impl XenSim {
                     };
                     self.put_type(m, l);
                     l.emulated_stores += 1;
-                    return r.map_err(|e| StoreFault { mfn, index, rc: -e });
+                    return r.map_err(|e| StoreFault {
+                        mfn,
+                        index,
+                        errno: e,
+                    });
                 }
                 Ok(false) => {
                     // Remapped writable meanwhile? Then retry as a plain store.
