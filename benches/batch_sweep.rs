@@ -5,7 +5,7 @@
 //! `Batch::with_limit(n)`: it flushes at `n` calls, `n` callbacks and
 //! `16 * n` bytes of requests, exactly like a `Batch<n>` (the engine's
 //! `runtime_limit_behaves_like_a_smaller_capacity` test and
-//! `tests/batch_counts.rs` check this). Throughput is in table pages.
+//! `tests/engine_batch_counts.rs` check this). Throughput is in table pages.
 
 mod common;
 

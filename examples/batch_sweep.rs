@@ -13,7 +13,7 @@
 //! default of 2 MiB machine-contiguous extents placed at random.
 //!
 //! One compiled engine sweeps every size with `Batch::<256>::with_limit(n)`
-//! (it flushes exactly as a `Batch<n>` does; `tests/batch_counts.rs`).
+//! (it flushes exactly as a `Batch<n>` does; `tests/engine_batch_counts.rs`).
 
 use std::fmt::Write as _;
 

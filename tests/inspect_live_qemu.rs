@@ -22,6 +22,10 @@
 #[path = "support/qemu.rs"]
 mod qemu;
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -270,18 +274,6 @@ fn parse_mem(mem: &[String]) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
-/// A small deterministic generator for the translation sample.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// What one boot compared.
 #[derive(Debug, Default)]
 struct Figures {
@@ -423,7 +415,7 @@ fn check_guest(qemu: &Path, kernel: &Path, initrd: &Path, cpu: &str, append: &st
 
     // --translate against gva2gpa: a page of every 1/32 of the tlb lines
     // (at a random offset), and addresses in the gaps between mem ranges.
-    let mut rng = Rng(cr3);
+    let mut rng = Rng::new(cr3);
     let mut sample: Vec<u64> = Vec::new();
     let step = (tlb_q.len() / 32).max(1);
     for l in tlb_q.iter().step_by(step) {

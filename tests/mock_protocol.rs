@@ -1,7 +1,7 @@
 //! Protocol properties on the mock backend: lock bounds, failure rollback,
 //! bad input.
 
-#[path = "mock_common.rs"]
+#[path = "support/mock.rs"]
 mod common;
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Lock-free readers: `translate` takes no lock, and a released table frame
 //! is reused only once no reader can still be walking it.
 
-#[path = "mock_common.rs"]
+#[path = "support/mock.rs"]
 mod common;
 
 use std::collections::BTreeSet;

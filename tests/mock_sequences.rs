@@ -1,6 +1,6 @@
 //! Exact call sequences of pin and unpin on the mock backend (docs/PROTOCOL.md §3, §10).
 
-#[path = "mock_common.rs"]
+#[path = "support/mock.rs"]
 mod common;
 
 use std::sync::Arc;

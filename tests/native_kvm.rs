@@ -4,6 +4,7 @@
 //! prints one line `SKIP: kvm unavailable (<reason>)` and passes.
 #![cfg(target_os = "linux")]
 
+#[path = "support/native.rs"]
 mod native_support;
 
 use std::collections::BTreeSet;

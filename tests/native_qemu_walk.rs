@@ -16,7 +16,7 @@
 //! Skips loudly without QEMU; fails under `CI=true`. Bounded: a few
 //! hundred pages and a few hundred `gva2gpa` probes per mode.
 
-#[path = "native_support/mod.rs"]
+#[path = "support/native.rs"]
 mod native_support;
 #[path = "support/qemu.rs"]
 mod qemu;

@@ -10,6 +10,7 @@
 //! flags); non-canonical addresses are refused by both. A `Reader` kept
 //! across all the addresses must agree with `translate` on every one.
 
+#[path = "support/native.rs"]
 mod native_support;
 
 use std::sync::Arc;

@@ -6,6 +6,7 @@
 //! failure in the middle that must leave only the pre-pinned space pinned.
 #![cfg(feature = "parallel")]
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use pagepin::parallel::{pin_all_par, unpin_all_par};

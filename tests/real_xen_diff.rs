@@ -25,6 +25,7 @@
 
 extern crate alloc;
 
+#[path = "support/diff.rs"]
 mod diff_support;
 
 use std::collections::BTreeMap;

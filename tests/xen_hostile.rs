@@ -3,6 +3,7 @@
 //! Xen must refuse what breaks its rules; the engine must report typed
 //! errors, never hang, and leave a clean space once the writers stop.
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,6 +2,7 @@
 //! of a pin (and of an unpin) of a small table, make that entry fail and
 //! check that the operation reports it and leaves everything as it was.
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use pagepin::engine::errno;

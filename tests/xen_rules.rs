@@ -1,6 +1,7 @@
 //! The Xen backend and its simulated hypervisor: ABI encoding, the PV MMU
 //! rules (docs/PROTOCOL.md §6), and the engine's protocol under them (docs/PROTOCOL.md §3, §10).
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use std::mem::{offset_of, size_of};
@@ -366,7 +367,7 @@ fn xsa182_fast_path_only_for_harmless_bits() {
         other => panic!("expected an emulation refusal, got {other:?}"),
     }
     // Real Xen 4.17 marks a 64-bit PV kernel leaf USER | GUEST_KERNEL
-    // (bit 52) when it writes it (tests/real_xen.rs); the simulator does too.
+    // (bit 52) when it writes it (tests/real_xen_scenarios.rs); the simulator does too.
     assert_eq!(
         s.read_pte(va).unwrap().bits(),
         ro_root.bits() | EntryFlags::USER.bits() | (1 << 52)

@@ -2,6 +2,7 @@
 //! scales across threads (ignored by default: timing-dependent; run with
 //! `cargo test --release --test xen_scaling -- --ignored --nocapture`).
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use std::time::{Duration, Instant};

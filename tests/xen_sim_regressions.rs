@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+#[path = "support/diff.rs"]
 mod diff_support;
 
 use diff_support::program::{Arg, Ent, Ext, Op, Program, Req, Sym};

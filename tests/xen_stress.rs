@@ -3,6 +3,7 @@
 //! thread pins and unpins the space, under both lock policies; then the
 //! same stress with the protocol broken on purpose, which must fault.
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -18,6 +18,7 @@
 //! Bounded by counts: `PAGEPIN_RACE_ROUNDS` (pin/unpin rounds, default 30)
 //! runs a longer campaign.
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,5 +1,5 @@
 //! The real-Xen scenarios, written once and run twice: inside the PV test
-//! guest against real Xen, and in the host test (`tests/real_xen.rs`, which
+//! guest against real Xen, and in the host test (`tests/real_xen_scenarios.rs`, which
 //! includes this file) against the simulator `XenSim`.
 //!
 //! Every hypercall goes through a [`Recorder`] between the Xen backend and

@@ -16,6 +16,7 @@
 //! and L3 and reserved at L4. `translate` follows the CPU: no translation
 //! through a malformed entry or to a leaf with reserved bits.
 
+#[path = "support/native.rs"]
 mod native_support;
 
 use std::collections::BTreeMap;

@@ -9,9 +9,10 @@
 //!   hole was accepted;
 //! - `pin_all` (and `pin_all_par`) claimed a pin another thread made.
 
+#[path = "support/xen.rs"]
 mod xen_common;
 
-#[path = "mock_common.rs"]
+#[path = "support/mock.rs"]
 mod mock_common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

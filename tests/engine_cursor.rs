@@ -4,9 +4,14 @@
 //! global, x86-64 and PAE), failures that change nothing, a PTE writer on
 //! other PTE pages while a cursor maps, and readers that see releases.
 
-#[path = "mock_common.rs"]
+#[path = "support/mock.rs"]
 mod common;
+#[path = "support/xen.rs"]
 mod xen_common;
+
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
@@ -83,27 +88,13 @@ fn op(va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Op {
     }
 }
 
-/// A deterministic xorshift generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Map requests for mode `M`: runs of consecutive 4 KiB pages across PTE
 /// pages, L2s and (x86-64) L3s and root slots; 2 MiB and 1 GiB pages; and
 /// requests that must fail: already mapped (a page, a large page in the
 /// way, a large page over a table), misaligned va and pa, bad flags, a
 /// 1 GiB page on PAE, the PAE kernel-PMD slot.
 fn ops<M: PagingMode>(seed: u64) -> Vec<Op> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let pae = M::ROOT_ENTRIES == 4;
     let base: u64 = if pae { 0x4000_0000 } else { 0x10_0000_0000 };
     let mut v = Vec::new();
@@ -751,7 +742,7 @@ fn reader_equals_translate<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>>(
         addrs.push(base + (2 << 30) + i * 4096);
     }
     // Random order within the area, non-canonical, the hole's edges.
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     for _ in 0..5000 {
         addrs.push(base + rng.below(3 << 30));
     }
