@@ -182,20 +182,10 @@ fn ref_translate(space: &Space, va: u64) -> Option<(u64, PageSize)> {
 
 // ---------------------------------------------------------------- state
 
-#[derive(Debug, PartialEq, Eq)]
-struct State {
-    entries: Vec<u64>,
-    pinned: Vec<bool>,
-}
-
-fn state(space: &Space) -> State {
-    let store = space.store();
-    State {
-        entries: native_support::snapshot(store),
-        pinned: (0..FRAMES as u64)
-            .map(|i| store.meta(Pfn(STORE_BASE_PFN + i)).unwrap().is_pinned())
-            .collect(),
-    }
+/// The store's state (the tests' one snapshot): entries, and each frame's
+/// level, pinned flag, allocation and lock.
+fn state(space: &Space) -> native_support::StoreImage {
+    native_support::snapshot(space.store())
 }
 
 /// The net effect of the calls the mock accepted: the last read-only state

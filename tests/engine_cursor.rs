@@ -28,37 +28,10 @@ const RW: EntryFlags = EntryFlags::PRESENT
     .union(EntryFlags::WRITABLE)
     .union(EntryFlags::USER);
 
-/// Everything a map can change in a store: every entry of every frame, and
-/// each frame's level, pinned flag, allocation and lock.
-#[derive(Debug, PartialEq, Eq)]
-struct Image {
-    entries: Vec<u64>,
-    meta: Vec<(Option<Level>, bool, bool, bool)>,
-}
-
-fn image<L: RawLock>(store: &FrameStore<L>) -> Image {
-    let mut entries = Vec::new();
-    let mut meta = Vec::new();
-    for i in 0..store.len() {
-        let pfn = Pfn(store.base().0 + i as u64);
-        entries.extend(
-            store
-                .frame(pfn)
-                .unwrap()
-                .entries()
-                .iter()
-                .map(|e| e.load(Ordering::Relaxed)),
-        );
-        let m = store.meta(pfn).unwrap();
-        meta.push((
-            m.level(),
-            m.is_pinned(),
-            m.is_allocated(),
-            m.lock().is_locked(),
-        ));
-    }
-    Image { entries, meta }
-}
+#[path = "support/snapshot.rs"]
+mod store_image;
+/// Everything a map can change in a store (the tests' one snapshot).
+use store_image::{image, StoreImage as Image};
 
 /// [`image`] without the lock bits: what a failed call must leave alone
 /// (the cursor's own PTE lock is its state, not the space's).

@@ -25,29 +25,14 @@ pub fn replay(batches: &[RecordedBatch]) -> Replay {
     }
 }
 
-/// Everything about the store that an operation could change: entries,
-/// pinned flags, allocation, lock state.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    pub entries: Vec<u64>,
-    pub flags: Vec<(bool, bool, bool)>,
-}
+#[path = "snapshot.rs"]
+mod store_image;
+pub use store_image::StoreImage as Snapshot;
 
+/// Everything about the store that an operation could change (the tests'
+/// one snapshot, `support/snapshot.rs`).
 pub fn snapshot<L: RawLock>(store: &FrameStore<L>) -> Snapshot {
-    let mut entries = Vec::new();
-    let mut flags = Vec::new();
-    for i in 0..store.len() {
-        let pfn = Pfn(store.base().0 + i as u64);
-        let f = store.frame(pfn).unwrap();
-        entries.extend(
-            f.entries()
-                .iter()
-                .map(|e| e.load(std::sync::atomic::Ordering::Relaxed)),
-        );
-        let m = store.meta(pfn).unwrap();
-        flags.push((m.is_pinned(), m.is_allocated(), m.lock().is_locked()));
-    }
-    Snapshot { entries, flags }
+    store_image::image(store)
 }
 
 /// No frame flagged pinned, no lock held, nothing read-only or pinned at

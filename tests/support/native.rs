@@ -131,16 +131,12 @@ pub fn random_space<P: LockPolicy, B: Backend>(
     (space, mapped)
 }
 
-/// Every entry of every frame of a store (to show something did not change).
-pub fn snapshot<L: pagepin::RawLock>(store: &FrameStore<L>) -> Vec<u64> {
-    let base = store.base().0;
-    (base..base + store.len() as u64)
-        .flat_map(|pfn| {
-            let f = store.frame(pagepin::Pfn(pfn)).expect("in store");
-            f.entries()
-                .iter()
-                .map(|e| e.load(std::sync::atomic::Ordering::Acquire))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+#[path = "snapshot.rs"]
+mod store_image;
+pub use store_image::StoreImage;
+
+/// Everything about the store that an operation could change (the tests'
+/// one snapshot, `support/snapshot.rs`).
+pub fn snapshot<L: pagepin::RawLock>(store: &FrameStore<L>) -> StoreImage {
+    store_image::image(store)
 }
