@@ -28,10 +28,8 @@ const RW: EntryFlags = EntryFlags::PRESENT
     .union(EntryFlags::WRITABLE)
     .union(EntryFlags::USER);
 
-#[path = "support/snapshot.rs"]
-mod store_image;
 /// Everything a map can change in a store (the tests' one snapshot).
-use store_image::{image, StoreImage as Image};
+use common::{snapshot as image, Snapshot as Image};
 
 /// [`image`] without the lock bits: what a failed call must leave alone
 /// (the cursor's own PTE lock is its state, not the space's).
