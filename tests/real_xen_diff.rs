@@ -27,18 +27,17 @@ extern crate alloc;
 
 #[path = "support/diff.rs"]
 mod diff_support;
+#[path = "support/real_xen.rs"]
+mod real_xen;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use diff_support::program::{self, Op, Program};
 use diff_support::run_sim;
+use real_xen::{available_or_skip, boot, build_guest, guest_dir, xen_elf, BootOptions};
 
-const XEN_GZ: &str = "/boot/xen-4.17-amd64.gz";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Boots a shrink may spend.
 const SHRINK_BOOTS: usize = 40;
@@ -48,63 +47,6 @@ fn env_u64(key: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn unavailable() -> Option<String> {
-    if !Path::new(XEN_GZ).exists() {
-        return Some(format!(
-            "{XEN_GZ} missing (package xen-hypervisor-4.17-amd64)"
-        ));
-    }
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !matches!(qemu, Ok(s) if s.success()) {
-        return Some(String::from(
-            "qemu-system-x86_64 not runnable (package qemu-system-x86)",
-        ));
-    }
-    None
-}
-
-fn guest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("xen-guest")
-}
-
-/// Build the guest in its own workspace and target dir.
-fn build_guest() -> PathBuf {
-    let dir = guest_dir();
-    let target = dir.join("target");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| String::from("cargo"));
-    let out = Command::new(cargo)
-        .current_dir(&dir)
-        .args(["build", "--release", "--manifest-path"])
-        .arg(dir.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .output()
-        .expect("run cargo for the guest");
-    assert!(
-        out.status.success(),
-        "guest build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release").join("pagepin-xen-guest")
-}
-
-/// Xen as an ELF QEMU can boot (written per process: tests run in parallel).
-fn xen_elf() -> PathBuf {
-    let path = guest_dir()
-        .join("target")
-        .join(format!("xen-4.17-diff-{}.elf", std::process::id()));
-    let out = Command::new("zcat").arg(XEN_GZ).output().expect("zcat");
-    assert!(out.status.success(), "zcat {XEN_GZ} failed");
-    std::fs::write(&path, out.stdout).expect("write xen elf");
-    path
 }
 
 struct Rig {
@@ -136,7 +78,6 @@ impl Rig {
     /// answer per program, and the console.
     fn boot(&mut self, args: &str, module: Option<&[Program]>) -> (Vec<XenAnswer>, String) {
         let start = Instant::now();
-        let mut initrd = format!("{} diff=1 {args}", self.guest.display());
         let module_path = module.map(|ps| {
             let p = guest_dir()
                 .join("target")
@@ -146,80 +87,43 @@ impl Rig {
             std::fs::write(&p, bytes).expect("write module");
             p
         });
-        if let Some(p) = &module_path {
-            initrd.push(',');
-            initrd.push_str(&p.display().to_string());
-        }
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-no-reboot", "-nographic", "-monitor", "none"])
-            .args(["-serial", "stdio", "-m", "512", "-kernel"])
-            .arg(&self.xen)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-            .args([
-                "-append",
-                "loglvl=all guest_loglvl=all console=com1 com1=115200 noreboot dom0_mem=64M",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu");
-        let stdout = child.stdout.take().expect("qemu stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            while let Ok(n) = r.read_until(b'\n', &mut buf) {
-                if n == 0
-                    || tx
-                        .send(String::from_utf8_lossy(&buf).trim_end().to_string())
-                        .is_err()
-                {
-                    break;
-                }
-                buf.clear();
-            }
-        });
+        let b = boot(
+            &self.xen,
+            &self.guest,
+            &BootOptions {
+                vcpus: 1,
+                args: &format!("diff=1 {args}"),
+                modules: module_path.as_slice(),
+                timeout: BOOT_TIMEOUT,
+                echo: false,
+            },
+        );
         let mut console = String::new();
         let mut answers = Vec::new();
         let mut pending = Vec::new();
-        loop {
-            let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
-            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix("PAGEPIN-DIFF p=") {
-                        let f: BTreeMap<&str, &str> = rest
-                            .split_whitespace()
-                            .skip(1)
-                            .filter_map(|w| w.split_once('='))
-                            .collect();
-                        answers.push(XenAnswer {
-                            hash: u64::from_str_radix(f.get("hash").unwrap_or(&"0"), 16)
-                                .unwrap_or(0),
-                            ops: f.get("ops").and_then(|v| v.parse().ok()).unwrap_or(0),
-                            reset_ok: f.get("reset") == Some(&"ok"),
-                            probe: f.get("probe").unwrap_or(&"").to_string(),
-                            lines: std::mem::take(&mut pending),
-                        });
-                    } else if l.starts_with("PAGEPIN-DIFF-OP")
-                        || l.starts_with("PAGEPIN-DIFF-PROBE")
-                    {
-                        pending.push(l.clone());
-                    }
-                    console.push_str(&l);
-                    console.push('\n');
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    console.push_str("TIMEOUT\n");
-                    break;
-                }
+        for l in &b.lines {
+            if let Some(rest) = l.strip_prefix("PAGEPIN-DIFF p=") {
+                let f: BTreeMap<&str, &str> = rest
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|w| w.split_once('='))
+                    .collect();
+                answers.push(XenAnswer {
+                    hash: u64::from_str_radix(f.get("hash").unwrap_or(&"0"), 16).unwrap_or(0),
+                    ops: f.get("ops").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    reset_ok: f.get("reset") == Some(&"ok"),
+                    probe: f.get("probe").unwrap_or(&"").to_string(),
+                    lines: std::mem::take(&mut pending),
+                });
+            } else if l.starts_with("PAGEPIN-DIFF-OP") || l.starts_with("PAGEPIN-DIFF-PROBE") {
+                pending.push(l.clone());
             }
+            console.push_str(l);
+            console.push('\n');
         }
-        let _ = child.wait();
+        if b.timed_out {
+            console.push_str("TIMEOUT\n");
+        }
         if let Some(p) = module_path {
             let _ = std::fs::remove_file(p);
         }
@@ -376,11 +280,7 @@ fn explain_answer(p: &Program, x: Option<&XenAnswer>) -> String {
 
 #[test]
 fn simulator_matches_real_xen_on_random_programs() {
-    if let Some(reason) = unavailable() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
-        }
-        println!("SKIP: real Xen unavailable ({reason}); the differential programs did not run");
+    if !available_or_skip("the differential programs") {
         return;
     }
     // Hand-written programs (a file of `program::encode_all` words, e.g.

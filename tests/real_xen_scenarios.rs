@@ -14,16 +14,16 @@
 
 extern crate alloc;
 
+#[path = "support/real_xen.rs"]
+mod real_xen;
 #[allow(dead_code)]
 #[path = "../xen-guest/src/scenarios.rs"]
 mod scenarios;
+use real_xen::{available_or_skip, boot, build_guest, xen_elf, BootOptions};
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use pagepin_backends::xen::{SimConfig, XenBackend, XenSim};
 use pagepin_engine::SpinLock;
@@ -35,7 +35,6 @@ use scenarios::{Platform, Recorder, Report, DATA_PAGES, MAGIC, MAGIC_PAGE};
 
 /// How long the whole boot may take before it counts as a hang.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-const XEN_GZ: &str = "/boot/xen-4.17-amd64.gz";
 /// Scenario lines the guest must print.
 const SCENARIOS: usize = 6;
 
@@ -213,143 +212,6 @@ fn scenarios_on_the_simulator() {
 // ---------------------------------------------------------------------------
 // real Xen
 
-/// Why real Xen cannot run here, if it cannot.
-fn unavailable() -> Option<String> {
-    if !Path::new(XEN_GZ).exists() {
-        return Some(format!(
-            "{XEN_GZ} missing (package xen-hypervisor-4.17-amd64)"
-        ));
-    }
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !matches!(qemu, Ok(s) if s.success()) {
-        return Some(String::from(
-            "qemu-system-x86_64 not runnable (package qemu-system-x86)",
-        ));
-    }
-    None
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Build the guest in its own workspace and target dir.
-fn build_guest() -> PathBuf {
-    let dir = root().join("xen-guest");
-    let target = dir.join("target");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| String::from("cargo"));
-    let out = Command::new(cargo)
-        .current_dir(&dir)
-        .args(["build", "--release", "--manifest-path"])
-        .arg(dir.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .output()
-        .expect("run cargo for the guest");
-    assert!(
-        out.status.success(),
-        "guest build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release").join("pagepin-xen-guest")
-}
-
-fn xen_elf() -> PathBuf {
-    let dir = root().join("xen-guest").join("target");
-    std::fs::create_dir_all(&dir).expect("target dir");
-    let path = dir.join("xen-4.17.elf");
-    let out = Command::new("zcat").arg(XEN_GZ).output().expect("zcat");
-    assert!(out.status.success(), "zcat {XEN_GZ} failed");
-    std::fs::write(&path, out.stdout).expect("write xen.elf");
-    path
-}
-
-struct Boot {
-    lines: Vec<String>,
-    status: Option<i32>,
-    elapsed: Duration,
-    timed_out: bool,
-}
-
-fn boot(xen: &Path, guest: &Path) -> Boot {
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-no-reboot",
-            "-nographic",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-m",
-            "512",
-        ])
-        .arg("-kernel")
-        .arg(xen)
-        .arg("-initrd")
-        .arg(guest)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .args([
-            "-append",
-            "loglvl=all guest_loglvl=all console=com1 com1=115200 noreboot dom0_mem=64M",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qemu");
-    let stdout = child.stdout.take().expect("qemu stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        while let Ok(n) = r.read_until(b'\n', &mut buf) {
-            if n == 0 {
-                break;
-            }
-            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-            buf.clear();
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let mut timed_out = false;
-    loop {
-        let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(l) => {
-                let end = l.contains("PAGEPIN-GUEST done") || l.contains("PAGEPIN-GUEST panic");
-                lines.push(l);
-                if end {
-                    // QEMU exits through isa-debug-exit right after.
-                    continue;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                let _ = child.kill();
-                break;
-            }
-        }
-    }
-    let status = child.wait().ok().and_then(|s| s.code());
-    Boot {
-        lines,
-        status,
-        elapsed: start.elapsed(),
-        timed_out,
-    }
-}
-
 fn fields(line: &str) -> (String, BTreeMap<String, String>) {
     let (name, f) = scenarios::parse_line(line).expect("scenario line");
     (name, f.into_iter().collect())
@@ -358,16 +220,22 @@ fn fields(line: &str) -> (String, BTreeMap<String, String>) {
 #[test]
 fn guest_on_real_xen() {
     let _one_at_a_time = one_at_a_time();
-    if let Some(reason) = unavailable() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
-        }
-        println!("SKIP: real Xen unavailable ({reason})");
+    if !available_or_skip("the guest scenarios") {
         return;
     }
     let guest = build_guest();
     let xen = xen_elf();
-    let b = boot(&xen, &guest);
+    let b = boot(
+        &xen,
+        &guest,
+        &BootOptions {
+            vcpus: 1,
+            args: "",
+            modules: &[],
+            timeout: BOOT_TIMEOUT,
+            echo: false,
+        },
+    );
     let console = b.lines.join("\n");
     println!(
         "boot took {:.2} s, QEMU status {:?}",

@@ -27,18 +27,19 @@
 
 extern crate alloc;
 
+#[path = "support/real_xen.rs"]
+mod real_xen;
 #[allow(dead_code)]
 #[path = "../xen-guest/src/scenarios.rs"]
 mod scenarios;
+use real_xen::{available_or_skip, boot, build_guest, unavailable, xen_elf, BootOptions};
 #[allow(dead_code)]
 #[path = "../xen-guest/src/smp_scenarios.rs"]
 mod smp_scenarios;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagepin_backends::xen::{MmuExtOpAbi, SimConfig, XenBackend, XenHypercalls, XenSim};
@@ -52,7 +53,6 @@ use smp_scenarios::{Job, Scratch, Smp};
 
 /// How long one boot may take before it counts as a hang.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const XEN_GZ: &str = "/boot/xen-4.17-amd64.gz";
 /// Batch sizes every job runs at.
 const BATCHES: [usize; 3] = [1, 32, 256];
 /// Rounds of each negative control on the simulator.
@@ -335,148 +335,6 @@ fn smp_workloads_on_the_simulator() {
 // ---------------------------------------------------------------------------
 // real Xen
 
-/// Why real Xen cannot run here, if it cannot.
-fn unavailable() -> Option<String> {
-    if !Path::new(XEN_GZ).exists() {
-        return Some(format!(
-            "{XEN_GZ} missing (package xen-hypervisor-4.17-amd64)"
-        ));
-    }
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !matches!(qemu, Ok(s) if s.success()) {
-        return Some(String::from(
-            "qemu-system-x86_64 not runnable (package qemu-system-x86)",
-        ));
-    }
-    None
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Build the guest in its own workspace and target dir.
-fn build_guest() -> PathBuf {
-    let dir = root().join("xen-guest");
-    let target = dir.join("target");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| String::from("cargo"));
-    let out = Command::new(cargo)
-        .current_dir(&dir)
-        .args(["build", "--release", "--manifest-path"])
-        .arg(dir.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .output()
-        .expect("run cargo for the guest");
-    assert!(
-        out.status.success(),
-        "guest build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release").join("pagepin-xen-guest")
-}
-
-fn xen_elf() -> PathBuf {
-    let dir = root().join("xen-guest").join("target");
-    std::fs::create_dir_all(&dir).expect("target dir");
-    // Its own file: the single-vCPU test may write its copy at the same time.
-    let path = dir.join("xen-4.17-smp.elf");
-    let out = Command::new("zcat").arg(XEN_GZ).output().expect("zcat");
-    assert!(out.status.success(), "zcat {XEN_GZ} failed");
-    std::fs::write(&path, out.stdout).expect("write xen.elf");
-    path
-}
-
-struct Boot {
-    lines: Vec<String>,
-    status: Option<i32>,
-    elapsed: Duration,
-    timed_out: bool,
-}
-
-/// Boot Xen with `vcpus` vCPUs for dom0 and the guest with `args`.
-fn boot(xen: &Path, guest: &Path, vcpus: usize, args: &str) -> Boot {
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-no-reboot",
-            "-nographic",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-m",
-            "512",
-            "-accel",
-            "tcg,thread=multi",
-        ])
-        .arg("-smp")
-        .arg(vcpus.to_string())
-        .arg("-kernel")
-        .arg(xen)
-        .arg("-initrd")
-        .arg(format!("{} {args}", guest.display()))
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .arg("-append")
-        .arg(format!(
-            "loglvl=all guest_loglvl=all console=com1 com1=115200 noreboot dom0_mem=64M \
-             dom0_max_vcpus={vcpus} dom0_vcpus_pin"
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qemu");
-    let stdout = child.stdout.take().expect("qemu stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        while let Ok(n) = r.read_until(b'\n', &mut buf) {
-            if n == 0 {
-                break;
-            }
-            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-            buf.clear();
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let mut timed_out = false;
-    loop {
-        let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(l) => {
-                if l.starts_with("PAGEPIN") {
-                    println!("  {l}");
-                }
-                lines.push(l);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
-                let _ = child.kill();
-                break;
-            }
-        }
-    }
-    let status = child.wait().ok().and_then(|s| s.code());
-    Boot {
-        lines,
-        status,
-        elapsed: start.elapsed(),
-        timed_out,
-    }
-}
-
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()
@@ -490,11 +348,7 @@ const COMPARED: [&str; 5] = ["pins", "unpins", "traps_pin", "traps_unpin", "l1pi
 #[test]
 fn guest_on_real_xen_smp() {
     let _one_at_a_time = one_at_a_time();
-    if let Some(reason) = unavailable() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("real Xen unavailable in CI ({reason}): .ci/run installs qemu-system-x86 and xen-hypervisor-4.17-amd64");
-        }
-        println!("SKIP: real Xen unavailable ({reason})");
+    if !available_or_skip("the guest scenarios") {
         return;
     }
     let guest = build_guest();
@@ -516,8 +370,13 @@ fn guest_on_real_xen_smp() {
         let b = boot(
             &xen,
             &guest,
-            vcpus,
-            &format!("vcpus={writers} rounds={rounds} controls={controls}{batch_arg}"),
+            &BootOptions {
+                vcpus,
+                args: &format!("vcpus={writers} rounds={rounds} controls={controls}{batch_arg}"),
+                modules: &[],
+                timeout: BOOT_TIMEOUT,
+                echo: true,
+            },
         );
         let console = b.lines.join("\n");
         println!(
@@ -666,14 +525,24 @@ fn measure_fields(line: &str) -> Option<(String, BTreeMap<String, String>)> {
 #[ignore = "measurements: minutes of TCG; run by hand"]
 fn real_xen_sweep() {
     let _one_at_a_time = one_at_a_time();
-    if let Some(reason) = unavailable() {
-        println!("SKIP: real Xen unavailable ({reason})");
+    if unavailable().is_some() {
+        println!("SKIP: real Xen unavailable; the sweep did not run");
         return;
     }
     let rounds = env_usize("PAGEPIN_XEN_SWEEP_ROUNDS", 10);
     let guest = build_guest();
     let xen = xen_elf();
-    let b = boot(&xen, &guest, 2, &format!("vcpus=1 jobs=0 sweep={rounds}"));
+    let b = boot(
+        &xen,
+        &guest,
+        &BootOptions {
+            vcpus: 2,
+            args: &format!("vcpus=1 jobs=0 sweep={rounds}"),
+            modules: &[],
+            timeout: BOOT_TIMEOUT,
+            echo: true,
+        },
+    );
     assert!(!b.timed_out, "hang:\n{}", b.lines.join("\n"));
     let xen_rows: Vec<(String, BTreeMap<String, String>)> =
         b.lines.iter().filter_map(|l| measure_fields(l)).collect();
@@ -720,7 +589,11 @@ fn real_xen_sweep() {
     }
     let path = std::env::var("PAGEPIN_XEN_SWEEP_SVG")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("docs").join("real_xen_sweep.svg"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("docs")
+                .join("real_xen_sweep.svg")
+        });
     let num = |f: &BTreeMap<String, String>, k: &str| -> f64 {
         f.get(k).and_then(|v| v.parse().ok()).unwrap_or(0.0)
     };
