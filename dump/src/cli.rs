@@ -237,11 +237,7 @@ pub fn write_translation(out: &mut dyn Write, t: &Translation) -> std::io::Resul
         } else if s.level == Level::L1
             || (matches!(s.level, Level::L2 | Level::L3) && e & (1 << 7) != 0)
         {
-            let size = match s.level {
-                Level::L1 => PageSize::Size4K,
-                Level::L2 => PageSize::Size2M,
-                _ => PageSize::Size1G,
-            };
+            let size = PageSize::of_leaf(s.level);
             format!(
                 "{} page at {:#x}",
                 size_name(size),

@@ -468,11 +468,7 @@ impl<'a> Walker<'a> {
         path_and: u64,
         path_or: u64,
     ) -> Leaf {
-        let size = match level {
-            Level::L1 => PageSize::Size4K,
-            Level::L2 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        };
+        let size = PageSize::of_leaf(level);
         let phys = entry & TABLE_ADDR_MASK & !(size.bytes() - 1);
         let and = path_and & entry;
         let or = path_or | entry;

@@ -345,7 +345,7 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
         va: u64,
     ) -> Result<(Pfn, Level, usize, PageTableEntry, PageSize), Error> {
         let (pfn, level, index, cur) = self.leaf_for(va)?;
-        let size = AddressSpace::<M, P, B>::leaf_size(level);
+        let size = PageSize::of_leaf(level);
         if va & (size.bytes() - 1) != 0 {
             return Err(Error::Misaligned { addr: va });
         }

@@ -81,6 +81,16 @@ impl PageSize {
             PageSize::Size1G => 1 << 30,
         }
     }
+    /// The size of the page a leaf at `level` maps: L1 4 KiB, L2 2 MiB,
+    /// L3 1 GiB. The walk refuses PS above L3, so no leaf exists higher up;
+    /// such a level is answered with the largest size.
+    pub const fn of_leaf(level: Level) -> PageSize {
+        match level {
+            Level::L1 => PageSize::Size4K,
+            Level::L2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
+        }
+    }
     /// The level whose entry maps a page of this size.
     pub const fn level(self) -> Level {
         match self {

@@ -415,7 +415,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         level: Level,
         va: u64,
     ) -> Option<Translation> {
-        let size = Self::leaf_size(level);
+        let size = PageSize::of_leaf(level);
         let pat_mask = Self::pat_mask(size);
         // Reserved bits in the leaf (address bits above MAXPHYADDR; in a
         // large leaf, the address bits below its size other than PAT): the
@@ -429,19 +429,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Some(Translation { phys, size, flags })
     }
 
-    /// The size of a leaf at `level` (L1: 4 KiB, L2: 2 MiB, L3: 1 GiB).
-    #[inline]
-    pub(crate) fn leaf_size(level: Level) -> PageSize {
-        match level {
-            Level::L1 => PageSize::Size4K,
-            Level::L2 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        }
-    }
-
     /// Bit 12 of a large leaf is PAT, not an address bit.
     #[inline]
-    fn pat_mask(size: PageSize) -> u64 {
+    pub(crate) fn pat_mask(size: PageSize) -> u64 {
         if size == PageSize::Size4K {
             0
         } else {
@@ -618,11 +608,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if size != PageSize::Size4K {
             f |= EntryFlags::HUGE;
         }
-        let addr_mask = if size == PageSize::Size4K {
-            PageTableEntry::ADDR_MASK
-        } else {
-            PageTableEntry::ADDR_MASK & !EntryFlags::PAT_LARGE.bits()
-        };
+        let addr_mask = PageTableEntry::ADDR_MASK & !Self::pat_mask(size);
         Ok(PageTableEntry::from_bits(
             (cur.bits() & addr_mask) | f.bits(),
         ))

@@ -9,10 +9,10 @@ mod model;
 use model::*;
 use pagepin_engine::LockPolicy;
 
-/// A pinner pinning then unpinning a space of two PTE pages against
-/// `writers` writers (1: one writer rewriting both pages; 2: one per page).
-/// Returns what loom found over every interleaving.
-fn explore<P: LockPolicy, const N: usize>(sabotage: Sabotage, writers: u64) -> Findings {
+/// Run `one` (an execution: it returns what it found wrong, if anything)
+/// under loom over every interleaving; `what` names the model in the
+/// report. Returns what loom found.
+fn check_all(what: &str, one: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Findings {
     let found = Findings::default();
     let f = found.clone();
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -25,6 +25,20 @@ fn explore<P: LockPolicy, const N: usize>(sabotage: Sabotage, writers: u64) -> F
     }
     builder.check(move || {
         r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f.record(one());
+    });
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("loom: {runs} interleavings explored ({what})");
+    assert!(runs > 10, "loom explored only {runs} interleavings");
+    found
+}
+
+/// A pinner pinning then unpinning a space of two PTE pages against
+/// `writers` writers (1: one writer rewriting both pages; 2: one per page).
+/// Returns what loom found over every interleaving.
+fn explore<P: LockPolicy, const N: usize>(sabotage: Sabotage, writers: u64) -> Findings {
+    let what = format!("{writers} writer(s), batch {N}, {}", P::NAME);
+    check_all(&what, move || {
         let s = tiny_space::<P>(2, sabotage);
         let handles: Vec<_> = (0..writers)
             .map(|w| {
@@ -38,24 +52,16 @@ fn explore<P: LockPolicy, const N: usize>(sabotage: Sabotage, writers: u64) -> F
                 })
             })
             .collect();
-        let pinned = pin_unpin::<P, N>(&s);
+        let mut result = pin_unpin::<P, N>(&s);
         let mut last = Vec::new();
-        let mut result = pinned;
         for h in handles {
             match h.join().unwrap() {
                 Ok(v) => last.extend(v),
                 Err(e) => result = result.and(Err(e)),
             }
         }
-        f.record(result.and_then(|()| check_end(&s, &last)));
-    });
-    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!(
-        "loom: {runs} interleavings explored ({writers} writer(s), batch {N}, {})",
-        P::NAME
-    );
-    assert!(runs > 10, "loom explored only {runs} interleavings");
-    found
+        result.and_then(|()| check_end(&s, &last))
+    })
 }
 
 fn holds<P: LockPolicy, const N: usize>(writers: u64) {
@@ -148,32 +154,16 @@ fn negative_skip_l1_pin() {
 /// writer that links a new PTE page (`map` into a fresh 2 MiB region),
 /// unmaps and releases it.
 fn explore_tables<P: LockPolicy, const N: usize>(sabotage: Sabotage) -> Findings {
-    let found = Findings::default();
-    let f = found.clone();
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let r = runs.clone();
-    let mut builder = loom::model::Builder::new();
-    if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
-        builder.max_branches = 20_000;
-    }
-    builder.check(move || {
-        r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let what = format!("table-linking writer, batch {N}, {}", P::NAME);
+    check_all(&what, move || {
         let s = tiny_space::<P>(1, sabotage);
         let w = {
             let s = s.clone();
             thread::spawn(move || map_release(&s, 1))
         };
-        let pinned = pin_unpin::<P, N>(&s);
-        let result = pinned.and(w.join().unwrap());
-        f.record(result.and_then(|()| check_end(&s, &[])));
-    });
-    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!(
-        "loom: {runs} interleavings explored (table-linking writer, batch {N}, {})",
-        P::NAME
-    );
-    assert!(runs > 10, "loom explored only {runs} interleavings");
-    found
+        let result = pin_unpin::<P, N>(&s).and(w.join().unwrap());
+        result.and_then(|()| check_end(&s, &[]))
+    })
 }
 
 #[test]

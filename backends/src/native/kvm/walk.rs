@@ -106,7 +106,7 @@ fn collect<P: LockPolicy, B: Backend>(
             Next::Empty => {}
             Next::Leaf(_) => out.push(Leaf {
                 va,
-                size: page_size_at(level),
+                size: PageSize::of_leaf(level),
                 table: pfn,
                 index,
                 rights: rights.through(e),
@@ -122,14 +122,4 @@ fn collect<P: LockPolicy, B: Backend>(
         }
     }
     Ok(())
-}
-
-/// The size of a leaf at `level` (`walk::next` reports leaves only at
-/// L1..=L3 on x86-64).
-fn page_size_at(level: Level) -> PageSize {
-    match level {
-        Level::L1 => PageSize::Size4K,
-        Level::L2 => PageSize::Size2M,
-        _ => PageSize::Size1G,
-    }
 }
