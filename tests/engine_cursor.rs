@@ -787,3 +787,117 @@ fn reader_revalidates_its_path() {
     assert_eq!(s.translate(va), None);
     assert_eq!(r.translate(va), None);
 }
+
+/// `CursorMut::unmap` and `CursorMut::protect` over a range give what
+/// per-call `unmap` and `protect` give (results, tables, backend calls),
+/// move past each page, and refuse a page that does not end in the range
+/// or a position not at a page base without moving.
+fn unmap_protect_through_the_cursor<P: LockPolicy>(pinned: bool) {
+    let a = mock_space::<X86_64, P>(64);
+    let b = mock_space::<X86_64, P>(64);
+    let base = 0x40_0000_0000u64;
+    for s in [&a, &b] {
+        if pinned {
+            s.pin(&mut Batch::<32>::new()).unwrap();
+        }
+        for i in 0..600u64 {
+            s.map(
+                base + (i << 12),
+                0x100_0000 + (i << 12),
+                PageSize::Size4K,
+                RW,
+            )
+            .unwrap();
+        }
+        s.map(
+            base + (2 << 21),
+            0x4000_0000,
+            PageSize::Size2M,
+            RW | EntryFlags::PAT_LARGE,
+        )
+        .unwrap();
+    }
+    let ro = EntryFlags::PRESENT | EntryFlags::USER;
+    // Protect every 4 KiB page, then unmap them and the 2 MiB one.
+    let mut per_call = Vec::new();
+    for i in 0..600u64 {
+        per_call.push(a.protect(base + (i << 12), ro).map(|_| None));
+    }
+    per_call.push(a.protect(base + (2 << 21), ro).map(|_| None));
+    for i in 0..600u64 {
+        per_call.push(a.unmap(base + (i << 12)).map(Some));
+    }
+    per_call.push(a.unmap(base + (2 << 21)).map(Some));
+    let mut through = Vec::new();
+    {
+        let mut c = b.cursor_mut(base..base + (3 << 21)).unwrap();
+        for _ in 0..600 {
+            through.push(c.protect(ro).map(|_| None));
+        }
+        c.jump(base + (2 << 21)).unwrap();
+        through.push(c.protect(ro).map(|_| None));
+        assert_eq!(c.va(), base + (3 << 21), "moved past the 2 MiB page");
+        c.jump(base).unwrap();
+        for _ in 0..600 {
+            through.push(c.unmap().map(Some));
+        }
+        c.jump(base + (2 << 21)).unwrap();
+        through.push(c.unmap().map(Some));
+        // Nothing left: not mapped, and the cursor stays.
+        c.jump(base).unwrap();
+        assert_eq!(c.unmap(), Err(Error::NotMapped { va: base }));
+        assert_eq!(c.va(), base);
+    }
+    assert_eq!(through, per_call);
+    let pat = per_call.last().unwrap().as_ref().unwrap().unwrap();
+    assert_eq!(pat.phys, 0x4000_0000);
+    assert_eq!(image(a.store()), image(b.store()));
+    assert_eq!(a.backend().calls(), b.backend().calls());
+    assert_eq!(a.backend().stores(), b.backend().stores());
+    // A 2 MiB page that does not end inside the range, and a position
+    // inside a large page: refused, nothing changed, the cursor stays.
+    b.map(base + (2 << 21), 0x4000_0000, PageSize::Size2M, RW)
+        .unwrap();
+    let before = image(b.store());
+    let mut c = b
+        .cursor_mut(base + (2 << 21)..base + (2 << 21) + 4096)
+        .unwrap();
+    assert_eq!(
+        c.unmap(),
+        Err(Error::OutOfRange {
+            va: base + (2 << 21)
+        })
+    );
+    assert_eq!(
+        c.protect(ro),
+        Err(Error::OutOfRange {
+            va: base + (2 << 21)
+        })
+    );
+    assert_eq!(c.va(), base + (2 << 21));
+    drop(c);
+    let mut c = b.cursor_mut(base + (2 << 21)..base + (3 << 21)).unwrap();
+    c.jump(base + (2 << 21) + 4096).unwrap();
+    assert_eq!(
+        c.unmap(),
+        Err(Error::Misaligned {
+            addr: base + (2 << 21) + 4096
+        })
+    );
+    drop(c);
+    assert_eq!(image(b.store()), before);
+    for s in [&a, &b] {
+        assert!(!s.space_lock().is_locked());
+        if pinned {
+            s.unpin(&mut Batch::<32>::new()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn cursor_unmap_and_protect_equal_per_call() {
+    unmap_protect_through_the_cursor::<Split>(false);
+    unmap_protect_through_the_cursor::<Global>(false);
+    unmap_protect_through_the_cursor::<Split>(true);
+    unmap_protect_through_the_cursor::<Global>(true);
+}

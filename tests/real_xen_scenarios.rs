@@ -16,6 +16,9 @@ extern crate alloc;
 
 #[path = "support/real_xen.rs"]
 mod real_xen;
+#[path = "support/sim_dom0.rs"]
+mod sim_dom0;
+use sim_dom0::{Dom0, SimH, BOOT_ALIAS_VA, DATA_BASE};
 #[allow(dead_code)]
 #[path = "../xen-guest/src/scenarios.rs"]
 mod scenarios;
@@ -25,11 +28,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagepin_backends::xen::{SimConfig, XenBackend, XenSim};
 use pagepin_engine::SpinLock;
 use pagepin_engine::{
-    AddressSpace, Batch, EntryFlags, ExtCmd, FrameStore, Mfn, PageSize, PageTableEntry, Pfn,
-    SpaceOptions, Split, TableMemory, WritePath, X86_64,
+    AddressSpace, Batch, EntryFlags, FrameStore, Mfn, PageSize, PageTableEntry, Pfn, SpaceOptions,
+    Split, WritePath, X86_64,
 };
 use scenarios::{Platform, Recorder, Report, DATA_PAGES, MAGIC, MAGIC_PAGE};
 
@@ -41,73 +43,28 @@ const SCENARIOS: usize = 6;
 // ---------------------------------------------------------------------------
 // the simulator as a platform
 
-const NR_PAGES: usize = 16384;
-const POOL: usize = 512;
-const DATA_BASE: u64 = 8000;
-/// A page of the simulated "boot" space whose entry is borrowed as a
-/// writable alias (scenario 5).
-const BOOT_ALIAS_VA: u64 = 0x0000_0100_0000_0000;
-
-type SimH = Arc<XenSim>;
-
 struct Sim {
-    sim: Arc<XenSim>,
-    rec: Arc<Recorder<SimH>>,
-    backend: Arc<scenarios::Backend<SimH>>,
-    store: Arc<FrameStore<SpinLock>>,
-    boot: AddressSpace<X86_64, Split<SpinLock>, scenarios::Backend<SimH>>,
+    dom: Dom0,
     span: (u64, u64),
     /// Pages of the span the guest's layout leaves out.
     holes: Vec<u64>,
 }
 
+/// The domain's parts (`self.sim`, `self.rec`, ...) read through it.
+impl std::ops::Deref for Sim {
+    type Target = Dom0;
+    fn deref(&self) -> &Dom0 {
+        &self.dom
+    }
+}
+
 impl Sim {
-    /// A simulated dom0 like the real one (16384 pages, direct map at 0),
-    /// running on a pinned "boot" space, with scenario 3 cloning `span`.
+    /// A simulated dom0 like the real one running on a pinned "boot" space,
+    /// with scenario 3 cloning `span`.
     fn new(span: (u64, u64), holes: Vec<u64>) -> Sim {
-        let store: Arc<FrameStore<SpinLock>> =
-            Arc::new(FrameStore::new(POOL, (NR_PAGES - POOL) as u64));
-        let mem: Arc<dyn TableMemory> = store.clone();
-        let mut cfg = SimConfig::for_mode::<X86_64>(NR_PAGES, 0x5eed);
-        cfg.direct_map_base = 0;
-        let sim = Arc::new(XenSim::new(cfg, mem).expect("simulator"));
-        let rec = Arc::new(Recorder::new(sim.clone()));
-        let backend =
-            Arc::new(XenBackend::new(rec.clone(), sim.frame_map()).with_direct_map_base(0));
-        rec.set_recording(false);
-        let boot = AddressSpace::new(store.clone(), backend.clone(), SpaceOptions::default())
-            .expect("boot space");
-        boot.map(
-            BOOT_ALIAS_VA,
-            (DATA_BASE + 100) << 12,
-            PageSize::Size4K,
-            EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER,
-        )
-        .expect("boot map");
-        boot.pin(&mut Batch::<32>::new()).expect("boot pin");
-        let root = sim.mfn_of(boot.root()).expect("boot root mfn");
-        let op = pagepin_backends::xen::MmuExtOpAbi {
-            cmd: ExtCmd::NewBaseptr as u32,
-            _pad: 0,
-            arg1: root.0,
-            arg2: 0,
-        };
-        let mut done = 0;
-        // SAFETY: one live op and counter.
-        let rc = unsafe {
-            pagepin_backends::xen::XenHypercalls::mmuext_op(&*sim, &op, 1, &mut done, 0x7ff0)
-        };
-        assert_eq!(rc, 0, "boot base pointer");
-        rec.set_recording(true);
-        Sim {
-            sim,
-            rec,
-            backend,
-            store,
-            boot,
-            span,
-            holes,
-        }
+        let dom = Dom0::new(1, 0);
+        dom.rec.set_recording(true);
+        Sim { dom, span, holes }
     }
 }
 

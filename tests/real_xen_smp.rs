@@ -29,6 +29,9 @@ extern crate alloc;
 
 #[path = "support/real_xen.rs"]
 mod real_xen;
+#[path = "support/sim_dom0.rs"]
+mod sim_dom0;
+use sim_dom0::{Dom0, SimH, DATA_BASE};
 #[allow(dead_code)]
 #[path = "../xen-guest/src/scenarios.rs"]
 mod scenarios;
@@ -42,12 +45,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagepin_backends::xen::{MmuExtOpAbi, SimConfig, XenBackend, XenHypercalls, XenSim};
+use pagepin_backends::xen::XenSim;
 use pagepin_engine::SpinLock;
-use pagepin_engine::{
-    AddressSpace, Batch, EntryFlags, ExtCmd, FrameStore, Mfn, PageSize, Pfn, SpaceOptions, Split,
-    TableMemory, X86_64,
-};
+use pagepin_engine::{EntryFlags, FrameStore, Mfn, Pfn};
 use scenarios::{Platform, Recorder, Report, DATA_PAGES};
 use smp_scenarios::{Job, Scratch, Smp};
 
@@ -72,76 +72,30 @@ const SIM_TRAP_COST_NS: u64 = 2_000;
 // ---------------------------------------------------------------------------
 // the simulator as a parallel platform: one thread per vCPU
 
-const NR_PAGES: usize = 16384;
-const POOL: usize = 512;
-const DATA_BASE: u64 = 8000;
-
-type SimH = Arc<XenSim>;
-
 struct Sim {
-    sim: Arc<XenSim>,
-    rec: Arc<Recorder<SimH>>,
-    backend: Arc<scenarios::Backend<SimH>>,
-    store: Arc<FrameStore<SpinLock>>,
-    boot: AddressSpace<X86_64, Split<SpinLock>, scenarios::Backend<SimH>>,
+    dom: Dom0,
     writers: usize,
     epoch: Instant,
 }
 
+/// The domain's parts (`self.sim`, `self.rec`, ...) read through it.
+impl std::ops::Deref for Sim {
+    type Target = Dom0;
+    fn deref(&self) -> &Dom0 {
+        &self.dom
+    }
+}
+
 impl Sim {
-    /// A simulated dom0 like the real one (16384 pages, direct map at 0)
-    /// with `1 + writers` vCPUs, vCPU 0 running on a pinned "boot" space.
+    /// A simulated dom0 like the real one with `1 + writers` vCPUs running
+    /// on a pinned "boot" space.
     fn new(writers: usize) -> Sim {
-        let store: Arc<FrameStore<SpinLock>> =
-            Arc::new(FrameStore::new(POOL, (NR_PAGES - POOL) as u64));
-        let mem: Arc<dyn TableMemory> = store.clone();
-        let mut cfg = SimConfig::for_mode::<X86_64>(NR_PAGES, 0x5eed);
-        cfg.direct_map_base = 0;
-        cfg.vcpus = 4;
-        cfg.trap_cost_ns = SIM_TRAP_COST_NS;
-        let sim = Arc::new(XenSim::new(cfg, mem).expect("simulator"));
-        let rec = Arc::new(Recorder::new(sim.clone()));
-        let backend =
-            Arc::new(XenBackend::new(rec.clone(), sim.frame_map()).with_direct_map_base(0));
-        rec.set_recording(false);
-        let boot = AddressSpace::new(store.clone(), backend.clone(), SpaceOptions::default())
-            .expect("boot space");
-        boot.map(
-            0x0000_0100_0000_0000,
-            (DATA_BASE + 100) << 12,
-            PageSize::Size4K,
-            EntryFlags::PRESENT | EntryFlags::WRITABLE | EntryFlags::USER,
-        )
-        .expect("boot map");
-        boot.pin(&mut Batch::<32>::new()).expect("boot pin");
-        let root = sim.mfn_of(boot.root()).expect("boot root mfn");
-        for v in 0..=writers {
-            XenSim::set_current_vcpu(v);
-            assert_eq!(new_baseptr(&sim, root), 0, "boot base pointer");
-        }
-        XenSim::set_current_vcpu(0);
         Sim {
-            sim,
-            rec,
-            backend,
-            store,
-            boot,
+            dom: Dom0::new(1 + writers, SIM_TRAP_COST_NS),
             writers,
             epoch: Instant::now(),
         }
     }
-}
-
-fn new_baseptr(sim: &XenSim, root: Mfn) -> i64 {
-    let op = MmuExtOpAbi {
-        cmd: ExtCmd::NewBaseptr as u32,
-        _pad: 0,
-        arg1: root.0,
-        arg2: 0,
-    };
-    let mut done = 0;
-    // SAFETY: one live op and counter.
-    unsafe { sim.mmuext_op(&op, 1, &mut done, 0x7ff0) }
 }
 
 impl Platform for Sim {

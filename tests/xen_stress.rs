@@ -124,15 +124,7 @@ fn stress<P: LockPolicy<Lock = DefaultRawLock>>(sabotage: Sabotage, seed: u64) -
         let mut b: Batch<STRESS_BATCH> = Batch::new();
         // Let the writers run a little in each phase (pinned and unpinned),
         // bounded by a number of yields.
-        let let_writers_run = || {
-            let start = writes.load(Ordering::Relaxed);
-            for _ in 0..PHASE_YIELDS {
-                if writes.load(Ordering::Relaxed) >= start + PHASE_WRITES {
-                    break;
-                }
-                std::thread::yield_now();
-            }
-        };
+        let let_writers_run = || let_writers_run(&writes, PHASE_WRITES, PHASE_YIELDS);
         for _ in 0..PIN_ITERS {
             if s.is_pinned() {
                 // A sabotaged unpin failed and was rolled back: retry it.

@@ -281,18 +281,8 @@ fn stress<P: LockPolicy<Lock = DefaultRawLock>, const N: usize>(
                 pin_errors += 1;
             }
         };
-        // Let the writers make progress in each phase (pinned, unpinned),
-        // bounded by a number of yields: on a loaded machine the pinner
-        // could otherwise finish before a writer ran at all.
-        let let_writers_run = || {
-            let start = ops.load(Ordering::Relaxed);
-            for _ in 0..PHASE_YIELDS {
-                if ops.load(Ordering::Relaxed) >= start + PHASE_OPS {
-                    break;
-                }
-                std::thread::yield_now();
-            }
-        };
+        // Writers make progress in each phase (pinned, unpinned).
+        let let_writers_run = || let_writers_run(&ops, PHASE_OPS, PHASE_YIELDS);
         for _ in 0..target_rounds {
             if spaces == 1 {
                 note("pin", refs[0].pin(&mut b).map(|_| ()));

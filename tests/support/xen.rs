@@ -164,3 +164,16 @@ pub fn tables_at<M: PagingMode, P: LockPolicy>(s: &Space<M, P>, level: Level) ->
         .map(|(p, _)| p)
         .collect()
 }
+
+/// Let writer threads make progress: wait until `counter` has grown by
+/// `at_least`, yielding at most `yields` times (bounded: on a loaded host
+/// the pinner would otherwise finish a phase before any writer ran).
+pub fn let_writers_run(counter: &std::sync::atomic::AtomicU64, at_least: u64, yields: usize) {
+    let start = counter.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..yields {
+        if counter.load(std::sync::atomic::Ordering::Relaxed) >= start + at_least {
+            break;
+        }
+        std::thread::yield_now();
+    }
+}
