@@ -617,6 +617,56 @@ fn writer_during_cursor<P: LockPolicy<Lock = DefaultRawLock>>() {
         assert_eq!(s.translate(base + (8 << 21) + (i << 12)).unwrap().phys, pa);
         pa += 4096;
     }
+    // Again, the cursor protecting and unmapping (PTE page 3 shares its
+    // lock with the writer's slot there).
+    let start = Arc::new(Barrier::new(2));
+    let writer = {
+        let s = s.clone();
+        let start = start.clone();
+        std::thread::spawn(move || {
+            start.wait();
+            let mut last = [0u64; 4];
+            for n in 1..=WRITES {
+                let j = n % 4;
+                let v = PageTableEntry::new(0x20_0000 + n, RW);
+                s.set_pte(base + (j << 21), v, WritePath::Store).unwrap();
+                last[j as usize] = v.bits();
+            }
+            last
+        })
+    };
+    let ro = EntryFlags::PRESENT | EntryFlags::USER;
+    let mut c = s.cursor_mut(base + (3 << 21)..base + (16 << 21)).unwrap();
+    start.wait();
+    c.jump(base + (3 << 21) + 4096).unwrap();
+    for _ in 1..256u64 {
+        c.protect(ro).unwrap();
+    }
+    for _ in 256..512u64 {
+        c.unmap().unwrap();
+    }
+    c.jump(base + (8 << 21)).unwrap();
+    for _ in 0..(8 * 512) {
+        c.unmap().unwrap();
+    }
+    drop(c);
+    let last = writer.join().unwrap();
+    for (j, &want) in last.iter().enumerate() {
+        assert_eq!(
+            s.read_pte(base + ((j as u64) << 21)).unwrap().bits(),
+            want,
+            "PTE page {j}: lost update beside the cursor's unmaps"
+        );
+    }
+    for i in 1..512u64 {
+        let t = s.translate(base + (3 << 21) + (i << 12));
+        if i < 256 {
+            assert_eq!(t.map(|t| t.flags), Some(ro), "page {i} protected");
+        } else {
+            assert_eq!(t, None, "page {i} unmapped");
+        }
+    }
+    assert_eq!(s.translate(base + (8 << 21)), None);
     let st = s.store();
     for i in 0..st.len() as u64 {
         assert!(!st.meta(Pfn(0x100 + i)).unwrap().lock().is_locked());
@@ -625,14 +675,14 @@ fn writer_during_cursor<P: LockPolicy<Lock = DefaultRawLock>>() {
 }
 
 #[test]
-fn set_pte_writer_while_cursor_maps_split() {
+fn set_pte_writer_while_cursor_maps_unmaps_split() {
     for _ in 0..3 {
         writer_during_cursor::<Split>();
     }
 }
 
 #[test]
-fn set_pte_writer_while_cursor_maps_global() {
+fn set_pte_writer_while_cursor_maps_unmaps_global() {
     writer_during_cursor::<Global>();
 }
 

@@ -375,3 +375,33 @@ fn try_translate_tells_not_mapped_from_malformed() {
     slot.store(good, Ordering::Release);
     assert!(s.try_translate(0x4000_0000).unwrap().is_some());
 }
+
+/// The edges of the address space: the last page of the kernel half and
+/// the last of the user half map, translate, protect and unmap like any
+/// other (the one-page cursor has no range end to overflow); the first
+/// non-canonical address is refused.
+#[test]
+fn the_last_pages_of_both_halves() {
+    let s = mock_space::<Split>(64);
+    for va in [u64::MAX & !0xfff, (1u64 << 47) - 4096] {
+        s.map(va, 0x5000, PageSize::Size4K, RW).unwrap();
+        assert_eq!(s.translate(va + 0xfff).map(|t| t.phys), Some(0x5fff));
+        s.protect(va, RO).unwrap();
+        let t = s.unmap(va).unwrap();
+        assert_eq!((t.phys, t.flags), (0x5000, RO));
+        assert_eq!(s.translate(va), None);
+    }
+    // A 1 GiB page with PAT next to the top (the last GiB keeps the
+    // tables of the page above).
+    let top = (u64::MAX & !((1 << 30) - 1)) - (1 << 30);
+    s.map(top, 1 << 30, PageSize::Size1G, RW | EntryFlags::PAT_LARGE)
+        .unwrap();
+    let t = s.unmap(top).unwrap();
+    assert_eq!(t.phys, 1 << 30);
+    assert!(t.flags.contains(EntryFlags::PAT_LARGE));
+    assert_eq!(
+        s.map(1 << 47, 0, PageSize::Size4K, RW),
+        Err(Error::NonCanonical { va: 1 << 47 })
+    );
+    s.teardown().unwrap();
+}
