@@ -383,7 +383,7 @@ fn try_translate_tells_not_mapped_from_malformed() {
 #[test]
 fn the_last_pages_of_both_halves() {
     let s = mock_space::<Split>(64);
-    for va in [u64::MAX & !0xfff, (1u64 << 47) - 4096] {
+    for va in [!0xfffu64, (1u64 << 47) - 4096] {
         s.map(va, 0x5000, PageSize::Size4K, RW).unwrap();
         assert_eq!(s.translate(va + 0xfff).map(|t| t.phys), Some(0x5fff));
         s.protect(va, RO).unwrap();
@@ -393,7 +393,7 @@ fn the_last_pages_of_both_halves() {
     }
     // A 1 GiB page with PAT next to the top (the last GiB keeps the
     // tables of the page above).
-    let top = (u64::MAX & !((1 << 30) - 1)) - (1 << 30);
+    let top = !((1u64 << 30) - 1) - (1 << 30);
     s.map(top, 1 << 30, PageSize::Size1G, RW | EntryFlags::PAT_LARGE)
         .unwrap();
     let t = s.unmap(top).unwrap();
