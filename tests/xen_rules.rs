@@ -14,7 +14,7 @@ use pagepin::backends::xen::{
 use pagepin::engine::Sabotage;
 use pagepin::engine::{errno, uvmf};
 use pagepin::{
-    Backend, Batch, Call, CallResult, EntryFlags, Error, ExtCmd, Global, Level, MmuExtOp,
+    Backend, Batch, Call, CallResult, Calls, EntryFlags, Error, ExtCmd, Global, Level, MmuExtOp,
     MmuUpdate, Pae, PageSize, Pfn, Split, WritePath, X86_64,
 };
 use xen_common::*;
@@ -63,7 +63,7 @@ fn ext(e: &Env, cmd: ExtCmd, pfn: Pfn) -> i32 {
 
 fn issue1(e: &Env, c: Call<'_>) -> CallResult {
     let mut r = [CallResult::default()];
-    e.backend.issue(&[c], &mut r);
+    e.backend.issue(Calls::list(&[c]), &mut r);
     r[0]
 }
 
@@ -122,7 +122,7 @@ fn encode_batch_and_decode_results() {
         Call::MmuExtOp(&ops),
     ];
     let mut s = Scratch::default();
-    s.encode(&calls);
+    s.encode(Calls::list(&calls));
     assert_eq!(s.entries.len(), 3);
     assert_eq!(s.entries[0].op, hypercall::UPDATE_VA_MAPPING);
     assert_eq!(&s.entries[0].args[..3], &[0xdead_0000, 0x1234_0001, 1]);
@@ -158,7 +158,7 @@ fn encode_batch_and_decode_results() {
     s.done[1] = 1;
     s.done[2] = 3;
     let mut r = [CallResult::default(); 3];
-    s.decode(&calls, &mut r);
+    s.decode(Calls::list(&calls), &mut r);
     assert_eq!(
         r,
         [
@@ -264,7 +264,7 @@ fn multicall_continues_after_failing_entry_and_done_counts() {
     ];
     let before = e.sim.stats();
     let mut r = [CallResult::default(); 5];
-    e.backend.issue(&calls, &mut r);
+    e.backend.issue(Calls::list(&calls), &mut r);
     assert_eq!(
         r,
         [

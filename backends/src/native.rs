@@ -19,7 +19,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pagepin_engine::{errno, uvmf, Backend, Call, CallResult, ExtCmd, MmuUpdate, StoreFault};
+use pagepin_engine::{
+    errno, uvmf, Backend, Call, CallResult, Calls, ExtCmd, MmuUpdate, StoreFault,
+};
 use pagepin_engine::{Mfn, Pfn, TableMemory, ENTRIES_PER_FRAME};
 
 #[cfg(all(feature = "kvm", target_os = "linux"))]
@@ -184,11 +186,11 @@ impl Backend for NativeBackend {
     const NAME: &'static str = "native";
     const PINNING: bool = false;
 
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+    fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
         Counters::bump(&self.counters.batches);
         for (call, result) in calls.iter().zip(results.iter_mut()) {
             Counters::bump(&self.counters.calls);
-            *result = match *call {
+            *result = match call {
                 Call::UpdateVaMapping { flags, .. } => {
                     // The direct map is the kernel's own; natively the
                     // remap itself is a store we do not model, but the
@@ -265,7 +267,7 @@ mod tests {
             arg2: 0,
         }];
         b.issue(
-            &[
+            Calls::list(&[
                 Call::UpdateVaMapping {
                     va: 0x1000,
                     pte: 0,
@@ -273,7 +275,7 @@ mod tests {
                 },
                 Call::MmuExtOp(&ops),
                 Call::MmuUpdate(&[MmuUpdate { ptr: 0, val: 0 }]),
-            ],
+            ]),
             &mut res,
         );
         assert_eq!(res[0], CallResult::ok(1));
@@ -314,7 +316,7 @@ mod tests {
                 val: 1,
             },
         ];
-        b.issue(&[Call::MmuUpdate(&reqs)], &mut res);
+        b.issue(Calls::list(&[Call::MmuUpdate(&reqs)]), &mut res);
         assert_eq!(
             res[0],
             CallResult::err(errno::EINVAL, 1),
@@ -326,10 +328,10 @@ mod tests {
         );
         // Preserve A/D keeps the hardware-set bits.
         b.issue(
-            &[Call::MmuUpdate(&[MmuUpdate {
+            Calls::list(&[Call::MmuUpdate(&[MmuUpdate {
                 ptr: ((t.0 << 12) + 8 * 3) | 2,
                 val: 0x1234_0003,
-            }])],
+            }])]),
             &mut res,
         );
         assert_eq!(

@@ -196,6 +196,155 @@ impl Call<'_> {
     }
 }
 
+/// A call as a batch holds it: an `update_va_mapping`'s arguments, or a
+/// run of the batch's `mmu_update` / `mmuext_op` requests. The batch keeps
+/// these and hands them to [`Backend::issue`] as they are (a [`Calls`]
+/// view), so a flush copies nothing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Queued {
+    /// `update_va_mapping(va, pte, flags)`, and the label of its request.
+    Uvm {
+        va: u64,
+        pte: u64,
+        flags: u64,
+        tag: u32,
+    },
+    /// `mmu_update` of `updates[start..start + count]`.
+    Mmu { start: u16, count: u16 },
+    /// `mmuext_op` of `ext[start..start + count]`.
+    Ext { start: u16, count: u16 },
+}
+
+/// The calls of one batch, in order: what [`Backend::issue`] executes.
+///
+/// Read in place from the batch's own queue (speed: a flush builds no
+/// `Call` array; keep it that way), or from a plain list of [`Call`]s
+/// ([`Calls::list`]) when a caller issues calls by hand.
+#[derive(Clone, Copy, Debug)]
+pub struct Calls<'a> {
+    repr: CallsRepr<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum CallsRepr<'a> {
+    Queued {
+        slots: &'a [Queued],
+        updates: &'a [MmuUpdate],
+        ext: &'a [MmuExtOp],
+    },
+    List(&'a [Call<'a>]),
+}
+
+impl<'a> Calls<'a> {
+    /// Calls given as a list (tests, or a caller that bypasses the batch).
+    pub fn list(calls: &'a [Call<'a>]) -> Self {
+        Calls {
+            repr: CallsRepr::List(calls),
+        }
+    }
+
+    /// A batch's queue.
+    #[inline]
+    pub(crate) fn queued(
+        slots: &'a [Queued],
+        updates: &'a [MmuUpdate],
+        ext: &'a [MmuExtOp],
+    ) -> Self {
+        Calls {
+            repr: CallsRepr::Queued {
+                slots,
+                updates,
+                ext,
+            },
+        }
+    }
+
+    /// How many calls.
+    #[inline]
+    pub fn len(&self) -> usize {
+        match self.repr {
+            CallsRepr::Queued { slots, .. } => slots.len(),
+            CallsRepr::List(l) => l.len(),
+        }
+    }
+
+    /// Whether there are none.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Call `i`, if there is one.
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<Call<'a>> {
+        match self.repr {
+            CallsRepr::Queued {
+                slots,
+                updates,
+                ext,
+            } => slots.get(i).map(|s| match *s {
+                Queued::Uvm { va, pte, flags, .. } => Call::UpdateVaMapping { va, pte, flags },
+                Queued::Mmu { start, count } => {
+                    Call::MmuUpdate(&updates[start as usize..start as usize + count as usize])
+                }
+                Queued::Ext { start, count } => {
+                    Call::MmuExtOp(&ext[start as usize..start as usize + count as usize])
+                }
+            }),
+            CallsRepr::List(l) => l.get(i).copied(),
+        }
+    }
+
+    /// The calls in order.
+    #[inline]
+    pub fn iter(&self) -> CallsIter<'a> {
+        CallsIter {
+            calls: *self,
+            next: 0,
+        }
+    }
+}
+
+impl<'a> IntoIterator for Calls<'a> {
+    type Item = Call<'a>;
+    type IntoIter = CallsIter<'a>;
+    fn into_iter(self) -> CallsIter<'a> {
+        self.iter()
+    }
+}
+
+impl<'a> IntoIterator for &Calls<'a> {
+    type Item = Call<'a>;
+    type IntoIter = CallsIter<'a>;
+    fn into_iter(self) -> CallsIter<'a> {
+        self.iter()
+    }
+}
+
+/// Iterator over [`Calls`].
+#[derive(Clone, Debug)]
+pub struct CallsIter<'a> {
+    calls: Calls<'a>,
+    next: usize,
+}
+
+impl<'a> Iterator for CallsIter<'a> {
+    type Item = Call<'a>;
+    #[inline]
+    fn next(&mut self) -> Option<Call<'a>> {
+        let c = self.calls.get(self.next)?;
+        self.next += 1;
+        Some(c)
+    }
+    #[inline]
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.calls.len() - self.next;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for CallsIter<'_> {}
+
 /// The result of one call: `rc` is 0 or a negated errno; `done` is how many
 /// of its requests took effect (all of them when `rc == 0`; processing stops
 /// at the first failing request).
@@ -260,7 +409,9 @@ pub struct StoreFault {
 /// A hypervisor or hardware the engine drives.
 ///
 /// `issue` receives one batch at a time (1 call: a direct hypercall; 2 or
-/// more: one multicall) and must write one result per call.
+/// more: one multicall). Its results arrive as success
+/// (`CallResult::default()`, `rc == 0`); it writes the result of every
+/// call that failed (writing the others too is allowed).
 pub trait Backend: Send + Sync {
     /// Name for reports.
     const NAME: &'static str;
@@ -283,8 +434,10 @@ pub trait Backend: Send + Sync {
     /// has no 5-level tables.
     const MAX_ROOT_LEVEL: crate::Level = crate::Level::L5;
 
-    /// Issue one batch of calls; `results.len() == calls.len()`.
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);
+    /// Issue one batch of calls; `results.len() == calls.len()`, every
+    /// result `rc == 0` on entry (a call left so succeeded, all of its
+    /// requests done).
+    fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]);
 
     /// A guest store of `value` into entry `index` of table frame `mfn`,
     /// whose memory is `slot`. On Xen a store to a pinned L1 traps and is

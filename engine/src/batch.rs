@@ -10,7 +10,7 @@
 use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 
-use crate::backend::{Call, CallKind, CallResult, MmuExtOp, MmuUpdate};
+use crate::backend::{CallKind, CallResult, Calls, MmuExtOp, MmuUpdate, Queued};
 use crate::frame::Pfn;
 use crate::lock::PreemptCount;
 
@@ -34,7 +34,7 @@ pub const DEFAULT_BATCH: usize = 32;
 /// writers queue requests (a user drives a batch through them).
 pub(crate) trait FlushTarget {
     /// Issue the calls; one result per call.
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]);
+    fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]);
     /// Take the PTE-page lock of `pfn` (waiting while it is held).
     fn lock_pte(&self, pfn: Pfn);
     /// Release the PTE-page lock of `pfn`.
@@ -108,30 +108,12 @@ pub struct BatchStats {
     pub callbacks: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Slot {
-    Uvm {
-        va: u64,
-        pte: u64,
-        flags: u64,
-        tag: Tag,
-    },
-    Mmu {
-        start: u16,
-        count: u16,
-    },
-    Ext {
-        start: u16,
-        count: u16,
-    },
-}
-
 /// A multicall batch of capacity `N` (a per-CPU object in a kernel).
 ///
 /// It also carries the context's [`PreemptCount`], since PTE locks taken
 /// while queueing are released by its callbacks.
 pub struct Batch<const N: usize = DEFAULT_BATCH> {
-    slots: ArrayVec<Slot, N>,
+    slots: ArrayVec<Queued, N>,
     updates: ArrayVec<MmuUpdate, N>,
     update_tags: ArrayVec<Tag, N>,
     ext: ArrayVec<MmuExtOp, N>,
@@ -141,7 +123,9 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     /// `update_va_mapping`s), so a flush need not scan the slots to count.
     mmu_calls: usize,
     deferred: ArrayVec<Deferred, N>,
-    results: ArrayVec<CallResult, N>,
+    /// The last flush's results (`issued` of them), one per call.
+    results: [CallResult; N],
+    issued: usize,
     /// Calls (and callbacks) per flush: `N` unless lowered at run time.
     limit: usize,
     seq: u64,
@@ -182,7 +166,8 @@ impl<const N: usize> Batch<N> {
             arg_bytes: 0,
             mmu_calls: 0,
             deferred: ArrayVec::new(),
-            results: ArrayVec::new(),
+            results: [CallResult { rc: 0, done: 0 }; N],
+            issued: 0,
             limit: N,
             seq: 0,
             preempt: PreemptCount::default(),
@@ -255,8 +240,10 @@ impl<const N: usize> Batch<N> {
         &mut self.preempt
     }
     /// Results of the last flush, one per call.
+    /// (A backend may leave a successful call's result at the default:
+    /// `rc == 0` means all of its requests took effect.)
     pub fn last_results(&self) -> &[CallResult] {
-        &self.results
+        &self.results[..self.issued]
     }
     /// Every failure recorded since the last [`Self::take_failures`].
     pub fn failures(&self) -> &[Failure] {
@@ -306,7 +293,7 @@ impl<const N: usize> Batch<N> {
         if self.calls_full() {
             self.flush(target);
         }
-        self.slots.push(Slot::Uvm {
+        self.slots.push(Queued::Uvm {
             va,
             pte,
             flags,
@@ -326,13 +313,13 @@ impl<const N: usize> Batch<N> {
         let fits = self.updates.len() < self.limit
             && self.arg_bytes + MMU_UPDATE_BYTES <= self.arg_space();
         match self.slots.last_mut() {
-            Some(Slot::Mmu { count, .. }) if fits => *count += 1,
+            Some(Queued::Mmu { count, .. }) if fits => *count += 1,
             _ => {
                 if !fits || self.calls_full() {
                     self.flush(target);
                 }
                 let start = self.updates.len() as u16;
-                self.slots.push(Slot::Mmu { start, count: 1 });
+                self.slots.push(Queued::Mmu { start, count: 1 });
                 self.mmu_calls += 1;
             }
         }
@@ -348,13 +335,13 @@ impl<const N: usize> Batch<N> {
         let fits =
             self.ext.len() < self.limit && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space();
         match self.slots.last_mut() {
-            Some(Slot::Ext { count, .. }) if fits => *count += 1,
+            Some(Queued::Ext { count, .. }) if fits => *count += 1,
             _ => {
                 if !fits || self.calls_full() {
                     self.flush(target);
                 }
                 let start = self.ext.len() as u16;
-                self.slots.push(Slot::Ext { start, count: 1 });
+                self.slots.push(Queued::Ext { start, count: 1 });
                 self.mmu_calls += 1;
             }
         }
@@ -423,25 +410,15 @@ impl<const N: usize> Batch<N> {
 
     fn issue_calls<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
         let n = self.slots.len();
-        {
-            let mut calls: ArrayVec<Call<'_>, N> = ArrayVec::new();
-            for s in &self.slots {
-                calls.push(match *s {
-                    Slot::Uvm { va, pte, flags, .. } => Call::UpdateVaMapping { va, pte, flags },
-                    Slot::Mmu { start, count } => {
-                        Call::MmuUpdate(&self.updates[start as usize..(start + count) as usize])
-                    }
-                    Slot::Ext { start, count } => {
-                        Call::MmuExtOp(&self.ext[start as usize..(start + count) as usize])
-                    }
-                });
-            }
-            self.results.clear();
-            for _ in 0..n {
-                self.results.push(CallResult::default());
-            }
-            target.issue(&calls, &mut self.results);
-        }
+        // Speed: the backend reads the queue in place (no `Call` array is
+        // built per flush) and only failed calls' results are written.
+        let results = &mut self.results[..n];
+        results.fill(CallResult::default());
+        target.issue(
+            Calls::queued(&self.slots, &self.updates, &self.ext),
+            results,
+        );
+        self.issued = n;
         let seq = self.seq;
         self.seq += 1;
         self.stats.flushes += 1;
@@ -457,7 +434,7 @@ impl<const N: usize> Batch<N> {
         // Every call that is not an `update_va_mapping` holds requests.
         self.stats.update_va_mappings += (n - self.mmu_calls) as u64;
         let mut failed = 0;
-        if self.results.iter().all(|r| r.rc == 0) {
+        if self.results[..n].iter().all(|r| r.rc == 0) {
             return 0;
         }
         for (i, s) in self.slots.iter().enumerate() {
@@ -466,12 +443,12 @@ impl<const N: usize> Batch<N> {
                 continue;
             }
             let (kind, tags): (CallKind, &[Tag]) = match s {
-                Slot::Uvm { tag, .. } => (CallKind::UpdateVaMapping, core::slice::from_ref(tag)),
-                Slot::Mmu { start, count } => (
+                Queued::Uvm { tag, .. } => (CallKind::UpdateVaMapping, core::slice::from_ref(tag)),
+                Queued::Mmu { start, count } => (
                     CallKind::MmuUpdate,
                     &self.update_tags[*start as usize..(*start + *count) as usize],
                 ),
-                Slot::Ext { start, count } => (
+                Queued::Ext { start, count } => (
                     CallKind::MmuExtOp,
                     &self.ext_tags[*start as usize..(*start + *count) as usize],
                 ),
@@ -536,7 +513,7 @@ mod tests {
         fail: Option<(usize, usize, i32, usize)>, // (flush, call, errno, done)
     }
     impl FlushTarget for Rec {
-        fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+        fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
             let n = self.issued.borrow().len();
             self.issued
                 .borrow_mut()

@@ -62,8 +62,8 @@ mod sync;
 pub mod walk;
 
 pub use backend::{
-    errno, mmu_cmd, uvmf, Backend, Call, CallKind, CallResult, ExtCmd, MmuExtOp, MmuUpdate,
-    StoreFault,
+    errno, mmu_cmd, uvmf, Backend, Call, CallKind, CallResult, Calls, CallsIter, ExtCmd, MmuExtOp,
+    MmuUpdate, StoreFault,
 };
 pub use batch::{
     Batch, BatchStats, Failure, Tag, ARG_BYTES_PER_ENTRY, DEFAULT_BATCH, MMUEXT_OP_BYTES,

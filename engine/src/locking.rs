@@ -5,7 +5,7 @@
 //! the flush that issues its last. Lock order: the space lock, then PTE
 //! locks; a writer holds one PTE lock at a time.
 
-use crate::backend::{Backend, Call, CallResult};
+use crate::backend::{Backend, CallResult, Calls};
 use crate::batch::{Deferred, FlushTarget, Tag};
 use crate::frame::{FrameStore, Pfn, PteLock};
 use crate::lock::RawLock;
@@ -19,7 +19,7 @@ pub(crate) struct Target<'a, L: RawLock, B: Backend> {
 
 impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
     #[inline]
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+    fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
         self.backend.issue(calls, results)
     }
     #[inline]

@@ -9,7 +9,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::AtomicU64;
 
-use pagepin_engine::{errno, Backend, Call, CallResult, StoreFault};
+use pagepin_engine::{errno, Backend, Call, CallResult, Calls, StoreFault};
 use pagepin_engine::{Mfn, Pfn};
 use smallvec::SmallVec;
 
@@ -113,7 +113,7 @@ impl Scratch {
     /// Encode `calls` into multicall entries. Request arrays are filled
     /// first, so the pointers stored in the entries stay valid until the
     /// scratch is next modified.
-    pub fn encode(&mut self, calls: &[Call<'_>]) {
+    pub fn encode(&mut self, calls: Calls<'_>) {
         self.entries.clear();
         self.updates.clear();
         self.ops.clear();
@@ -136,7 +136,7 @@ impl Scratch {
             // Pointers are computed with wrapping arithmetic: they are only
             // passed to the hypervisor, which reads `count` elements.
             let pdone = done.wrapping_add(i) as u64;
-            let e = match *c {
+            let e = match c {
                 Call::UpdateVaMapping { va, pte, flags } => MulticallEntry {
                     op: hypercall::UPDATE_VA_MAPPING,
                     result: 0,
@@ -167,13 +167,13 @@ impl Scratch {
 
     /// Read back the results of entries encoded from `calls` after the
     /// hypervisor ran them.
-    pub fn decode(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+    pub fn decode(&self, calls: Calls<'_>, results: &mut [CallResult]) {
         for (i, (c, r)) in calls.iter().zip(results.iter_mut()).enumerate() {
             let rc = self
                 .entries
                 .get(i)
                 .map_or(-errno::EFAULT, |e| rc_of(e.result as i64));
-            *r = result_of(c, rc, self.done.get(i).copied().unwrap_or(0));
+            *r = result_of(&c, rc, self.done.get(i).copied().unwrap_or(0));
         }
     }
 }
@@ -298,13 +298,15 @@ impl<H: XenHypercalls, F: FrameMap> Backend for XenBackend<H, F> {
     /// ```
     const MAX_ROOT_LEVEL: pagepin_engine::Level = pagepin_engine::Level::L4;
 
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+    fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
         let mut scratch = Scratch::default();
         match calls.len() {
             0 => {}
             1 => {
                 if let Some(r) = results.first_mut() {
-                    *r = self.issue_one(&calls[0], &mut scratch);
+                    if let Some(c) = calls.get(0) {
+                        *r = self.issue_one(&c, &mut scratch);
+                    }
                 }
             }
             n => {
@@ -318,7 +320,7 @@ impl<H: XenHypercalls, F: FrameMap> Backend for XenBackend<H, F> {
                     // The multicall itself was refused: nothing ran.
                     let rc = rc_of(raw);
                     for (c, r) in calls.iter().zip(results.iter_mut()) {
-                        *r = result_of(c, if rc == 0 { -errno::EFAULT } else { rc }, 0);
+                        *r = result_of(&c, if rc == 0 { -errno::EFAULT } else { rc }, 0);
                     }
                 } else {
                     scratch.decode(calls, results);

@@ -28,7 +28,7 @@ pub use shuttle::sync::{Arc, Mutex};
 pub use shuttle::thread;
 
 pub use pagepin_engine::Sabotage;
-use pagepin_engine::{uvmf, Backend, Call, CallResult, ExtCmd, StoreFault};
+use pagepin_engine::{uvmf, Backend, Call, CallResult, Calls, ExtCmd, StoreFault};
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, FrameStore, Level, LockPolicy, Mfn, PageSize, PageTableEntry,
     Pfn, SpaceOptions, TableMemory, WritePath, X86_64,
@@ -152,11 +152,11 @@ impl Backend for ModelHv {
     const NAME: &'static str = "model";
     const PINNING: bool = true;
 
-    fn issue(&self, calls: &[Call<'_>], results: &mut [CallResult]) {
+    fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
         let mut st = self.state.lock().unwrap();
         for (call, res) in calls.iter().zip(results.iter_mut()) {
             *res = CallResult::ok(call.count());
-            match *call {
+            match call {
                 Call::UpdateVaMapping { va, pte, flags } => {
                     let f = ((va - DIRECT_MAP) >> 12) as usize;
                     let ro = pte & EntryFlags::WRITABLE.bits() == 0;
