@@ -123,9 +123,10 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     /// `update_va_mapping`s), so a flush need not scan the slots to count.
     mmu_calls: usize,
     deferred: ArrayVec<Deferred, N>,
-    /// The last flush's results (`issued` of them), one per call.
+    /// Per-call results of a flush. Between flushes every `rc` is 0: the
+    /// backend receives them as success and writes failures, which the
+    /// failure scan resets.
     results: [CallResult; N],
-    issued: usize,
     /// Calls (and callbacks) per flush: `N` unless lowered at run time.
     limit: usize,
     seq: u64,
@@ -167,7 +168,6 @@ impl<const N: usize> Batch<N> {
             mmu_calls: 0,
             deferred: ArrayVec::new(),
             results: [CallResult { rc: 0, done: 0 }; N],
-            issued: 0,
             limit: N,
             seq: 0,
             preempt: PreemptCount::default(),
@@ -239,12 +239,6 @@ impl<const N: usize> Batch<N> {
     pub fn preempt_mut(&mut self) -> &mut PreemptCount {
         &mut self.preempt
     }
-    /// Results of the last flush, one per call.
-    /// (A backend may leave a successful call's result at the default:
-    /// `rc == 0` means all of its requests took effect.)
-    pub fn last_results(&self) -> &[CallResult] {
-        &self.results[..self.issued]
-    }
     /// Every failure recorded since the last [`Self::take_failures`].
     pub fn failures(&self) -> &[Failure] {
         &self.failures
@@ -281,7 +275,11 @@ impl<const N: usize> Batch<N> {
     }
 
     /// Queue `update_va_mapping(va, pte, flags)`.
-    #[inline]
+    ///
+    /// Inlined into the caller (speed: keep it so), so the request is
+    /// written into the queue in place; a copy of one built on the
+    /// caller's stack stalls on store forwarding.
+    #[inline(always)]
     pub(crate) fn update_va_mapping<T: FlushTarget + ?Sized>(
         &mut self,
         target: &T,
@@ -291,7 +289,7 @@ impl<const N: usize> Batch<N> {
         tag: Tag,
     ) {
         if self.calls_full() {
-            self.flush(target);
+            self.flush_full(target);
         }
         self.slots.push(Queued::Uvm {
             va,
@@ -329,8 +327,8 @@ impl<const N: usize> Batch<N> {
     }
 
     /// Queue one `mmuext_op`, extending the previous call when it is an
-    /// `mmuext_op` too.
-    #[inline]
+    /// `mmuext_op` too. Inlined into the caller, as `update_va_mapping`.
+    #[inline(always)]
     pub(crate) fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
         let fits =
             self.ext.len() < self.limit && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space();
@@ -338,7 +336,7 @@ impl<const N: usize> Batch<N> {
             Some(Queued::Ext { count, .. }) if fits => *count += 1,
             _ => {
                 if !fits || self.calls_full() {
-                    self.flush(target);
+                    self.flush_full(target);
                 }
                 let start = self.ext.len() as u16;
                 self.slots.push(Queued::Ext { start, count: 1 });
@@ -373,6 +371,12 @@ impl<const N: usize> Batch<N> {
         // 16-byte copy of one built on the caller's stack stalled on
         // store forwarding).
         self.deferred.push(d);
+    }
+
+    /// The flush of a full batch, out of the inlined queueing paths.
+    #[inline(never)]
+    fn flush_full<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+        self.flush(target);
     }
 
     #[cold]
@@ -411,14 +415,13 @@ impl<const N: usize> Batch<N> {
     fn issue_calls<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
         let n = self.slots.len();
         // Speed: the backend reads the queue in place (no `Call` array is
-        // built per flush) and only failed calls' results are written.
-        let results = &mut self.results[..n];
-        results.fill(CallResult::default());
+        // built per flush), and the results need no reset per flush: every
+        // `rc` is 0 here (kept so below), all the backend's contract
+        // promises.
         target.issue(
             Calls::queued(&self.slots, &self.updates, &self.ext),
-            results,
+            &mut self.results[..n],
         );
-        self.issued = n;
         let seq = self.seq;
         self.seq += 1;
         self.stats.flushes += 1;
@@ -442,6 +445,8 @@ impl<const N: usize> Batch<N> {
             if r.rc == 0 {
                 continue;
             }
+            // Back to success for the next flush (see above).
+            self.results[i] = CallResult::default();
             let (kind, tags): (CallKind, &[Tag]) = match s {
                 Queued::Uvm { tag, .. } => (CallKind::UpdateVaMapping, core::slice::from_ref(tag)),
                 Queued::Mmu { start, count } => (

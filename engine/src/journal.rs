@@ -17,17 +17,66 @@ pub(crate) enum Action {
     Unpin(Level),
 }
 
+/// One step, packed in a word (speed: a pin writes one per table page,
+/// so the journal's write traffic is 8 bytes a page; keep it packed): the
+/// frame in bits 12.., the action in bits 0..2, the level in 2..5, and
+/// the two flags in bits 5 and 6.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Step {
-    pub(crate) pfn: Pfn,
-    pub(crate) action: Action,
-    /// The page is an L1 under the split policy: its lock must be held while
-    /// its mapping and its own type change together.
-    pub(crate) locked_page: bool,
+pub(crate) struct Step(u64);
+
+impl Step {
+    const LOCKED: u64 = 1 << 5;
+    const FLAG: u64 = 1 << 6;
+
+    #[inline(always)]
+    fn new(pfn: Pfn, action: Action, locked_page: bool, flag: bool) -> Step {
+        let (kind, level) = match action {
+            Action::RemapRo => (0, 0),
+            Action::RemapRw => (1, 0),
+            Action::Pin(l) => (2, l as u64),
+            Action::Unpin(l) => (3, l as u64),
+        };
+        Step(
+            pfn.0 << 12
+                | kind
+                | level << 2
+                | if locked_page { Self::LOCKED } else { 0 }
+                | if flag { Self::FLAG } else { 0 },
+        )
+    }
+
+    /// The table frame.
+    #[inline]
+    pub(crate) fn pfn(self) -> Pfn {
+        Pfn(self.0 >> 12)
+    }
+
+    /// What was queued for it.
+    #[inline]
+    pub(crate) fn action(self) -> Action {
+        let level = || Level::from_u8((self.0 >> 2 & 7) as u8).unwrap_or(Level::L1);
+        match self.0 & 3 {
+            0 => Action::RemapRo,
+            1 => Action::RemapRw,
+            2 => Action::Pin(level()),
+            _ => Action::Unpin(level()),
+        }
+    }
+
+    /// The page is an L1 under the split policy: its lock must be held
+    /// while its mapping and its own type change together.
+    #[inline]
+    pub(crate) fn locked_page(self) -> bool {
+        self.0 & Self::LOCKED != 0
+    }
+
     /// The page's first step: the operation flipped its pinned flag just
     /// before queueing it (pin set it, unpin cleared it). Undoing the step
     /// flips the flag back, whether or not the request took effect.
-    pub(crate) flag: bool,
+    #[inline]
+    pub(crate) fn flag(self) -> bool {
+        self.0 & Self::FLAG != 0
+    }
 }
 
 /// The journal of one pin or unpin.
@@ -36,20 +85,11 @@ pub(crate) struct Step {
 /// the operation and handed back after, so a pin allocates only while the
 /// buffer grows to the largest space the context has pinned.
 #[derive(Default)]
-#[repr(C)] // `counts` kept away from the vector's length (see below)
 pub(crate) struct Journal {
     pub(crate) steps: Vec<Step>,
     /// The batch's flush count when the operation started, so failures are
     /// reported relative to the operation.
     pub(crate) flush_base: u64,
-    /// Remap steps queued (the operation's `PinStats::tables`) in the low
-    /// 32 bits, separate L1 pin / unpin steps (`PinStats::l1_ops`) in the
-    /// high 32: one scalar add per step. `repr(C)` puts `flush_base`
-    /// between it and the vector's length: LLVM otherwise fused the two
-    /// increments into one 16-byte vector add whose load waited on the two
-    /// 8-byte stores of the previous push (a store-forwarding stall that
-    /// was a third of `pin_page`'s time).
-    pub(crate) counts: u64,
 }
 
 impl Journal {
@@ -59,27 +99,14 @@ impl Journal {
     #[inline]
     pub(crate) fn over(mut steps: Vec<Step>, flush_base: u64) -> Self {
         steps.clear();
-        Journal {
-            steps,
-            flush_base,
-            counts: 0,
-        }
+        Journal { steps, flush_base }
     }
 
     /// Record a step; returns its index, the batch tag of its request.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool, flag: bool) -> u32 {
-        self.counts += match action {
-            Action::RemapRo | Action::RemapRw => 1,
-            Action::Pin(Level::L1) | Action::Unpin(Level::L1) => 1 << 32,
-            _ => 0,
-        };
-        self.steps.push(Step {
-            pfn,
-            action,
-            locked_page,
-            flag,
-        });
-        (self.steps.len() - 1) as u32
+        let tag = self.steps.len() as u32;
+        self.steps.push(Step::new(pfn, action, locked_page, flag));
+        tag
     }
 }

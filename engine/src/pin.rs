@@ -11,14 +11,14 @@ use alloc::vec::Vec;
 use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
 use crate::batch::{Batch, Failure, Tag, NO_TAG};
 use crate::error::{Error, HypercallFailure, StepKind};
-use crate::frame::{Owner, Pfn};
+use crate::frame::Pfn;
 use crate::journal::{Action, Journal, Step};
 use crate::lock::LockPolicy;
 use crate::locking::unlock_after;
 use crate::mode::{Level, PagingMode};
 use crate::space::AddressSpace;
 use crate::sync::Ordering;
-use crate::walk::{self, Descend, Scope};
+use crate::walk::{self, Descend, Scope, Table, Visitor};
 
 /// Counters of one pin or unpin.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,9 +39,14 @@ enum Dir {
 }
 
 impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
-    /// The owner recorded for `pfn` (none if it is outside the store).
-    fn owner_of(&self, pfn: Pfn) -> Owner {
-        self.store.meta(pfn).map_or(Owner::NONE, |m| m.owner())
+    /// `pfn` as a walk would hand it over (none if it is outside the
+    /// store).
+    fn table_of(&self, pfn: Pfn) -> Option<Table<'_>> {
+        self.store.meta(pfn).map(|meta| Table {
+            pfn,
+            owner: meta.owner(),
+            meta,
+        })
     }
 
     /// The owner a pin or unpin walk admits (besides unowned tables).
@@ -190,9 +195,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub(crate) fn prepare_new_table(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
         let mut b: Batch<4> = Batch::new();
         let mut op = PinOp::new(self, &mut b);
-        let done = op
-            .pin_page(pfn, level, self.owner_of(pfn), false)
-            .map(|_| ());
+        let done = op.pin_table(self.table_of(pfn), level, false).map(|_| ());
         op.complete(done).map(|_| ())
     }
 
@@ -201,9 +204,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub(crate) fn retire_table_pinned(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
         let mut b: Batch<4> = Batch::new();
         let mut op = PinOp::new(self, &mut b);
-        let done = op
-            .unpin_page(pfn, level, self.owner_of(pfn), false)
-            .map(|_| ());
+        let done = op.unpin_table(self.table_of(pfn), level, false).map(|_| ());
         op.complete(done)?;
         self.store.retire(pfn);
         Ok(())
@@ -219,6 +220,10 @@ pub(crate) struct PinOp<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const 
     space: &'a AddressSpace<M, P, B>,
     b: &'b mut Batch<N>,
     j: Journal,
+    /// Remap steps queued (`PinStats::tables`).
+    tables: u32,
+    /// Separate L1 pin / unpin steps queued (`PinStats::l1_ops`).
+    l1_ops: u32,
 }
 
 impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a, 'b, M, P, B, N> {
@@ -228,7 +233,13 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     pub(crate) fn new(space: &'a AddressSpace<M, P, B>, b: &'b mut Batch<N>) -> Self {
         let _ = b.take_failures();
         let j = Journal::over(b.take_journal_buffer(), b.stats().flushes);
-        PinOp { space, b, j }
+        PinOp {
+            space,
+            b,
+            j,
+            tables: 0,
+            l1_ops: 0,
+        }
     }
 
     /// Issue what is still queued so every step has an outcome; on a
@@ -251,8 +262,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             (Ok(()), None) => {
                 let _ = self.b.take_failures();
                 return Ok(PinStats {
-                    tables: (self.j.counts & 0xffff_ffff) as usize,
-                    l1_ops: (self.j.counts >> 32) as usize,
+                    tables: self.tables as usize,
+                    l1_ops: self.l1_ops as usize,
                     max_locks_held: 0,
                 });
             }
@@ -271,8 +282,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             item: f.item,
             kind: f.kind,
             errno: f.errno,
-            pfn: step.map(|s| s.pfn),
-            step: step.map(|s| match s.action {
+            pfn: step.map(|s| s.pfn()),
+            step: step.map(|s| match s.action() {
                 Action::RemapRo => StepKind::RemapReadOnly,
                 Action::RemapRw => StepKind::RemapWritable,
                 Action::Pin(l) => StepKind::Pin(l),
@@ -281,9 +292,9 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         }
     }
 
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn queue_remap(&mut self, pfn: Pfn, ro: bool, flush: bool, locked: bool, flag: bool) {
+        self.tables += 1;
         let tag = self.j.push(
             pfn,
             if ro { Action::RemapRo } else { Action::RemapRw },
@@ -304,12 +315,15 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         );
     }
 
-    #[inline]
+    #[inline(always)]
     fn queue_ext(&mut self, pfn: Pfn, action: Action, locked: bool, flag: bool) -> Tag {
         let cmd = match action {
             Action::Pin(l) => ExtCmd::pin(l),
             _ => ExtCmd::UnpinTable,
         };
+        if let Action::Pin(Level::L1) | Action::Unpin(Level::L1) = action {
+            self.l1_ops += 1;
+        }
         let tag = self.j.push(pfn, action, locked, flag);
         self.b.mmuext(
             &self.space.target(),
@@ -328,21 +342,38 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         Ok(())
     }
 
-    /// Pin one page (`owner`: its owner, as the walk read it): set its flag,
-    /// remap it read-only and, under split for an L1, pin it, holding its
-    /// lock across the flushes that issue the two.
-    #[inline]
-    fn pin_page(
+    /// Pin a page that may be outside the store (then nothing happens).
+    fn pin_table(
         &mut self,
-        pfn: Pfn,
+        table: Option<Table<'a>>,
         level: Level,
-        owner: Owner,
         flush: bool,
     ) -> Result<Descend, Error> {
-        let meta = match self.space.store.meta(pfn) {
-            Some(m) => m,
-            None => return Ok(Descend::No),
-        };
+        match table {
+            Some(t) => self.pin_page(t, level, flush),
+            None => Ok(Descend::No),
+        }
+    }
+
+    /// Unpin a page that may be outside the store (then nothing happens).
+    fn unpin_table(
+        &mut self,
+        table: Option<Table<'a>>,
+        level: Level,
+        flush: bool,
+    ) -> Result<Descend, Error> {
+        match table {
+            Some(t) => self.unpin_page(t, level, flush),
+            None => Ok(Descend::No),
+        }
+    }
+
+    /// Pin one page (as the walk read it): set its flag, remap it
+    /// read-only and, under split for an L1, pin it, holding its lock
+    /// across the flushes that issue the two.
+    #[inline(always)]
+    fn pin_page(&mut self, table: Table<'a>, level: Level, flush: bool) -> Result<Descend, Error> {
+        let Table { pfn, owner, meta } = table;
         if self.space.flip_flag(&meta, owner, true) {
             return Ok(Descend::No);
         }
@@ -377,21 +408,17 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         Ok(Descend::Yes)
     }
 
-    /// Unpin one page (`owner` as for [`Self::pin_page`]): clear its flag,
-    /// under split for an L1 unpin it, and remap it writable, holding its
-    /// lock across the flushes that issue the two.
-    #[inline]
+    /// Unpin one page (as for [`Self::pin_page`]): clear its flag, under
+    /// split for an L1 unpin it, and remap it writable, holding its lock
+    /// across the flushes that issue the two.
+    #[inline(always)]
     fn unpin_page(
         &mut self,
-        pfn: Pfn,
+        table: Table<'a>,
         level: Level,
-        owner: Owner,
         flush: bool,
     ) -> Result<Descend, Error> {
-        let meta = match self.space.store.meta(pfn) {
-            Some(m) => m,
-            None => return Ok(Descend::No),
-        };
+        let Table { pfn, owner, meta } = table;
         if self.space.flip_flag(&meta, owner, false) {
             return Ok(Descend::No);
         }
@@ -413,10 +440,25 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         Ok(Descend::Yes)
     }
 
+    /// The root's turn in the pin walk (once, out of the walk's loop):
+    /// extra roots first, so the root's remap (the one carrying the TLB
+    /// flush) is the last remap of the pin.
+    #[inline(never)]
+    fn pin_root(&mut self, root: Table<'a>) -> Result<Descend, Error> {
+        let space = self.space;
+        if let Some(u) = space.user_root {
+            self.pin_table(space.table_of(u), M::ROOT_LEVEL, false)?;
+        }
+        if let Some(k) = space.kernel_pmd {
+            self.pin_table(space.table_of(k), Level::L2, false)?;
+        }
+        self.pin_page(root, M::ROOT_LEVEL, true)
+    }
+
     fn pin_steps(&mut self) -> Result<(), Error> {
         let root = self.space.root;
         if self.space.sabotage().root_first {
-            self.pin_page(root, M::ROOT_LEVEL, self.space.owner_of(root), true)?;
+            self.pin_table(self.space.table_of(root), M::ROOT_LEVEL, true)?;
         }
         // The space by its own reference, so the visitor may borrow `self`.
         let space = self.space;
@@ -426,23 +468,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             root,
             space.walk_owner(),
             Scope::Full,
-            &mut |pfn, level, owner, is_root| {
-                if self.b.has_failures() {
-                    // The recorded failure ends the operation.
-                    return Ok(Descend::Stop);
-                }
-                if is_root {
-                    // Extra roots first, so the root's remap (the one carrying
-                    // the TLB flush) is the last remap of the pin.
-                    if let Some(u) = self.space.user_root {
-                        self.pin_page(u, M::ROOT_LEVEL, self.space.owner_of(u), false)?;
-                    }
-                    if let Some(k) = self.space.kernel_pmd {
-                        self.pin_page(k, Level::L2, self.space.owner_of(k), false)?;
-                    }
-                }
-                self.pin_page(pfn, level, owner, is_root)
-            },
+            &mut PinWalk(self),
         )?;
         if self.b.has_failures() {
             return Ok(());
@@ -459,14 +485,14 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         self.queue_ext(root, Action::Unpin(M::ROOT_LEVEL), false, false);
         if let Some(u) = self.space.user_root {
             self.queue_ext(u, Action::Unpin(M::ROOT_LEVEL), false, false);
-            self.unpin_page(u, M::ROOT_LEVEL, self.space.owner_of(u), false)?;
+            self.unpin_table(self.space.table_of(u), M::ROOT_LEVEL, false)?;
         }
         if let Some(k) = self.space.kernel_pmd {
             if self.space.sabotage().pae_kpmd_pin_on_unpin {
                 // The pre-2008 bug: the pin routine called on unpin.
-                self.pin_page(k, Level::L2, self.space.owner_of(k), false)?;
+                self.pin_table(self.space.table_of(k), Level::L2, false)?;
             } else {
-                self.unpin_page(k, Level::L2, self.space.owner_of(k), false)?;
+                self.unpin_table(self.space.table_of(k), Level::L2, false)?;
             }
         }
         // The space by its own reference, so the visitor may borrow `self`.
@@ -477,12 +503,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             root,
             space.walk_owner(),
             Scope::Full,
-            &mut |pfn, level, owner, is_root| {
-                if self.b.has_failures() {
-                    return Ok(Descend::Stop);
-                }
-                self.unpin_page(pfn, level, owner, is_root)
-            },
+            &mut UnpinWalk(self),
         )
     }
 
@@ -509,14 +530,14 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         let steps = core::mem::take(&mut self.j.steps);
         for i in (0..steps.len()).rev() {
             let s = steps[i];
-            let Some(meta) = self.space.store.meta(s.pfn) else {
+            let Some(meta) = self.space.store.meta(s.pfn()) else {
                 continue;
             };
             // The flag flipped just before this (the page's first) step is
             // flipped back after the step's own undo.
             let restore_flag = |s: &Step| {
-                if s.flag {
-                    match s.action {
+                if s.flag() {
+                    match s.action() {
                         Action::RemapRo | Action::Pin(_) => meta.test_and_clear_pinned(),
                         Action::RemapRw | Action::Unpin(_) => meta.test_and_set_pinned(),
                     };
@@ -526,23 +547,24 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 restore_flag(&s);
                 continue;
             }
-            if s.locked_page && held != Some(s.pfn) {
-                if let Some(k) = kept.iter().position(|p| *p == s.pfn) {
+            let pfn = s.pfn();
+            if s.locked_page() && held != Some(pfn) {
+                if let Some(k) = kept.iter().position(|p| *p == pfn) {
                     kept.swap_remove(k);
                 } else {
-                    self.take_lock(s.pfn)?;
+                    self.take_lock(pfn)?;
                 }
-                held = Some(s.pfn);
+                held = Some(pfn);
             }
-            let mfn = self.space.backend.pfn_to_mfn(s.pfn);
-            match s.action {
+            let mfn = self.space.backend.pfn_to_mfn(pfn);
+            match s.action() {
                 Action::RemapRo => {
-                    let flush = s.pfn == self.space.root;
+                    let flush = pfn == self.space.root;
                     let flags = if flush { uvmf::TLB_FLUSH } else { uvmf::NONE };
                     self.b.update_va_mapping(
                         &target,
-                        self.space.direct_map_va(s.pfn),
-                        self.space.direct_map_pte(s.pfn, true),
+                        self.space.direct_map_va(pfn),
+                        self.space.direct_map_pte(pfn, true),
                         flags,
                         NO_TAG,
                     );
@@ -551,8 +573,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                     unflushed = true;
                     self.b.update_va_mapping(
                         &target,
-                        self.space.direct_map_va(s.pfn),
-                        self.space.direct_map_pte(s.pfn, false),
+                        self.space.direct_map_va(pfn),
+                        self.space.direct_map_pte(pfn, false),
                         uvmf::NONE,
                         NO_TAG,
                     );
@@ -579,15 +601,15 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 }
             }
             restore_flag(&s);
-            if held == Some(s.pfn) {
+            if held == Some(pfn) {
                 // Keep holding while the next-older step is another applied
                 // request on the same page (its remap/pin pair).
                 let continues = i > 0 && {
                     let p = steps[i - 1];
-                    p.pfn == s.pfn && applied(i - 1)
+                    p.pfn() == pfn && applied(i - 1)
                 };
                 if !continues {
-                    self.b.defer(&target, unlock_after(s.pfn, NO_TAG));
+                    self.b.defer(&target, unlock_after(pfn, NO_TAG));
                     held = None;
                 }
             }
@@ -622,6 +644,44 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             });
         }
         Ok(())
+    }
+}
+
+/// The pin walk's visitor.
+struct PinWalk<'o, 'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
+    &'o mut PinOp<'a, 'b, M, P, B, N>,
+);
+
+impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> Visitor<'a>
+    for PinWalk<'_, 'a, '_, M, P, B, N>
+{
+    #[inline(always)]
+    fn visit(&mut self, table: Table<'a>, level: Level, is_root: bool) -> Result<Descend, Error> {
+        if self.0.b.has_failures() {
+            // The recorded failure ends the operation.
+            return Ok(Descend::Stop);
+        }
+        if is_root {
+            return self.0.pin_root(table);
+        }
+        self.0.pin_page(table, level, false)
+    }
+}
+
+/// The unpin walk's visitor.
+struct UnpinWalk<'o, 'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
+    &'o mut PinOp<'a, 'b, M, P, B, N>,
+);
+
+impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> Visitor<'a>
+    for UnpinWalk<'_, 'a, '_, M, P, B, N>
+{
+    #[inline(always)]
+    fn visit(&mut self, table: Table<'a>, level: Level, is_root: bool) -> Result<Descend, Error> {
+        if self.0.b.has_failures() {
+            return Ok(Descend::Stop);
+        }
+        self.0.unpin_page(table, level, is_root)
     }
 }
 

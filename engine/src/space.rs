@@ -746,11 +746,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             self.root,
             None,
             Scope::Full,
-            &mut |pfn, _, o, _| {
-                if o != owner && o != Owner::NONE {
+            &mut |t: walk::Table<'_>, _, _| {
+                if t.owner != owner && t.owner != Owner::NONE {
                     return Ok(Descend::No);
                 }
-                frames.push(pfn);
+                frames.push(t.pfn);
                 Ok(Descend::Yes)
             },
         );

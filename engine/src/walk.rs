@@ -8,7 +8,7 @@
 use crate::backend::Backend;
 use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::Error;
-use crate::frame::{FrameStore, Owner, Pfn};
+use crate::frame::{FrameMeta, FrameStore, Owner, Pfn};
 use crate::lock::RawLock;
 use crate::mode::{Level, PagingMode};
 use crate::sync::Ordering;
@@ -46,19 +46,31 @@ pub fn child_table<L: RawLock, B: Backend>(
     index: usize,
     entry: PageTableEntry,
 ) -> Result<Pfn, Error> {
-    child_table_owned(store, backend, level, index, entry).map(|(pfn, _)| pfn)
+    child_table_owned(store, backend, level, index, entry).map(|c| c.pfn)
+}
+
+/// A table a walk reached, with what the walk already read of it (so the
+/// visitor does not look its metadata up again: speed).
+#[derive(Clone, Copy)]
+pub(crate) struct Table<'s> {
+    /// The frame.
+    pub(crate) pfn: Pfn,
+    /// Its owner, read with its level.
+    pub(crate) owner: Owner,
+    /// Its metadata.
+    pub(crate) meta: FrameMeta<'s>,
 }
 
 /// [`child_table`], also returning the child's owner (from the same load
-/// as its level).
-#[inline]
-fn child_table_owned<L: RawLock, B: Backend>(
-    store: &FrameStore<L>,
+/// as its level) and metadata.
+#[inline(always)]
+fn child_table_owned<'s, L: RawLock, B: Backend>(
+    store: &'s FrameStore<L>,
     backend: &B,
     level: Level,
     index: usize,
     entry: PageTableEntry,
-) -> Result<(Pfn, Owner), Error> {
+) -> Result<Table<'s>, Error> {
     let child = match level.child() {
         Some(c) => c,
         None => unreachable_l1(),
@@ -77,16 +89,16 @@ fn child_table_owned<L: RawLock, B: Backend>(
     let Some(meta) = store.meta(pfn) else {
         return Err(Error::FrameOutOfRange { level, index, mfn });
     };
-    let (found, owner) = meta.level_and_owner();
-    if found != Some(child) {
+    let (is_child, owner) = meta.is_table_at(child);
+    if !is_child {
         return Err(Error::LevelMismatch {
             level,
             index,
             pfn,
-            found,
+            found: meta.level(),
         });
     }
-    Ok((pfn, owner))
+    Ok(Table { pfn, owner, meta })
 }
 
 #[cold]
@@ -197,18 +209,18 @@ pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
     index: usize,
     entry: PageTableEntry,
 ) -> Result<Option<Pfn>, Error> {
-    classify_owned::<M, L, B>(store, backend, level, index, entry).map(|c| c.map(|(p, _)| p))
+    classify_owned::<M, L, B>(store, backend, level, index, entry).map(|c| c.map(|t| t.pfn))
 }
 
-/// [`classify`], with the child table's owner.
-#[inline]
-fn classify_owned<M: PagingMode, L: RawLock, B: Backend>(
-    store: &FrameStore<L>,
+/// [`classify`], with the child table's owner and metadata.
+#[inline(always)]
+fn classify_owned<'s, M: PagingMode, L: RawLock, B: Backend>(
+    store: &'s FrameStore<L>,
     backend: &B,
     level: Level,
     index: usize,
     entry: PageTableEntry,
-) -> Result<Option<(Pfn, Owner)>, Error> {
+) -> Result<Option<Table<'s>>, Error> {
     if level == Level::L1 {
         return Ok(None);
     }
@@ -232,20 +244,40 @@ fn classify_owned<M: PagingMode, L: RawLock, B: Backend>(
 
 /// The child of a walked entry, refused if it belongs to a space other
 /// than the root's (unowned tables are accepted).
-#[inline]
-fn walk_child<M: PagingMode, L: RawLock, B: Backend>(
-    store: &FrameStore<L>,
+#[inline(always)]
+fn walk_child<'s, M: PagingMode, L: RawLock, B: Backend>(
+    store: &'s FrameStore<L>,
     backend: &B,
     owner: Option<Owner>,
     level: Level,
     index: usize,
     entry: PageTableEntry,
-) -> Result<Option<(Pfn, Owner)>, Error> {
+) -> Result<Option<Table<'s>>, Error> {
     match classify_owned::<M, L, B>(store, backend, level, index, entry)? {
-        Some((pfn, o)) if owner.is_some_and(|w| w != o) && o != Owner::NONE => {
-            Err(Error::ForeignTable { level, index, pfn })
+        Some(t) if owner.is_some_and(|w| w != t.owner) && t.owner != Owner::NONE => {
+            Err(Error::ForeignTable {
+                level,
+                index,
+                pfn: t.pfn,
+            })
         }
         c => Ok(c),
+    }
+}
+
+/// What a walk calls for each table it reaches: `visit(table, level,
+/// is_root)`. Closures are visitors; the pin and unpin walks implement it
+/// on their own types so the call inlines into the walk's loop (speed:
+/// keep it inlined).
+pub(crate) trait Visitor<'s> {
+    /// Visit one table.
+    fn visit(&mut self, table: Table<'s>, level: Level, is_root: bool) -> Result<Descend, Error>;
+}
+
+impl<'s, F: FnMut(Table<'s>, Level, bool) -> Result<Descend, Error>> Visitor<'s> for F {
+    #[inline(always)]
+    fn visit(&mut self, table: Table<'s>, level: Level, is_root: bool) -> Result<Descend, Error> {
+        self(table, level, is_root)
     }
 }
 
@@ -275,15 +307,15 @@ where
         root,
         Some(owner),
         scope,
-        &mut |p, l, _, r| visit(p, l, r),
+        &mut |t: Table<'_>, l, r| visit(t.pfn, l, r),
     )
 }
 
 /// [`walk`], admitting tables of `owner` (and unowned ones); `None` admits
 /// any owner (only for the negative control of the ownership check). The
-/// visitor also gets each table's owner, read with its level.
-pub(crate) fn walk_as<M, L, B, F>(
-    store: &FrameStore<L>,
+/// visitor gets each table's owner and metadata, read with its level.
+pub(crate) fn walk_as<'s, M, L, B, F>(
+    store: &'s FrameStore<L>,
     backend: &B,
     root: Pfn,
     owner: Option<Owner>,
@@ -294,9 +326,9 @@ where
     M: PagingMode,
     L: RawLock,
     B: Backend,
-    F: FnMut(Pfn, Level, Owner, bool) -> Result<Descend, Error>,
+    F: Visitor<'s>,
 {
-    let Some(frame) = store.frame(root) else {
+    let (Some(frame), Some(root_meta)) = (store.frame(root), store.meta(root)) else {
         return Err(Error::FrameOutOfRange {
             level: M::ROOT_LEVEL,
             index: 0,
@@ -331,16 +363,20 @@ where
             }
         }
     }
-    let root_owner = store.meta(root).map_or(Owner::NONE, |m| m.owner());
-    visit(root, M::ROOT_LEVEL, root_owner, true)?;
+    let root_table = Table {
+        pfn: root,
+        owner: root_meta.owner(),
+        meta: root_meta,
+    };
+    visit.visit(root_table, M::ROOT_LEVEL, true)?;
     Ok(())
 }
 
-fn walk_table<M, L, B, F>(
-    store: &FrameStore<L>,
+fn walk_table<'s, M, L, B, F>(
+    store: &'s FrameStore<L>,
     backend: &B,
     owner: Option<Owner>,
-    (pfn, pfn_owner): (Pfn, Owner),
+    table: Table<'s>,
     level: Level,
     visit: &mut F,
 ) -> Result<bool, Error>
@@ -348,9 +384,10 @@ where
     M: PagingMode,
     L: RawLock,
     B: Backend,
-    F: FnMut(Pfn, Level, Owner, bool) -> Result<Descend, Error>,
+    F: Visitor<'s>,
 {
-    match visit(pfn, level, pfn_owner, false)? {
+    let pfn = table.pfn;
+    match visit.visit(table, level, false)? {
         Descend::Stop => return Ok(true),
         Descend::No => return Ok(false),
         Descend::Yes if level == Level::L1 => return Ok(false),
@@ -369,7 +406,7 @@ where
             if child_level == Level::L1 {
                 // A PTE page has no children: visit it here rather than
                 // through a call per page.
-                if visit(child.0, Level::L1, child.1, false)? == Descend::Stop {
+                if visit.visit(child, Level::L1, false)? == Descend::Stop {
                     return Ok(true);
                 }
             } else if walk_table::<M, L, B, F>(store, backend, owner, child, child_level, visit)? {
