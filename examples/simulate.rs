@@ -309,7 +309,9 @@ fn run<M: PagingMode, P: LockPolicy<Lock = DefaultRawLock>, B: Platform>(
     report.emulated_stores = pc.emulated_stores;
     report.faults = report.faults.max(pc.faults);
     report.invariant_violations = pc.invariant_violations;
-    report.leaked_frames = backend.leaked_frames(&store) as u64;
+    // Table frames the platform still treats as page tables.
+    let (first, frames) = (store.base().0, store.len() as u64);
+    report.leaked_frames = backend.leaked(pagepin::Pfn(first)..pagepin::Pfn(first + frames)) as u64;
     // A frame the engine still flags pinned after the final unpin is leaked too.
     for i in 0..store.len() {
         let pfn = pagepin::Pfn(store.base().0 + i as u64);

@@ -3,20 +3,22 @@
 //! 5-level mode (`La57`; Xen PV is 4-level only).
 //!
 //! Each scenario is a generic function over a [`Platform`]: how to build a
-//! space on that backend and how to see, from the backend's side, whether
-//! the tables are pinned. The `scenarios!` macro instantiates all of them
-//! for one platform, so swapping backends in your own tests is one line:
+//! space on that backend, and the backend's [`PinObserver`], which says
+//! whether the tables are pinned; [`check_tables`] and [`check_quiet`] hold
+//! every platform to the same answers. The `scenarios!` macro instantiates
+//! all of them for one platform, so swapping backends in your own tests is
+//! one line:
 //!
 //! ```text
 //! scenarios!(my_backend, MyPlatform);
 //! ```
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use pagepin::backends::mock::{MockBackend, Recorded};
 use pagepin::backends::native::NativeBackend;
+use pagepin::backends::{check_frame, Expected, PinObserver};
 use pagepin::ExtCmd;
 use pagepin::{
     AddressSpace, Backend, Batch, DefaultRawLock, EntryFlags, Error, FrameStore, La57, Level,
@@ -39,6 +41,8 @@ trait Platform: Sized {
     type M: PagingMode;
     /// The backend.
     type B: Backend;
+    /// What the platform thinks is pinned, read-only or leaked.
+    type O: PinObserver;
     /// Whether the platform takes 2 MiB leaves (Xen PV does not).
     const LARGE_PAGES: bool;
     /// A fresh platform (store + backend).
@@ -49,52 +53,99 @@ trait Platform: Sized {
     fn traps(&self) -> u64;
     /// Unpin operations issued so far.
     fn unpins(&self) -> u64;
-    /// Check, from the backend's side, that `tables` are pinned (read-only,
-    /// validated) or all back to normal.
-    fn check_tables(&self, space: &Space<Self>, tables: &[(Pfn, Level)], pinned: bool);
-    /// Check that nothing is left typed or read-only (after teardown).
-    fn check_quiet(&self);
+    /// Its observer.
+    fn observer(&self) -> &Self::O;
+    /// The backend's own consistency checks, beside the observer's answers
+    /// (none by default).
+    fn check_backend(&self) {}
+}
+
+/// A space over `store` and `backend`.
+fn space_on<M: PagingMode, B: Backend>(
+    store: &Arc<FrameStore<DefaultRawLock>>,
+    backend: &Arc<B>,
+) -> AddressSpace<M, Split, B> {
+    AddressSpace::new(store.clone(), backend.clone(), SpaceOptions::default()).unwrap()
+}
+
+/// Check, from the backend's side, that `tables` are pinned (read-only,
+/// validated, the root and each L1 pinned itself) or all back to normal.
+/// A platform without pinning leaves them at rest either way: pin is
+/// bookkeeping only there, and no batch is ever issued.
+fn check_tables<P: Platform>(p: &P, space: &Space<P>, tables: &[(Pfn, Level)], pinned: bool) {
+    let pinned = pinned && P::B::PINNING;
+    let root = <P::M as PagingMode>::ROOT_LEVEL;
+    for &(pfn, level) in tables {
+        let own_pin = level == Level::L1 || level == root;
+        let want = Expected::table(pinned, level, own_pin);
+        if let Err(what) = check_frame(p.observer(), pfn, want) {
+            let o = p.observer();
+            panic!(
+                "{}: {pfn:?} ({level:?}) {what}: want {want:?}, read-only {:?}, type {:?}, pin {:?}",
+                P::B::NAME,
+                o.read_only(pfn),
+                o.table_level(pfn),
+                o.pinned(pfn)
+            );
+        }
+        assert_eq!(
+            space.store().meta(pfn).unwrap().is_pinned(),
+            pinned,
+            "{}: {pfn:?} ({level:?}) flagged",
+            P::B::NAME
+        );
+    }
+    if !P::B::PINNING {
+        assert_eq!((p.traps(), p.unpins()), (0, 0), "{}", P::B::NAME);
+    }
+    p.check_backend();
+}
+
+/// Check that nothing is left typed, read-only or pinned (after teardown).
+fn check_quiet<P: Platform>(p: &P) {
+    let leaked = p.observer().leaked(Pfn(0)..Pfn(PAGES as u64));
+    assert_eq!(leaked, 0, "{}: frames left as tables", P::B::NAME);
+    if !P::B::PINNING {
+        assert_eq!(p.traps(), 0, "{}", P::B::NAME);
+    }
+    p.check_backend();
+}
+
+/// The table frames and a backend over them, in mode `M` (mock, native).
+struct OnStore<M, B> {
+    store: Arc<FrameStore<DefaultRawLock>>,
+    backend: Arc<B>,
+    _mode: PhantomData<M>,
+}
+
+impl<M, B> OnStore<M, B> {
+    /// The table frames and the backend `with` builds over them.
+    fn with_backend(with: impl FnOnce(Arc<FrameStore<DefaultRawLock>>) -> B) -> Self {
+        let store = Arc::new(FrameStore::new(TABLES, TABLE_BASE));
+        OnStore {
+            backend: Arc::new(with(store.clone())),
+            store,
+            _mode: PhantomData,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- mock
 
-struct MockPlatform<M> {
-    store: Arc<FrameStore<DefaultRawLock>>,
-    backend: Arc<MockBackend>,
-    _mode: PhantomData<M>,
-}
-
-impl<M> MockPlatform<M> {
-    /// Read-only state of each remapped frame and pin balance of each
-    /// frame, from the calls recorded so far.
-    fn net(&self) -> (BTreeMap<u64, bool>, BTreeMap<u64, i64>) {
-        let n = self.backend.net_effect();
-        (n.remapped, n.pins)
-    }
-}
+type MockPlatform<M> = OnStore<M, MockBackend>;
 
 impl<M: PagingMode> Platform for MockPlatform<M> {
     type M = M;
     type B = MockBackend;
+    type O = MockBackend;
     const LARGE_PAGES: bool = true;
     fn new(_seed: u64) -> Self {
-        let store = Arc::new(FrameStore::new(TABLES, TABLE_BASE));
         // With memory, accepted mmu_updates are applied (pinned upper tables
         // stay writable through the "hypervisor").
-        let backend = Arc::new(MockBackend::with_memory(store.clone()));
-        MockPlatform {
-            store,
-            backend,
-            _mode: PhantomData,
-        }
+        OnStore::with_backend(|store| MockBackend::with_memory(store))
     }
     fn space(&self) -> Space<Self> {
-        AddressSpace::new(
-            self.store.clone(),
-            self.backend.clone(),
-            SpaceOptions::default(),
-        )
-        .unwrap()
+        space_on(&self.store, &self.backend)
     }
     fn traps(&self) -> u64 {
         self.backend.batch_count() as u64
@@ -111,56 +162,34 @@ impl<M: PagingMode> Platform for MockPlatform<M> {
             })
             .sum()
     }
-    fn check_tables(&self, _space: &Space<Self>, tables: &[(Pfn, Level)], pinned: bool) {
-        let (ro, pins) = self.net();
-        for &(pfn, level) in tables {
-            assert_eq!(
-                ro.get(&pfn.0).copied().unwrap_or(false),
-                pinned,
-                "mock: {pfn:?} ({level:?}) read-only"
-            );
-            let want = i64::from(pinned && (level == Level::L1 || level == M::ROOT_LEVEL));
-            assert_eq!(
-                pins.get(&pfn.0).copied().unwrap_or(0),
-                want,
-                "mock: {pfn:?} ({level:?}) pin balance"
-            );
-        }
+    fn observer(&self) -> &MockBackend {
+        &self.backend
     }
-    fn check_quiet(&self) {
-        let (ro, pins) = self.net();
-        assert!(ro.values().all(|r| !r), "mock: frames left read-only");
-        assert!(pins.values().all(|n| *n == 0), "mock: pins left: {pins:x?}");
+    fn check_backend(&self) {
+        // The observer says "pinned" for any unbalanced frame: a frame is
+        // pinned once or not at all.
+        let pins = self.backend.net_effect().pins;
+        assert!(
+            pins.values().all(|n| *n == 1),
+            "mock: pin balance {pins:x?}"
+        );
     }
 }
 
 // ---------------------------------------------------------------- native
 
-struct NativePlatform<M> {
-    store: Arc<FrameStore<DefaultRawLock>>,
-    backend: Arc<NativeBackend>,
-    _mode: PhantomData<M>,
-}
+type NativePlatform<M> = OnStore<M, NativeBackend>;
 
 impl<M: PagingMode> Platform for NativePlatform<M> {
     type M = M;
     type B = NativeBackend;
+    type O = NativeBackend;
     const LARGE_PAGES: bool = true;
     fn new(_seed: u64) -> Self {
-        let store = Arc::new(FrameStore::new(TABLES, TABLE_BASE));
-        NativePlatform {
-            backend: Arc::new(NativeBackend::with_memory(store.clone())),
-            store,
-            _mode: PhantomData,
-        }
+        OnStore::with_backend(|store| NativeBackend::with_memory(store))
     }
     fn space(&self) -> Space<Self> {
-        AddressSpace::new(
-            self.store.clone(),
-            self.backend.clone(),
-            SpaceOptions::default(),
-        )
-        .unwrap()
+        space_on(&self.store, &self.backend)
     }
     fn traps(&self) -> u64 {
         self.backend.counters().batches
@@ -168,25 +197,16 @@ impl<M: PagingMode> Platform for NativePlatform<M> {
     fn unpins(&self) -> u64 {
         self.backend.counters().pin_ops
     }
-    fn check_tables(&self, space: &Space<Self>, tables: &[(Pfn, Level)], _pinned: bool) {
-        // Bare hardware has no pinning: pin is bookkeeping only, so the
-        // tables never change state and no batch is ever issued.
-        for &(pfn, _) in tables {
-            assert!(
-                !space.store().meta(pfn).unwrap().is_pinned(),
-                "native: {pfn:?} flagged"
-            );
-        }
+    fn observer(&self) -> &NativeBackend {
+        &self.backend
+    }
+    fn check_backend(&self) {
         let c = self.backend.counters();
-        assert_eq!((c.batches, c.pin_ops), (0, 0), "native: {c:?}");
         assert_eq!(
             c.invalidations,
             c.stores - c.unchanged_stores,
             "native: one invalidation per changed entry"
         );
-    }
-    fn check_quiet(&self) {
-        assert_eq!(self.backend.counters().batches, 0);
     }
 }
 
@@ -195,24 +215,20 @@ impl<M: PagingMode> Platform for NativePlatform<M> {
 #[cfg(feature = "xen")]
 mod xen_platform {
     use super::*;
-    use pagepin::backends::xen::{xen_env, FrameType, XenBackend, XenEnv, XenSim};
+    use pagepin::backends::xen::{xen_env, XenBackend, XenEnv, XenSim};
 
     pub struct XenPlatform(XenEnv<DefaultRawLock>);
 
     impl Platform for XenPlatform {
         type M = X86_64;
         type B = XenBackend<Arc<XenSim>>;
+        type O = XenSim;
         const LARGE_PAGES: bool = false;
         fn new(seed: u64) -> Self {
             XenPlatform(xen_env::<X86_64, DefaultRawLock>(TABLES, PAGES, seed, 0).expect("xen env"))
         }
         fn space(&self) -> Space<Self> {
-            AddressSpace::new(
-                self.0.store.clone(),
-                self.0.backend.clone(),
-                SpaceOptions::default(),
-            )
-            .unwrap()
+            space_on(&self.0.store, &self.0.backend)
         }
         fn traps(&self) -> u64 {
             self.0.sim.trap_count()
@@ -220,34 +236,14 @@ mod xen_platform {
         fn unpins(&self) -> u64 {
             self.0.sim.stats().ext_cmds[ExtCmd::UnpinTable as usize]
         }
-        fn check_tables(&self, _space: &Space<Self>, tables: &[(Pfn, Level)], pinned: bool) {
-            for &(pfn, level) in tables {
-                let info = self.0.sim.frame_info(pfn).expect("frame known to xen");
-                if pinned {
-                    assert_eq!(info.ty, FrameType::table(level), "xen: {info:?}");
-                    assert_eq!(info.direct_map_writable, Some(false), "xen: {info:?}");
-                    assert_eq!(
-                        info.pinned,
-                        level == Level::L1 || level == Level::L4,
-                        "xen: {info:?}"
-                    );
-                } else {
-                    assert!(!info.ty.is_table() && !info.pinned, "xen: {info:?}");
-                    assert_eq!(info.direct_map_writable, Some(true), "xen: {info:?}");
-                }
-            }
+        fn observer(&self) -> &XenSim {
+            &self.0.sim
+        }
+        fn check_backend(&self) {
             assert!(
                 self.0.sim.check_all().is_empty(),
                 "xen: a typed table is writable"
             );
-        }
-        fn check_quiet(&self) {
-            assert!(
-                self.0.sim.typed_tables().is_empty(),
-                "xen: {:?}",
-                self.0.sim.typed_tables()
-            );
-            assert!(self.0.sim.check_all().is_empty());
         }
     }
 }
@@ -320,12 +316,12 @@ fn lifecycle<P: Platform>() {
     let vas = map_some::<P>(&space, 3, 12);
     let tables = space.table_frames().unwrap();
     assert!(tables.len() >= 1 + 2 + 2 + 3, "{tables:?}");
-    p.check_tables(&space, &tables, false);
+    check_tables(&p, &space, &tables, false);
 
     let mut b: Batch = Batch::new();
     space.pin(&mut b).unwrap();
     assert!(space.is_pinned());
-    p.check_tables(&space, &tables, true);
+    check_tables(&p, &space, &tables, true);
 
     // Writers: the store path (Xen traps and emulates on a pinned L1) and
     // the hypercall path.
@@ -359,7 +355,7 @@ fn lifecycle<P: Platform>() {
         .unwrap();
     let grown = space.table_frames().unwrap();
     assert!(grown.len() > tables.len());
-    p.check_tables(&space, &grown, true);
+    check_tables(&p, &space, &grown, true);
     // Shrink: unmap the page, release its L1 (unlinked, unpinned, writable).
     assert_eq!(space.unmap(far).unwrap().phys, data_pa(600));
     assert_eq!(space.translate(far), None);
@@ -369,13 +365,13 @@ fn lifecycle<P: Platform>() {
         .find(|t| !tables.contains(t) && t.1 == Level::L1)
         .unwrap();
     space.release_table(far, Level::L1).unwrap();
-    p.check_tables(&space, &[l1], false);
+    check_tables(&p, &space, &[l1], false);
     let now = space.table_frames().unwrap();
     assert_eq!(now.len(), grown.len() - 1);
 
     space.unpin(&mut b).unwrap();
     assert!(!space.is_pinned());
-    p.check_tables(&space, &now, false);
+    check_tables(&p, &space, &now, false);
     for (i, &v) in vas.iter().enumerate().take(6) {
         assert_eq!(
             space.translate(v).unwrap().phys,
@@ -391,7 +387,7 @@ fn lifecycle<P: Platform>() {
         p.unpins() > unpins || !P::B::PINNING,
         "teardown of a pinned space unpins"
     );
-    p.check_quiet();
+    check_quiet(&p);
 }
 
 /// A space never pinned is torn down without a single unpin.
@@ -403,7 +399,7 @@ fn never_pinned_teardown<P: Platform>() {
     space.teardown().unwrap();
     assert_eq!(p.unpins(), unpins, "no unpin for a never-pinned space");
     assert_eq!(p.traps(), traps, "no hypercall at all");
-    p.check_quiet();
+    check_quiet(&p);
 }
 
 /// Refusals: double pin, unpin of an unpinned space, bad addresses, a
@@ -467,7 +463,7 @@ fn refusals<P: Platform>() {
     space.unpin(&mut b).unwrap();
     assert_eq!(space.unpin(&mut b).unwrap_err(), Error::NotPinned);
     space.teardown().unwrap();
-    p.check_quiet();
+    check_quiet(&p);
 }
 
 macro_rules! scenarios {

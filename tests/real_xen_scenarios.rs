@@ -18,22 +18,21 @@ extern crate alloc;
 mod real_xen;
 #[path = "support/sim_dom0.rs"]
 mod sim_dom0;
-use sim_dom0::{Dom0, SimH, BOOT_ALIAS_VA, DATA_BASE};
+use sim_dom0::{Dom0, SimH, SimPlatform, BOOT_ALIAS_VA, DATA_BASE};
 #[allow(dead_code)]
 #[path = "../xen-guest/src/scenarios.rs"]
 mod scenarios;
-use real_xen::{available_or_skip, boot, build_guest, xen_elf, BootOptions};
+use real_xen::{available_or_skip, boot, build_guest, one_at_a_time, xen_elf, BootOptions};
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pagepin_engine::SpinLock;
 use pagepin_engine::{
-    AddressSpace, Batch, EntryFlags, FrameStore, Mfn, PageSize, PageTableEntry, Pfn, SpaceOptions,
-    Split, WritePath, X86_64,
+    AddressSpace, Batch, EntryFlags, Mfn, PageSize, PageTableEntry, Pfn, SpaceOptions, Split,
+    WritePath, X86_64,
 };
-use scenarios::{Platform, Recorder, Report, DATA_PAGES, MAGIC, MAGIC_PAGE};
+use scenarios::{Platform, Report, MAGIC, MAGIC_PAGE};
 
 /// How long the whole boot may take before it counts as a hang.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,20 +42,14 @@ const SCENARIOS: usize = 6;
 // ---------------------------------------------------------------------------
 // the simulator as a platform
 
-struct Sim {
-    dom: Dom0,
+/// The part of the guest's layout scenario 3 clones.
+struct Layout {
     span: (u64, u64),
     /// Pages of the span the guest's layout leaves out.
     holes: Vec<u64>,
 }
 
-/// The domain's parts (`self.sim`, `self.rec`, ...) read through it.
-impl std::ops::Deref for Sim {
-    type Target = Dom0;
-    fn deref(&self) -> &Dom0 {
-        &self.dom
-    }
-}
+type Sim = SimPlatform<Layout>;
 
 impl Sim {
     /// A simulated dom0 like the real one running on a pinned "boot" space,
@@ -64,36 +57,20 @@ impl Sim {
     fn new(span: (u64, u64), holes: Vec<u64>) -> Sim {
         let dom = Dom0::new(1, 0);
         dom.rec.set_recording(true);
-        Sim { dom, span, holes }
+        SimPlatform {
+            dom,
+            own: Layout { span, holes },
+        }
     }
 }
 
 impl Platform for Sim {
-    type H = SimH;
-    const NAME: &'static str = "sim";
-    fn recorder(&self) -> &Arc<Recorder<SimH>> {
-        &self.rec
-    }
-    fn backend(&self) -> &Arc<scenarios::Backend<SimH>> {
-        &self.backend
-    }
-    fn store(&self) -> &Arc<FrameStore<SpinLock>> {
-        &self.store
-    }
-    fn data_pfn(&self, i: usize) -> Pfn {
-        assert!(i < DATA_PAGES);
-        Pfn(DATA_BASE + i as u64)
-    }
-    fn mapping_writable(&self, pfn: Pfn) -> Option<bool> {
-        self.sim.frame_info(pfn)?.direct_map_writable
-    }
-    fn typed(&self, pfn: Pfn) -> Option<bool> {
-        Some(self.sim.frame_info(pfn)?.ty.is_table())
-    }
+    sim_dom0::dom0_platform!();
     fn kernel_layout(&self) -> Vec<(u64, Pfn, EntryFlags)> {
-        (self.span.0..self.span.1)
+        let Layout { span, holes } = &self.own;
+        (span.0..span.1)
             .step_by(4096)
-            .filter(|va| !self.holes.contains(va))
+            .filter(|va| !holes.contains(va))
             .map(|va| {
                 (
                     va,
@@ -105,9 +82,6 @@ impl Platform for Sim {
                 )
             })
             .collect()
-    }
-    fn boot_root(&self) -> Mfn {
-        self.sim.mfn_of(self.boot.root()).expect("boot root")
     }
     fn read_current(&self, _va: u64, root: Mfn, expect: Option<Pfn>) -> Option<u64> {
         // The simulator cannot execute a load: the word is the magic one
@@ -140,9 +114,6 @@ impl Platform for Sim {
             .set_pte(BOOT_ALIAS_VA, e, WritePath::Hypercall)
             .expect("unalias");
         self.rec.set_recording(true);
-    }
-    fn info(&self) -> String {
-        String::from("sim")
     }
 }
 
@@ -193,7 +164,7 @@ fn guest_on_real_xen() {
             echo: false,
         },
     );
-    let console = b.lines.join("\n");
+    let console = b.console();
     println!(
         "boot took {:.2} s, QEMU status {:?}",
         b.elapsed.as_secs_f64(),
@@ -207,16 +178,7 @@ fn guest_on_real_xen() {
     for l in &ours {
         println!("{l}");
     }
-    assert!(
-        !b.timed_out,
-        "hang: no result within {BOOT_TIMEOUT:?}\n{console}"
-    );
-    assert!(
-        !b.lines
-            .iter()
-            .any(|l| l.contains("Panic on CPU") || l.contains("PAGEPIN-GUEST panic")),
-        "panic:\n{console}"
-    );
+    b.assert_alive(BOOT_TIMEOUT);
     let xen_lines: Vec<(String, BTreeMap<String, String>)> = b
         .lines
         .iter()
@@ -231,17 +193,7 @@ fn guest_on_real_xen() {
             "scenario {name} failed on real Xen: {f:?}"
         );
     }
-    assert!(
-        b.lines
-            .iter()
-            .any(|l| l.contains("PAGEPIN-GUEST done verdict=pass")),
-        "{console}"
-    );
-    assert_eq!(
-        b.status,
-        Some((0x10 << 1) | 1),
-        "QEMU exit status (isa-debug-exit)"
-    );
+    b.assert_passed();
 
     // The same scenarios on the simulator, with the guest's layout.
     let span = xen_lines
@@ -326,13 +278,4 @@ fn simulator_adjusts_pv_entries_like_xen() {
         );
     }
     s.unpin(&mut Batch::<32>::new()).expect("unpin");
-}
-
-/// The tests of this file one at a time: a real-Xen boot runs its vCPUs
-/// as host threads, and a simulator workload spinning on the same two host
-/// cores beside it starves them (a lock holder's vCPU descheduled while
-/// the others spin) until the boot times out.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

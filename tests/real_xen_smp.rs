@@ -31,24 +31,24 @@ extern crate alloc;
 mod real_xen;
 #[path = "support/sim_dom0.rs"]
 mod sim_dom0;
-use sim_dom0::{Dom0, SimH, DATA_BASE};
+use sim_dom0::{Dom0, SimPlatform};
 #[allow(dead_code)]
 #[path = "../xen-guest/src/scenarios.rs"]
 mod scenarios;
-use real_xen::{available_or_skip, boot, build_guest, unavailable, xen_elf, BootOptions};
+use real_xen::{
+    available_or_skip, boot, build_guest, one_at_a_time, unavailable, xen_elf, BootOptions,
+};
 #[allow(dead_code)]
 #[path = "../xen-guest/src/smp_scenarios.rs"]
 mod smp_scenarios;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagepin_backends::xen::XenSim;
-use pagepin_engine::SpinLock;
-use pagepin_engine::{EntryFlags, FrameStore, Mfn, Pfn};
-use scenarios::{Platform, Recorder, Report, DATA_PAGES};
+use pagepin_engine::{EntryFlags, Mfn, Pfn};
+use scenarios::{Platform, Report};
 use smp_scenarios::{Job, Scratch, Smp};
 
 /// How long one boot may take before it counts as a hang.
@@ -72,54 +72,30 @@ const SIM_TRAP_COST_NS: u64 = 2_000;
 // ---------------------------------------------------------------------------
 // the simulator as a parallel platform: one thread per vCPU
 
-struct Sim {
-    dom: Dom0,
+/// The writer vCPUs and the clock.
+struct Vcpus {
     writers: usize,
     epoch: Instant,
 }
 
-/// The domain's parts (`self.sim`, `self.rec`, ...) read through it.
-impl std::ops::Deref for Sim {
-    type Target = Dom0;
-    fn deref(&self) -> &Dom0 {
-        &self.dom
-    }
-}
+type Sim = SimPlatform<Vcpus>;
 
 impl Sim {
     /// A simulated dom0 like the real one with `1 + writers` vCPUs running
     /// on a pinned "boot" space.
     fn new(writers: usize) -> Sim {
-        Sim {
+        SimPlatform {
             dom: Dom0::new(1 + writers, SIM_TRAP_COST_NS),
-            writers,
-            epoch: Instant::now(),
+            own: Vcpus {
+                writers,
+                epoch: Instant::now(),
+            },
         }
     }
 }
 
 impl Platform for Sim {
-    type H = SimH;
-    const NAME: &'static str = "sim";
-    fn recorder(&self) -> &Arc<Recorder<SimH>> {
-        &self.rec
-    }
-    fn backend(&self) -> &Arc<scenarios::Backend<SimH>> {
-        &self.backend
-    }
-    fn store(&self) -> &Arc<FrameStore<SpinLock>> {
-        &self.store
-    }
-    fn data_pfn(&self, i: usize) -> Pfn {
-        assert!(i < DATA_PAGES);
-        Pfn(DATA_BASE + i as u64)
-    }
-    fn mapping_writable(&self, pfn: Pfn) -> Option<bool> {
-        self.sim.frame_info(pfn)?.direct_map_writable
-    }
-    fn typed(&self, pfn: Pfn) -> Option<bool> {
-        Some(self.sim.frame_info(pfn)?.ty.is_table())
-    }
+    sim_dom0::dom0_platform!();
     fn kernel_layout(&self) -> Vec<(u64, Pfn, EntryFlags)> {
         // A small "kernel": 4 MiB of data frames.
         (0..0x40_0000u64)
@@ -133,9 +109,6 @@ impl Platform for Sim {
             })
             .collect()
     }
-    fn boot_root(&self) -> Mfn {
-        self.sim.mfn_of(self.boot.root()).expect("boot root")
-    }
     fn read_current(&self, _va: u64, _root: Mfn, _expect: Option<Pfn>) -> Option<u64> {
         None
     }
@@ -143,18 +116,15 @@ impl Platform for Sim {
         0
     }
     fn unalias(&self, _token: u64) {}
-    fn info(&self) -> String {
-        String::from("sim")
-    }
 }
 
 impl Smp for Sim {
     fn writers(&self) -> usize {
-        self.writers
+        self.own.writers
     }
     fn run_parallel(&self, f: &(dyn Fn(usize) + Sync)) {
         std::thread::scope(|s| {
-            for w in 1..=self.writers {
+            for w in 1..=self.own.writers {
                 s.spawn(move || f(w));
             }
             f(0);
@@ -167,7 +137,7 @@ impl Smp for Sim {
         0
     }
     fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.own.epoch.elapsed().as_nanos() as u64
     }
     fn set_vcpu(&self, v: usize) {
         XenSim::set_current_vcpu(v);
@@ -332,22 +302,13 @@ fn guest_on_real_xen_smp() {
                 echo: true,
             },
         );
-        let console = b.lines.join("\n");
+        let console = b.console();
         println!(
             "boot with {vcpus} vCPUs took {:.2} s, QEMU status {:?}",
             b.elapsed.as_secs_f64(),
             b.status
         );
-        assert!(
-            !b.timed_out,
-            "hang: no result within {BOOT_TIMEOUT:?}\n{console}"
-        );
-        assert!(
-            !b.lines
-                .iter()
-                .any(|l| l.contains("Panic on CPU") || l.contains("PAGEPIN-GUEST panic")),
-            "panic:\n{console}"
-        );
+        b.assert_alive(BOOT_TIMEOUT);
         assert!(
             b.lines
                 .iter()
@@ -377,17 +338,7 @@ fn guest_on_real_xen_smp() {
                 assert_job(&format!("xen/{vcpus}"), name, job, &counts(f));
             }
         }
-        assert!(
-            b.lines
-                .iter()
-                .any(|l| l.contains("PAGEPIN-GUEST done verdict=pass")),
-            "{console}"
-        );
-        assert_eq!(
-            b.status,
-            Some((0x10 << 1) | 1),
-            "QEMU exit status (isa-debug-exit)"
-        );
+        b.assert_passed();
 
         // The same jobs on the simulator: the counts that do not depend on
         // timing must agree.
@@ -679,13 +630,4 @@ fn plot_svg(title: &str, panels: &[(&str, Vec<Line<'_>>)]) -> String {
     }
     s.push_str("</svg>\n");
     s
-}
-
-/// The tests of this file one at a time: a real-Xen boot runs its vCPUs
-/// as host threads, and a simulator workload spinning on the same two host
-/// cores beside it starves them (a lock holder's vCPU descheduled while
-/// the others spin) until the boot times out.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -17,6 +17,14 @@
 //!   simulator.
 //! - `native` (needs `std`): x86-64 without pinning.
 //! - `kvm`: the KVM checker of native tables (Linux; rust-vmm crates).
+//!
+//! # Observing a platform
+//!
+//! [`PinObserver`] asks any platform (the mock, the simulator, bare
+//! hardware, a guest's view of real Xen) what it thinks of a frame:
+//! read-only, typed as a page table, pinned; [`check_frame`] holds the
+//! answers to what a table of a pinned (or unpinned) space must look like.
+//! Always built, `no_std` included.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -26,7 +34,10 @@ extern crate alloc;
 pub mod mock;
 #[cfg(feature = "native")]
 pub mod native;
+mod observe;
 #[cfg(all(feature = "xen", feature = "std"))]
 mod sync;
 #[cfg(feature = "xen")]
 pub mod xen;
+
+pub use observe::{check_frame, Expected, PinObserver};

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use pagepin::backends::mock::MockBackend;
 use pagepin::backends::native::NativeBackend;
 use pagepin::backends::xen::{xen_env, XenBackend, XenSim};
-use pagepin::{Backend, DefaultRawLock, FrameStore, PagingMode, Pfn};
+use pagepin::backends::PinObserver;
+use pagepin::{Backend, DefaultRawLock, FrameStore, PagingMode};
 
 /// Counters a platform can report beyond what the engine counts.
 #[derive(Debug, Default)]
@@ -30,8 +31,10 @@ pub struct Env<B> {
     pub data_base: u64,
 }
 
-/// A backend `simulate` knows how to build and read.
-pub trait Platform: Backend + Sized + 'static {
+/// A backend `simulate` knows how to build and read. What it thinks is
+/// still pinned, read-only or typed (the leaks) it tells as a
+/// [`PinObserver`].
+pub trait Platform: Backend + PinObserver + Sized + 'static {
     /// Build table memory of `table_frames` frames, room for `data_pages`
     /// data pages, and the backend.
     fn build<M: PagingMode>(
@@ -42,9 +45,6 @@ pub trait Platform: Backend + Sized + 'static {
     ) -> Result<Env<Self>, String>;
     /// Its counters.
     fn counters(&self) -> PlatformCounters;
-    /// Table frames it still treats as page tables (typed, read-only or
-    /// pinned) once everything is unpinned.
-    fn leaked_frames(&self, store: &FrameStore<DefaultRawLock>) -> usize;
 }
 
 impl Platform for MockBackend {
@@ -68,11 +68,6 @@ impl Platform for MockBackend {
             hypercalls: Some(self.batch_count() as u64),
             ..Default::default()
         }
-    }
-    fn leaked_frames(&self, _: &FrameStore<DefaultRawLock>) -> usize {
-        // What the mock accepted, replayed: frames left read-only or pinned.
-        let n = self.net_effect();
-        n.read_only().len() + n.pins.len()
     }
 }
 
@@ -98,9 +93,6 @@ impl Platform for NativeBackend {
             tlb_flushes: Some(c.full_flushes),
             ..Default::default()
         }
-    }
-    fn leaked_frames(&self, _: &FrameStore<DefaultRawLock>) -> usize {
-        0 // Hardware has no pinning: nothing can stay typed.
     }
 }
 
@@ -133,13 +125,6 @@ impl Platform for Xen {
             faults: s.faults,
             invariant_violations: s.invariant_breaks + s.refcount_errors,
         }
-    }
-    fn leaked_frames(&self, store: &FrameStore<DefaultRawLock>) -> usize {
-        let sim = self.hypercalls();
-        (0..store.len() as u64)
-            .filter_map(|i| sim.frame_info(Pfn(store.base().0 + i)))
-            .filter(|f| f.ty.is_table() || f.pinned || f.direct_map_writable == Some(false))
-            .count()
     }
 }
 

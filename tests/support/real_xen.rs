@@ -2,13 +2,13 @@
 //! loud `SKIP:` / CI failure convention), the PV test guest's build, Xen as
 //! an ELF QEMU boots, and one boot of Xen with the guest as dom0 under
 //! QEMU TCG, its serial lines collected until the guest is done, panics,
-//! QEMU exits or the timeout passes.
+//! QEMU exits or the timeout passes, and the checks every boot's end gets.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Debian's Xen 4.17 (package xen-hypervisor-4.17-amd64).
@@ -115,6 +115,56 @@ pub struct Boot {
     pub elapsed: Duration,
     /// The timeout passed (QEMU was killed).
     pub timed_out: bool,
+}
+
+impl Boot {
+    /// Every serial line, one string (for failure messages).
+    pub fn console(&self) -> String {
+        self.lines.join("\n")
+    }
+
+    /// Fail on a hang (no result within `timeout`) or a Xen or guest panic.
+    pub fn assert_alive(&self, timeout: Duration) {
+        assert!(
+            !self.timed_out,
+            "hang: no result within {timeout:?}\n{}",
+            self.console()
+        );
+        assert!(
+            !self
+                .lines
+                .iter()
+                .any(|l| l.contains("Panic on CPU") || l.contains("PAGEPIN-GUEST panic")),
+            "panic:\n{}",
+            self.console()
+        );
+    }
+
+    /// Fail unless the guest said it is done with every scenario passed
+    /// and QEMU exited through isa-debug-exit.
+    pub fn assert_passed(&self) {
+        assert!(
+            self.lines
+                .iter()
+                .any(|l| l.contains("PAGEPIN-GUEST done verdict=pass")),
+            "{}",
+            self.console()
+        );
+        assert_eq!(
+            self.status,
+            Some((0x10 << 1) | 1),
+            "QEMU exit status (isa-debug-exit)"
+        );
+    }
+}
+
+/// The real-Xen tests of one binary one at a time: a real-Xen boot runs its
+/// vCPUs as host threads, and a simulator workload spinning on the same two
+/// host cores beside it starves them (a lock holder's vCPU descheduled
+/// while the others spin) until the boot times out.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Boot Xen (`xen`) with `guest` as dom0 under QEMU TCG.

@@ -1,5 +1,6 @@
 //! The tests' one seeded generator (SplitMix64): small, and a seed replays
-//! the same run whatever the dependency versions.
+//! the same run whatever the dependency versions. Only `core`: the PV test
+//! guest's random programs (`xen-guest/src/program.rs`) use it too.
 #![allow(dead_code)]
 
 /// SplitMix64: small, seeded, good enough to pick addresses.
@@ -24,6 +25,10 @@ impl Rng {
     }
     /// True with probability `percent` / 100.
     pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
+        self.odds(percent, 100)
+    }
+    /// True with probability `num` / `den` (`den` > 0).
+    pub fn odds(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
     }
 }

@@ -1,9 +1,12 @@
 //! The simulated dom0 the real-Xen tests hold real Xen's answers against:
 //! a domain shaped like the real one (16384 pages, table memory at the top,
 //! direct map at 0) whose vCPUs run on a pinned "boot" space, as the guest
-//! does on Xen. Includes the guest's `scenarios` module at the crate root.
+//! does on Xen, and the part of the guest's `Platform` every test's
+//! simulated dom0 answers alike ([`SimPlatform`], [`dom0_platform!`]).
+//! Needs the guest's `scenarios` module at the crate root.
 #![allow(dead_code)]
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use pagepin_backends::xen::{MmuExtOpAbi, SimConfig, XenBackend, XenHypercalls, XenSim};
@@ -90,3 +93,61 @@ pub fn new_baseptr(sim: &XenSim, root: Mfn) -> i64 {
     // SAFETY: one live op and counter.
     unsafe { sim.mmuext_op(&op, 1, &mut done, 0x7ff0) }
 }
+
+/// A simulated dom0 as a scenario platform: the domain, and what the test
+/// keeps beside it (`own`). The domain's parts (`self.sim`, `self.rec`,
+/// ...) read through it.
+pub struct SimPlatform<X> {
+    /// The domain.
+    pub dom: Dom0,
+    /// The test's own state.
+    pub own: X,
+}
+
+impl<X> Deref for SimPlatform<X> {
+    type Target = Dom0;
+    fn deref(&self) -> &Dom0 {
+        &self.dom
+    }
+}
+
+/// The items of the guest's `scenarios::Platform` that every simulated
+/// dom0 ([`SimPlatform`]) answers alike: its trap, recorder, backend and
+/// table memory, data pages from [`DATA_BASE`], the simulator as the
+/// observer, the boot space's root, and the name "sim". Use it inside
+/// `impl Platform for SimPlatform<X> { ... }`, beside the test's own items.
+macro_rules! dom0_platform {
+    () => {
+        type H = $crate::sim_dom0::SimH;
+        type O = ::pagepin_backends::xen::XenSim;
+        const NAME: &'static str = "sim";
+        fn recorder(&self) -> &::std::sync::Arc<$crate::scenarios::Recorder<Self::H>> {
+            &self.dom.rec
+        }
+        fn backend(&self) -> &::std::sync::Arc<$crate::scenarios::Backend<Self::H>> {
+            &self.dom.backend
+        }
+        fn store(
+            &self,
+        ) -> &::std::sync::Arc<::pagepin_engine::FrameStore<::pagepin_engine::SpinLock>> {
+            &self.dom.store
+        }
+        fn data_pfn(&self, i: usize) -> ::pagepin_engine::Pfn {
+            assert!(i < $crate::scenarios::DATA_PAGES);
+            ::pagepin_engine::Pfn($crate::sim_dom0::DATA_BASE + i as u64)
+        }
+        fn observer(&self) -> &Self::O {
+            &self.dom.sim
+        }
+        fn boot_root(&self) -> ::pagepin_engine::Mfn {
+            self.dom
+                .sim
+                .mfn_of(self.dom.boot.root())
+                .expect("boot root")
+        }
+        fn info(&self) -> ::std::string::String {
+            ::std::string::String::from("sim")
+        }
+    };
+}
+pub(crate) use dom0_platform;

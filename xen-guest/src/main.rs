@@ -32,9 +32,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use pagepin_backends::xen::{
     FrameMap, MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, P2m, XenBackend, XenHypercalls, DOMID_SELF,
 };
+use pagepin_backends::PinObserver;
 use pagepin_engine::SpinLock;
 use pagepin_engine::StoreFault;
-use pagepin_engine::{EntryFlags, Frame, FrameStore, Mfn, PageTableEntry, Pfn};
+use pagepin_engine::{EntryFlags, Frame, FrameStore, Level, Mfn, PageTableEntry, Pfn};
 
 use hypercall::{hypercall5, nr};
 use rt::Console;
@@ -232,16 +233,12 @@ impl Platform for Guest {
     fn store(&self) -> &Arc<FrameStore<SpinLock>> {
         &self.store
     }
+    type O = Self;
     fn data_pfn(&self, i: usize) -> Pfn {
         Pfn(Self::data_va(i) >> 12)
     }
-    fn mapping_writable(&self, pfn: Pfn) -> Option<bool> {
-        let (slot, _) = self.boot_l1e(pfn.0 << 12)?;
-        let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
-        e.is_present().then_some(e.is_writable())
-    }
-    fn typed(&self, _pfn: Pfn) -> Option<bool> {
-        None
+    fn observer(&self) -> &Self {
+        self
     }
     fn kernel_layout(&self) -> Vec<(u64, Pfn, EntryFlags)> {
         let mut out = Vec::new();
@@ -322,6 +319,23 @@ impl Platform for Guest {
             self.pool.1 << 12,
             rt::heap_used()
         )
+    }
+}
+
+/// What real Xen thinks, as far as a guest can see: whether a frame's
+/// direct-map entry in the boot page tables is read-only. Xen cannot be
+/// asked about types or pins.
+impl PinObserver for Guest {
+    fn read_only(&self, pfn: Pfn) -> Option<bool> {
+        let (slot, _) = self.boot_l1e(pfn.0 << 12)?;
+        let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
+        e.is_present().then_some(!e.is_writable())
+    }
+    fn table_level(&self, _pfn: Pfn) -> Option<Option<Level>> {
+        None
+    }
+    fn pinned(&self, _pfn: Pfn) -> Option<bool> {
+        None
     }
 }
 

@@ -203,30 +203,15 @@ pub struct Program {
 // ---------------------------------------------------------------------------
 // generation
 
-/// splitmix64.
-pub struct Rng(u64);
+/// The tests' splitmix64 (no_std, so the guest shares it).
+#[path = "../../tests/support/rng.rs"]
+mod rng;
+use rng::Rng;
 
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5851_f42d_4c95_7f2d)
-    }
-    /// The next word.
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// True with probability `num / den`.
-    pub fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
+/// The generator of `seed`, mixed as it always was: a seed replays the
+/// same program.
+fn rng(seed: u64) -> Rng {
+    Rng::new(seed ^ 0x5851_f42d_4c95_7f2d)
 }
 
 /// Roles the setup gives pool frames (by position in a per-program
@@ -255,7 +240,7 @@ impl Roles {
         self.perm[r.below(8) as usize]
     }
     fn any(&self, r: &mut Rng) -> u8 {
-        if r.chance(2, 3) {
+        if r.odds(2, 3) {
             self.any_table(r)
         } else {
             r.below(POOL as u64) as u8
@@ -278,7 +263,7 @@ fn rand_flags(r: &mut Rng) -> u64 {
         _ => PRW,
     };
     let mut f = base;
-    if r.chance(1, 3) {
+    if r.odds(1, 3) {
         // One more bit anywhere outside the frame: PWT, PCD, PS/PAT, G,
         // available bits, NX, the high software bits.
         let bit = match r.below(24) {
@@ -305,7 +290,7 @@ fn rand_ent(r: &mut Rng, roles: &Roles) -> Ent {
 }
 
 fn rand_index(r: &mut Rng) -> u16 {
-    if r.chance(3, 4) {
+    if r.odds(3, 4) {
         r.below(4) as u16
     } else {
         r.below(512) as u16
@@ -313,7 +298,7 @@ fn rand_index(r: &mut Rng) -> u16 {
 }
 
 fn rand_req(r: &mut Rng, roles: &Roles) -> Req {
-    let table = if r.chance(1, 30) {
+    let table = if r.odds(1, 30) {
         Sym::Xen
     } else {
         Sym::Pool(roles.any(r))
@@ -370,11 +355,11 @@ fn rand_ext(r: &mut Rng, roles: &Roles) -> Ext {
             }
         }
         7 | 9 | 11 => e.arg1 = Arg::Va(roles.any(r)),
-        cmd::SET_LDT if r.chance(1, 2) => {
+        cmd::SET_LDT if r.odds(1, 2) => {
             e.arg1 = Arg::Va(roles.data(r.below(8) as usize));
             e.arg2 = Arg::Num([1, 16, 512, 8192, 8193][r.below(5) as usize]);
         }
-        cmd::NEW_USER_BASEPTR if r.chance(2, 3) => e.arg1 = rand_mfn_arg(r, roles),
+        cmd::NEW_USER_BASEPTR if r.odds(2, 3) => e.arg1 = rand_mfn_arg(r, roles),
         cmd::COPY_PAGE => {
             e.arg1 = rand_mfn_arg(r, roles);
             e.arg2 = rand_mfn_arg(r, roles);
@@ -382,15 +367,15 @@ fn rand_ext(r: &mut Rng, roles: &Roles) -> Ext {
         _ => {}
     }
     if c == cmd::TLB_FLUSH_MULTI || c == cmd::INVLPG_MULTI {
-        e.arg2 = Arg::Mask(r.chance(3, 4));
+        e.arg2 = Arg::Mask(r.odds(3, 4));
     }
     e
 }
 
 fn rand_uvm(r: &mut Rng, roles: &Roles) -> Op {
     let frame = roles.any(r);
-    let mut flags = if r.chance(1, 2) { PRO } else { PRW };
-    if r.chance(1, 4) {
+    let mut flags = if r.odds(1, 2) { PRO } else { PRW };
+    if r.odds(1, 4) {
         flags |= rand_flags(r) & !0x1;
     }
     let mask = match r.below(8) {
@@ -410,11 +395,11 @@ fn rand_simple(r: &mut Rng, roles: &Roles, in_multi: bool) -> Op {
     match r.below(20) {
         0..=4 => rand_uvm(r, roles),
         5..=10 => {
-            let n = if r.chance(1, 2) { 1 } else { 1 + r.below(4) };
+            let n = if r.odds(1, 2) { 1 } else { 1 + r.below(4) };
             Op::Ext((0..n).map(|_| rand_ext(r, roles)).collect())
         }
         11..=15 => {
-            let n = if r.chance(1, 2) { 1 } else { 1 + r.below(5) };
+            let n = if r.odds(1, 2) { 1 } else { 1 + r.below(5) };
             Op::Mmu((0..n).map(|_| rand_req(r, roles)).collect())
         }
         16 if in_multi => Op::Other([17, 60, 63][r.below(3) as usize]),
@@ -432,7 +417,7 @@ fn rand_simple(r: &mut Rng, roles: &Roles, in_multi: bool) -> Op {
 
 /// The program of `seed` with `ops` operations.
 pub fn generate(seed: u64, ops: usize) -> Program {
-    let mut r = Rng::new(seed);
+    let mut r = rng(seed);
     let roles = Roles::new(&mut r);
     let mut setup = Vec::new();
     // The chain L4 → L3 → L2 → L1 → data, and a second table per level
@@ -452,7 +437,7 @@ pub fn generate(seed: u64, ops: usize) -> Program {
     }
     for k in 0..2 {
         for j in 0..(1 + r.below(4)) {
-            let flags = if r.chance(1, 2) { PRW } else { PRO };
+            let flags = if r.odds(1, 2) { PRW } else { PRO };
             setup.push((
                 roles.table(1, k),
                 j as u16,
@@ -472,7 +457,7 @@ pub fn generate(seed: u64, ops: usize) -> Program {
     }
     let mut list = Vec::with_capacity(ops);
     while list.len() < ops {
-        let op = if r.chance(1, 7) {
+        let op = if r.odds(1, 7) {
             let n = 1 + r.below(6);
             Op::Multi((0..n).map(|_| rand_simple(&mut r, &roles, true)).collect())
         } else {
@@ -489,7 +474,7 @@ pub fn generate(seed: u64, ops: usize) -> Program {
 
 /// The seed of program `k` of a run seeded `seed`.
 pub fn program_seed(seed: u64, k: u64) -> u64 {
-    let mut r = Rng::new(seed.wrapping_mul(0x1000_0000_01b3) ^ k);
+    let mut r = rng(seed.wrapping_mul(0x1000_0000_01b3) ^ k);
     r.next() | 1
 }
 

@@ -20,6 +20,7 @@ use pagepin_backends::xen::abi::hypercall;
 use pagepin_backends::xen::{
     MmuExtOpAbi, MmuUpdateAbi, MulticallEntry, P2m, XenBackend, XenHypercalls, DOMID_SELF,
 };
+use pagepin_backends::{check_frame, Expected, PinObserver};
 use pagepin_engine::{uvmf, ExtCmd, StoreFault};
 use pagepin_engine::{
     AddressSpace, Batch, EntryFlags, Error, FrameStore, Global, Level, LockPolicy, Mfn, PageSize,
@@ -436,14 +437,14 @@ pub trait Platform {
     fn backend(&self) -> &Arc<Backend<Self::H>>;
     /// Table memory.
     fn store(&self) -> &Arc<FrameStore<SpinLock>>;
+    /// What the platform thinks of the table frames.
+    type O: PinObserver;
     /// Data page `i` (`0..DATA_PAGES`), pseudo-physical.
     fn data_pfn(&self, i: usize) -> Pfn;
-    /// Whether table frame `pfn`'s direct-map mapping is writable, as the
-    /// platform sees it (real Xen: the boot page tables' entry).
-    fn mapping_writable(&self, pfn: Pfn) -> Option<bool>;
-    /// Whether the hypervisor has `pfn` typed as a page table, when it can
-    /// tell (the simulator can; real Xen cannot be asked).
-    fn typed(&self, pfn: Pfn) -> Option<bool>;
+    /// What the platform thinks is read-only, typed or pinned (real Xen:
+    /// the boot page tables' direct-map entry, and no answer for the rest;
+    /// the simulator: everything).
+    fn observer(&self) -> &Self::O;
     /// The pages scenario 3 maps so the guest keeps running on the pinned
     /// table: (virtual address, frame, entry flags).
     fn kernel_layout(&self) -> Vec<(u64, Pfn, EntryFlags)>;
@@ -609,7 +610,9 @@ fn build<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(pl: &Pl) -> Result<Space<
 }
 
 /// `RO`/`RW` and pinned flag of every table frame, in walk order, plus
-/// whether they match `pinned`.
+/// whether they match `pinned`: the engine's flag, and what the platform
+/// can tell of each frame ([`check_frame`]: read-only, validated as its
+/// level and pinned itself at the root and, under split locks, each L1).
 pub fn states<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(
     pl: &Pl,
     s: &Space<P, Pl>,
@@ -618,24 +621,18 @@ pub fn states<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(
     let mut out = String::new();
     let mut ok = true;
     let frames = s.table_frames().unwrap_or_default();
-    for (pfn, level) in &frames {
-        let w = pl.mapping_writable(*pfn);
-        let flag = s.store().meta(*pfn).is_some_and(|m| m.is_pinned());
+    for &(pfn, level) in &frames {
+        let flag = s.store().meta(pfn).is_some_and(|m| m.is_pinned());
         let _ = write!(
             out,
             "L{}{}{}",
             level.number(),
-            match w {
-                Some(true) => "w",
-                Some(false) => "r",
-                None => "?",
-            },
+            flag_rw(pl.observer().read_only(pfn)),
             if flag { "p" } else { "" }
         );
-        ok &= w == Some(!pinned) && flag == pinned;
-        if let Some(t) = pl.typed(*pfn) {
-            ok &= t == pinned;
-        }
+        let own_pin = level == Level::L4 || (level == Level::L1 && P::SPLIT_PTE_LOCKS);
+        let want = Expected::table(pinned, level, own_pin);
+        ok &= check_frame(pl.observer(), pfn, want).is_ok() && flag == pinned;
     }
     (out, ok && !frames.is_empty())
 }
@@ -678,6 +675,29 @@ fn dm_va<Pl: Platform>(pl: &Pl, pfn: Pfn) -> u64 {
         .direct_map_base()
         .unwrap_or(<X86_64 as pagepin_engine::PagingMode>::DIRECT_MAP_BASE)
         + (pfn.0 << 12)
+}
+
+/// A split-lock space mapping `layout` (the platform's
+/// [`Platform::kernel_layout`]), so the guest can run on it; whether every
+/// page mapped. `None` (a failed `new` check in `r`) if it cannot be made.
+pub fn kernel_space<Pl: Platform>(
+    pl: &Pl,
+    layout: &[(u64, Pfn, EntryFlags)],
+    r: &mut Report,
+) -> Option<(Space<Split<SpinLock>, Pl>, bool)> {
+    let Ok(s) = AddressSpace::new(
+        pl.store().clone(),
+        pl.backend().clone(),
+        SpaceOptions::default(),
+    ) else {
+        r.check("new", false);
+        return None;
+    };
+    let mut mapped = true;
+    for &(va, pfn, flags) in layout {
+        mapped &= s.map(va, pfn.0 << 12, PageSize::Size4K, flags).is_ok();
+    }
+    Some((s, mapped))
 }
 
 // ---------------------------------------------------------------------------
@@ -853,21 +873,9 @@ fn writes_under<P: LockPolicy<Lock = SpinLock>, Pl: Platform>(
 pub fn base_pointer<Pl: Platform>(pl: &Pl) -> Report {
     let mut r = Report::new("base_pointer");
     let layout = pl.kernel_layout();
-    let s: Space<Split<SpinLock>, Pl> = match AddressSpace::new(
-        pl.store().clone(),
-        pl.backend().clone(),
-        SpaceOptions::default(),
-    ) {
-        Ok(s) => s,
-        Err(_) => {
-            r.check("new", false);
-            return r;
-        }
+    let Some((s, mut mapped)) = kernel_space(pl, &layout, &mut r) else {
+        return r;
     };
-    let mut mapped = true;
-    for &(va, pfn, flags) in &layout {
-        mapped &= s.map(va, pfn.0 << 12, PageSize::Size4K, flags).is_ok();
-    }
     let magic = pl.data_pfn(MAGIC_PAGE);
     mapped &= s
         .map(
@@ -978,10 +986,10 @@ pub fn negatives<Pl: Platform>(pl: &Pl) -> Report {
     r.check("unpin-unpinned-refused", g < 0);
     r.check("rw-again", h == 0);
     r.check("baseptr-writable-refused", i < 0);
-    r.states = format!("L1{}", flag_rw(pl.mapping_writable(t)));
+    r.states = format!("L1{}", flag_rw(pl.observer().read_only(t)));
     r.check(
         "restored",
-        pl.mapping_writable(t) == Some(true) && pl.typed(t) != Some(true),
+        check_frame(pl.observer(), t, Expected::AT_REST).is_ok(),
     );
     // SAFETY: `t` was allocated for this scenario only and linked into no
     // table.
@@ -1011,10 +1019,11 @@ pub fn negatives<Pl: Platform>(pl: &Pl) -> Report {
     r
 }
 
-fn flag_rw(w: Option<bool>) -> &'static str {
-    match w {
-        Some(true) => "w",
-        Some(false) => "r",
+/// `r` read-only, `w` writable, `?` unknown.
+fn flag_rw(read_only: Option<bool>) -> &'static str {
+    match read_only {
+        Some(true) => "r",
+        Some(false) => "w",
         None => "?",
     }
 }

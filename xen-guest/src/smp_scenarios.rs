@@ -24,7 +24,7 @@ use pagepin_engine::{
 };
 use pagepin_engine::{LockPolicy, SpinLock};
 
-use crate::scenarios::{ext_raw, mfn_of, states, Platform, Report, Space, LEAF};
+use crate::scenarios::{ext_raw, kernel_space, mfn_of, states, Platform, Report, Space, LEAF};
 
 /// The prefix of a measurement line.
 pub const MEASURE_PREFIX: &str = "PAGEPIN-MEASURE";
@@ -751,21 +751,9 @@ pub fn unpin_under_base_pointer<Pl: Smp>(pl: &Pl) -> Report {
         return r;
     }
     let layout = pl.kernel_layout();
-    let s: Space<Split<SpinLock>, Pl> = match AddressSpace::new(
-        pl.store().clone(),
-        pl.backend().clone(),
-        SpaceOptions::default(),
-    ) {
-        Ok(s) => s,
-        Err(_) => {
-            r.check("new", false);
-            return r;
-        }
+    let Some((s, mapped)) = kernel_space(pl, &layout, &mut r) else {
+        return r;
     };
-    let mut mapped = true;
-    for &(va, pfn, flags) in &layout {
-        mapped &= s.map(va, pfn.0 << 12, PageSize::Size4K, flags).is_ok();
-    }
     r.check("map", mapped);
     let mut b: Box<Batch<32>> = Box::new(Batch::new());
     r.check("pin", s.pin(&mut *b).is_ok());
