@@ -468,7 +468,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             root,
             space.walk_owner(),
             Scope::Full,
-            &mut PinWalk(self),
+            &mut OpWalk::<M, P, B, N, true>(self),
         )?;
         if self.b.has_failures() {
             return Ok(());
@@ -503,7 +503,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             root,
             space.walk_owner(),
             Scope::Full,
-            &mut UnpinWalk(self),
+            &mut OpWalk::<M, P, B, N, false>(self),
         )
     }
 
@@ -647,13 +647,18 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     }
 }
 
-/// The pin walk's visitor.
-struct PinWalk<'o, 'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
+/// The visitor of the pin walk (`PIN`) or of the unpin walk: inlined
+/// into the walk's loop (speed: keep `#[inline(always)]`).
+struct OpWalk<'o, 'a, 'b, M, P, B, const N: usize, const PIN: bool>(
     &'o mut PinOp<'a, 'b, M, P, B, N>,
-);
+)
+where
+    M: PagingMode,
+    P: LockPolicy,
+    B: Backend;
 
-impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> Visitor<'a>
-    for PinWalk<'_, 'a, '_, M, P, B, N>
+impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize, const PIN: bool> Visitor<'a>
+    for OpWalk<'_, 'a, '_, M, P, B, N, PIN>
 {
     #[inline(always)]
     fn visit(&mut self, table: Table<'a>, level: Level, is_root: bool) -> Result<Descend, Error> {
@@ -661,27 +666,13 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> Visitor<'a>
             // The recorded failure ends the operation.
             return Ok(Descend::Stop);
         }
+        if !PIN {
+            return self.0.unpin_page(table, level, is_root);
+        }
         if is_root {
             return self.0.pin_root(table);
         }
         self.0.pin_page(table, level, false)
-    }
-}
-
-/// The unpin walk's visitor.
-struct UnpinWalk<'o, 'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize>(
-    &'o mut PinOp<'a, 'b, M, P, B, N>,
-);
-
-impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> Visitor<'a>
-    for UnpinWalk<'_, 'a, '_, M, P, B, N>
-{
-    #[inline(always)]
-    fn visit(&mut self, table: Table<'a>, level: Level, is_root: bool) -> Result<Descend, Error> {
-        if self.0.b.has_failures() {
-            return Ok(Descend::Stop);
-        }
-        self.0.unpin_page(table, level, is_root)
     }
 }
 
