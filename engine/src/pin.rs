@@ -195,7 +195,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub(crate) fn prepare_new_table(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
         let mut b: Batch<4> = Batch::new();
         let mut op = PinOp::new(self, &mut b);
-        let done = op.pin_table(self.table_of(pfn), level, false).map(|_| ());
+        let done = op.by_frame::<true>(pfn, level, false).map(|_| ());
         op.complete(done).map(|_| ())
     }
 
@@ -204,7 +204,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub(crate) fn retire_table_pinned(&self, pfn: Pfn, level: Level) -> Result<(), Error> {
         let mut b: Batch<4> = Batch::new();
         let mut op = PinOp::new(self, &mut b);
-        let done = op.unpin_table(self.table_of(pfn), level, false).map(|_| ());
+        let done = op.by_frame::<false>(pfn, level, false).map(|_| ());
         op.complete(done)?;
         self.store.retire(pfn);
         Ok(())
@@ -342,27 +342,17 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         Ok(())
     }
 
-    /// Pin a page that may be outside the store (then nothing happens).
-    fn pin_table(
+    /// Pin (`PIN`) or unpin frame `pfn` outside a walk (an extra root, the
+    /// PAE kernel PMD, a table linked or retired by a writer); a frame
+    /// outside the store is left alone.
+    fn by_frame<const PIN: bool>(
         &mut self,
-        table: Option<Table<'a>>,
+        pfn: Pfn,
         level: Level,
         flush: bool,
     ) -> Result<Descend, Error> {
-        match table {
-            Some(t) => self.pin_page(t, level, flush),
-            None => Ok(Descend::No),
-        }
-    }
-
-    /// Unpin a page that may be outside the store (then nothing happens).
-    fn unpin_table(
-        &mut self,
-        table: Option<Table<'a>>,
-        level: Level,
-        flush: bool,
-    ) -> Result<Descend, Error> {
-        match table {
+        match self.space.table_of(pfn) {
+            Some(t) if PIN => self.pin_page(t, level, flush),
             Some(t) => self.unpin_page(t, level, flush),
             None => Ok(Descend::No),
         }
@@ -447,10 +437,10 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     fn pin_root(&mut self, root: Table<'a>) -> Result<Descend, Error> {
         let space = self.space;
         if let Some(u) = space.user_root {
-            self.pin_table(space.table_of(u), M::ROOT_LEVEL, false)?;
+            self.by_frame::<true>(u, M::ROOT_LEVEL, false)?;
         }
         if let Some(k) = space.kernel_pmd {
-            self.pin_table(space.table_of(k), Level::L2, false)?;
+            self.by_frame::<true>(k, Level::L2, false)?;
         }
         self.pin_page(root, M::ROOT_LEVEL, true)
     }
@@ -458,7 +448,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     fn pin_steps(&mut self) -> Result<(), Error> {
         let root = self.space.root;
         if self.space.sabotage().root_first {
-            self.pin_table(self.space.table_of(root), M::ROOT_LEVEL, true)?;
+            self.by_frame::<true>(root, M::ROOT_LEVEL, true)?;
         }
         // The space by its own reference, so the visitor may borrow `self`.
         let space = self.space;
@@ -485,14 +475,14 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         self.queue_ext(root, Action::Unpin(M::ROOT_LEVEL), false, false);
         if let Some(u) = self.space.user_root {
             self.queue_ext(u, Action::Unpin(M::ROOT_LEVEL), false, false);
-            self.unpin_table(self.space.table_of(u), M::ROOT_LEVEL, false)?;
+            self.by_frame::<false>(u, M::ROOT_LEVEL, false)?;
         }
         if let Some(k) = self.space.kernel_pmd {
             if self.space.sabotage().pae_kpmd_pin_on_unpin {
                 // The pre-2008 bug: the pin routine called on unpin.
-                self.pin_table(self.space.table_of(k), Level::L2, false)?;
+                self.by_frame::<true>(k, Level::L2, false)?;
             } else {
-                self.unpin_table(self.space.table_of(k), Level::L2, false)?;
+                self.by_frame::<false>(k, Level::L2, false)?;
             }
         }
         // The space by its own reference, so the visitor may borrow `self`.
