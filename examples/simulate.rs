@@ -20,6 +20,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use pagepin::backends::SplitMix64;
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, EntryFlags, Error, Global, LockPolicy, Pae, PageSize,
     PageTableEntry, PagingMode, SpaceOptions, Split, WritePath, X86_64,
@@ -347,16 +348,12 @@ fn writer<M: PagingMode, P: LockPolicy, B: Platform>(
     // Each writer touches a window of pages so its entries stay hot.
     let mine: Vec<u64> = (0..pages).filter(|i| i % writers == w).take(4096).collect();
     let mut last = vec![None::<u64>; mine.len() * spaces.len()];
-    // A seeded xorshift by hand, not `rand`: three shifts per write keep the
-    // writer's loop tight, and `--seed` replays the same run whatever
-    // version of a crate is resolved.
-    let mut rng = seed ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // The project's one seeded generator (not `rand`): `--seed` replays the
+    // same choices whatever version of a crate is resolved.
+    let mut rng = SplitMix64::new(seed ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = 0u64;
     while !done.load(Ordering::Acquire) {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let k = (rng % last.len().max(1) as u64) as usize;
+        let k = rng.below(last.len() as u64) as usize;
         let (si, pi) = (k / mine.len(), mine[k % mine.len()]);
         let va = BASE_VA + (pi << 12);
         // User leaves carry GLOBAL already, as 64-bit PV Xen would add it;

@@ -743,17 +743,10 @@ fn foreign_admitted<P: pagepin::LockPolicy<Lock = pagepin::DefaultRawLock>>(
 /// The simulator's fully random p2m before extents: Sattolo's algorithm
 /// over the frames (a uniformly random single n-cycle), seeded.
 fn sattolo_reference(n: usize, seed: u64) -> Vec<u64> {
-    fn splitmix(s: &mut u64) -> u64 {
-        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     let mut p: Vec<u64> = (0..n as u64).collect();
-    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut rng = pagepin::backends::SplitMix64::new(seed ^ 0x9e37_79b9_7f4a_7c15);
     for i in (1..n).rev() {
-        let j = (splitmix(&mut rng) % i as u64) as usize;
+        let j = rng.below(i as u64) as usize;
         p.swap(i, j);
     }
     p

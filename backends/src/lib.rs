@@ -25,6 +25,13 @@
 //! read-only, typed as a page table, pinned; [`check_frame`] holds the
 //! answers to what a table of a pinned (or unpinned) space must look like.
 //! Always built, `no_std` included.
+//!
+//! # Seeded randomness
+//!
+//! [`SplitMix64`] is the one seeded generator of the project (the
+//! simulator, the KVM checker, the tests and the PV test guest): a seed
+//! replays the same sequence whatever dependency versions are resolved.
+//! Always built, `no_std` included.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
@@ -35,9 +42,11 @@ pub mod mock;
 #[cfg(feature = "native")]
 pub mod native;
 mod observe;
+mod rng;
 #[cfg(all(feature = "xen", feature = "std"))]
 mod sync;
 #[cfg(feature = "xen")]
 pub mod xen;
 
 pub use observe::{check_frame, Expected, PinObserver};
+pub use rng::SplitMix64;

@@ -45,6 +45,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagepin_backends::mock::NullBackend;
+// The project's one seeded generator (SplitMix64, as the simulator's p2m
+// shuffle uses): a failing case is replayed from its seed, so the sequence
+// never changes with a dependency's version.
+use pagepin_backends::SplitMix64 as Rng;
 use pagepin_dump::cli::exit_code;
 use pagepin_dump::pin::{engine_count, sim_check, xen_check, XenOptions};
 use pagepin_dump::{qemu, CpuState, Dump, DumpError, ElfCoreWriter, Walker};
@@ -67,33 +71,6 @@ const BIN_LIMIT: Duration = Duration::from_secs(5);
 const BIN_VMEM_KIB: u64 = 1_000_000;
 /// Peak RSS any binary run may reach.
 const BIN_MAX_RSS_KIB: u64 = 256 * 1024;
-
-/// splitmix64, as the simulator's p2m shuffle uses. By hand, not `rand`:
-/// a failing case is replayed from its seed, so the sequence must never
-/// change with a dependency's version (rand's do between releases).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -705,7 +682,7 @@ fn fuzz_the_dump_reader() {
     seeds.extend(chain_seeds());
     let dir = tmp_dir();
     let started = Instant::now();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let (mut refused, mut bin_runs, mut bin_refused) = (0u64, 0u64, 0u64);
     let mut slowest = (Duration::ZERO, 0u64);
     let mut slowest_bin = Duration::ZERO;

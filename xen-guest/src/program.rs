@@ -203,10 +203,8 @@ pub struct Program {
 // ---------------------------------------------------------------------------
 // generation
 
-/// The tests' splitmix64 (no_std, so the guest shares it).
-#[path = "../../tests/support/rng.rs"]
-mod rng;
-use rng::Rng;
+// The project's one seeded generator (`no_std`, shared with the tests).
+use pagepin_backends::SplitMix64 as Rng;
 
 /// The generator of `seed`, mixed as it always was: a seed replays the
 /// same program.

@@ -17,6 +17,7 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use pagepin_backends::xen::XenHypercalls;
+use pagepin_backends::SplitMix64;
 use pagepin_engine::Sabotage;
 use pagepin_engine::{
     pin_all, unpin_all, AddressSpace, Batch, EntryFlags, Error, ExtCmd, Global, Level, Mfn,
@@ -171,23 +172,6 @@ impl Tally {
             first_err: AtomicU64::new(u64::MAX),
             churn_first: crate::scenarios::Locked::new(None),
         }
-    }
-}
-
-/// A small xorshift generator (no_std, deterministic per writer/round).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
     }
 }
 
@@ -529,7 +513,8 @@ fn writer<P: LockPolicy<Lock = SpinLock>, Pl: Smp>(
     wrote: &AtomicU64,
     stop: &AtomicBool,
 ) {
-    let mut rng = Rng::new(((round as u64) << 8) ^ w as u64 ^ 0x5eed);
+    // Deterministic per writer and round.
+    let mut rng = SplitMix64::new(((round as u64) << 8) ^ w as u64 ^ 0x5eed);
     let per_space = entries / spaces.len();
     // This writer's entries: global index `e` with `e % k == w - 1`.
     let mine = entries / k;
@@ -949,7 +934,7 @@ fn writers_during<Pl: Smp>(
             span.store(dt, Ordering::Relaxed);
             stop.store(true, Ordering::Release);
         } else {
-            let mut rng = Rng::new(v as u64);
+            let mut rng = SplitMix64::new(v as u64);
             let (mut n, mut mw) = (0u64, 0u64);
             started.fetch_add(1, Ordering::AcqRel);
             while !stop.load(Ordering::Acquire) {

@@ -9,6 +9,8 @@ use pagepin_engine::{
 };
 use pagepin_engine::{ENTRIES_PER_FRAME, FRAME_SIZE};
 
+use crate::SplitMix64;
+
 use super::memory::{frame_gpa, machine_address, GuestMemory};
 use super::probe::{expected_outcome, Probe, ProbeResult};
 use super::system::KvmChecker;
@@ -174,7 +176,7 @@ impl<P: LockPolicy, B: Backend> Check<'_, P, B> {
         options: &CheckOptions,
         page_1g: bool,
     ) -> Result<(), KvmError> {
-        let mut rng = SplitMix(options.seed);
+        let mut rng = SplitMix64::new(options.seed);
         for leaf in self.leaves {
             let (va, bytes) = (leaf.va, leaf.size.bytes());
             if leaf.size == PageSize::Size1G && !page_1g {
@@ -298,19 +300,6 @@ impl<P: LockPolicy, B: Backend> Check<'_, P, B> {
             self.report.probes.push(result);
         }
         Ok(())
-    }
-}
-
-/// Tiny deterministic generator for the sampled addresses (SplitMix64).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 

@@ -1,5 +1,7 @@
 //! The domain's p2m: machine-contiguous extents in a seeded random order.
 
+use crate::SplitMix64;
+
 /// Default frames per p2m extent ([`SimConfig::p2m_extent`]): 2 MiB, a
 /// superpage, the unit Xen prefers when it populates a guest.
 ///
@@ -28,9 +30,9 @@ pub fn p2m_permutation(n: usize, seed: u64, extent: usize) -> Vec<u64> {
     let runs = n.div_ceil(e);
     // place[k]: position of extent k in machine memory.
     let mut place: Vec<usize> = (0..runs).collect();
-    let mut rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut rng = SplitMix64::new(seed ^ 0x9e37_79b9_7f4a_7c15);
     for i in (1..runs).rev() {
-        let j = (splitmix(&mut rng) % i as u64) as usize;
+        let j = rng.below(i as u64) as usize;
         place.swap(i, j);
     }
     // Machine start of each extent: the lengths of the extents placed
@@ -49,12 +51,4 @@ pub fn p2m_permutation(n: usize, seed: u64, extent: usize) -> Vec<u64> {
     (0..n)
         .map(|pfn| start[pfn / e] + (pfn % e) as u64)
         .collect()
-}
-
-fn splitmix(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
