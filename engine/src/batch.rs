@@ -506,7 +506,7 @@ impl<const N: usize> Batch<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::ExtCmd;
+    use crate::backend::{Call, ExtCmd};
     use core::cell::RefCell;
 
     #[derive(Default)]
@@ -692,6 +692,72 @@ mod tests {
         b.flush(&t);
         assert_eq!(ORDER.load(core::sync::atomic::Ordering::SeqCst), 123);
         assert_eq!(b.stats().callbacks, 3);
+    }
+
+    /// The backend writes failures only; a result it wrote as a failure
+    /// must not leak into the next flush (the batch resets it), and the
+    /// backend sees the batch's own queue, in order.
+    #[test]
+    fn results_arrive_as_success_after_a_failed_flush() {
+        struct FailFirstFlush(RefCell<u32>, RefCell<Vec<Vec<Call<'static>>>>);
+        impl FlushTarget for FailFirstFlush {
+            fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
+                assert!(results.iter().all(|r| r.rc == 0), "results not reset");
+                self.1.borrow_mut().push(
+                    calls
+                        .iter()
+                        .map(|c| match c {
+                            Call::UpdateVaMapping { va, pte, flags } => {
+                                Call::UpdateVaMapping { va, pte, flags }
+                            }
+                            Call::MmuUpdate(r) => Call::MmuUpdate(r.to_vec().leak()),
+                            Call::MmuExtOp(o) => Call::MmuExtOp(o.to_vec().leak()),
+                        })
+                        .collect(),
+                );
+                let mut n = self.0.borrow_mut();
+                if *n == 0 {
+                    results[0] = CallResult::err(22, 0);
+                    results[2] = CallResult::err(16, 1);
+                }
+                *n += 1;
+            }
+            fn lock_pte(&self, _: Pfn) {}
+            unsafe fn unlock_pte(&self, _: Pfn) {}
+        }
+        let t = FailFirstFlush(RefCell::new(0), RefCell::new(Vec::new()));
+        let mut b: Batch<4> = Batch::new();
+        b.update_va_mapping(&t, 0x1000, 7, 0, 0);
+        b.mmu_update(&t, MmuUpdate { ptr: 8, val: 1 }, 1);
+        b.mmuext(&t, ext(5), 2);
+        b.mmuext(&t, ext(6), 3);
+        assert_eq!(b.flush(&t), 2);
+        assert_eq!(b.not_applied(), [0, 3]);
+        let _ = b.take_failures();
+        b.update_va_mapping(&t, 0x2000, 8, 0, 4);
+        b.mmu_update(&t, MmuUpdate { ptr: 16, val: 2 }, 5);
+        b.mmuext(&t, ext(9), 6);
+        assert_eq!(b.flush(&t), 0, "a stale failure was reported");
+        assert!(b.failures().is_empty());
+        let issued = t.1.borrow();
+        assert_eq!(
+            issued[0],
+            [
+                Call::UpdateVaMapping {
+                    va: 0x1000,
+                    pte: 7,
+                    flags: 0
+                },
+                Call::MmuUpdate(&[MmuUpdate { ptr: 8, val: 1 }]),
+                Call::MmuExtOp(&[ext(5), ext(6)]),
+            ]
+        );
+        assert_eq!(issued[1].len(), 3);
+        // The view and a list of the same calls read the same.
+        let list = Calls::list(&issued[0]);
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.iter().collect::<Vec<_>>(), issued[0]);
+        assert_eq!(list.get(3), None);
     }
 
     #[test]

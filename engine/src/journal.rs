@@ -110,3 +110,34 @@ impl Journal {
         tag
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field survives the packing, at the largest frame number.
+    #[test]
+    fn steps_pack_and_unpack() {
+        let levels = [Level::L1, Level::L2, Level::L3, Level::L4, Level::L5];
+        let mut actions = alloc::vec![Action::RemapRo, Action::RemapRw];
+        for l in levels {
+            actions.push(Action::Pin(l));
+            actions.push(Action::Unpin(l));
+        }
+        for pfn in [0, 1, 0x1234_5678, (1 << 52) - 1] {
+            for &action in &actions {
+                for (locked, flag) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let s = Step::new(Pfn(pfn), action, locked, flag);
+                    assert_eq!(
+                        (s.pfn(), s.action(), s.locked_page(), s.flag()),
+                        (Pfn(pfn), action, locked, flag)
+                    );
+                }
+            }
+        }
+        let mut j = Journal::over(Vec::new(), 3);
+        assert_eq!(j.push(Pfn(9), Action::RemapRo, false, true), 0);
+        assert_eq!(j.push(Pfn(9), Action::Pin(Level::L1), true, false), 1);
+        assert_eq!(j.steps.len(), 2);
+    }
+}
