@@ -227,28 +227,27 @@ fn check_mock<M: PagingMode, P: LockPolicy>(pinned: bool, frames: usize) {
     }
 }
 
+/// [`check_mock`] under both policies, unpinned then pinned.
+fn check_mock_all<M: PagingMode>() {
+    for pinned in [false, true] {
+        check_mock::<M, Split>(pinned, 64);
+        check_mock::<M, Global>(pinned, 64);
+    }
+}
+
 #[test]
 fn cursor_equals_map_mock_x86_64() {
-    check_mock::<X86_64, Split>(false, 64);
-    check_mock::<X86_64, Global>(false, 64);
-    check_mock::<X86_64, Split>(true, 64);
-    check_mock::<X86_64, Global>(true, 64);
+    check_mock_all::<X86_64>();
 }
 
 #[test]
 fn cursor_equals_map_mock_la57() {
-    check_mock::<La57, Split>(false, 64);
-    check_mock::<La57, Global>(false, 64);
-    check_mock::<La57, Split>(true, 64);
-    check_mock::<La57, Global>(true, 64);
+    check_mock_all::<La57>();
 }
 
 #[test]
 fn cursor_equals_map_mock_pae() {
-    check_mock::<Pae, Split>(false, 64);
-    check_mock::<Pae, Global>(false, 64);
-    check_mock::<Pae, Split>(true, 64);
-    check_mock::<Pae, Global>(true, 64);
+    check_mock_all::<Pae>();
 }
 
 #[test]
