@@ -98,12 +98,8 @@ fn pin_and_unpin_allocate_only_while_cold<P: LockPolicy<Lock = pagepin::DefaultR
 }
 
 #[test]
-fn warm_pin_and_unpin_do_not_allocate_split() {
+fn warm_pin_and_unpin_do_not_allocate() {
     pin_and_unpin_allocate_only_while_cold::<Split>();
-}
-
-#[test]
-fn warm_pin_and_unpin_do_not_allocate_global() {
     pin_and_unpin_allocate_only_while_cold::<Global>();
 }
 
@@ -128,11 +124,7 @@ fn per_call_writers_do_not_allocate<P: LockPolicy<Lock = pagepin::DefaultRawLock
 }
 
 #[test]
-fn per_call_map_translate_unmap_do_not_allocate_split() {
+fn per_call_map_translate_unmap_do_not_allocate() {
     per_call_writers_do_not_allocate::<Split>();
-}
-
-#[test]
-fn per_call_map_translate_unmap_do_not_allocate_global() {
     per_call_writers_do_not_allocate::<Global>();
 }
