@@ -33,7 +33,7 @@ pub const DEFAULT_BATCH: usize = 32;
 /// the PTE locks to release. Crate-private: only the engine's pin and
 /// writers queue requests (a user drives a batch through them).
 pub(crate) trait FlushTarget {
-    /// Issue the calls; one result per call.
+    /// Issue the calls: `Backend::issue`, results arriving as success.
     fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]);
     /// Take the PTE-page lock of `pfn` (waiting while it is held).
     fn lock_pte(&self, pfn: Pfn);
