@@ -950,3 +950,65 @@ fn cursor_unmap_and_protect_equal_per_call() {
     unmap_protect_through_the_cursor::<Split>(true);
     unmap_protect_through_the_cursor::<Global>(true);
 }
+
+/// The one-page writers remember the PTE page they last used
+/// (`PteHint`); a table released since must not be written again, whatever
+/// replaced it: a new PTE page, or a 2 MiB leaf in the same region.
+fn released_pte_page_is_not_reused<M: PagingMode, P: LockPolicy>(pinned: bool) {
+    let s = mock_space::<M, P>(64);
+    if pinned {
+        s.pin(&mut Batch::<32>::new()).unwrap();
+    }
+    let region = 0x4000_0000u64;
+    let va = region + 0x5000;
+    // Remember region's PTE page, then empty and release it.
+    s.map(va, 0x7000, PageSize::Size4K, RW).unwrap();
+    let old = s.table_frames().unwrap();
+    s.protect(va, EntryFlags::PRESENT).unwrap();
+    s.unmap(va).unwrap();
+    s.release_table(va, Level::L1).unwrap();
+    let released: Vec<Pfn> = old
+        .iter()
+        .filter(|(_, l)| *l == Level::L1)
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(released.len(), 1);
+    // A new PTE page for the same region: the map must land in it.
+    s.map(va + 0x1000, 0x8000, PageSize::Size4K, RW).unwrap();
+    assert_eq!(
+        s.translate(va + 0x1000).map(|t| t.phys),
+        Some(0x8000),
+        "{} {}: the map went into the released page",
+        M::NAME,
+        P::NAME
+    );
+    assert_eq!(s.translate(va), None);
+    // Release it again and put a 2 MiB leaf there (on a backend that takes
+    // them): a 4 KiB map into the region now meets the leaf.
+    s.unmap(va + 0x1000).unwrap();
+    s.release_table(va, Level::L1).unwrap();
+    s.map(region, 0x20_0000, PageSize::Size2M, RW).unwrap();
+    assert_eq!(
+        s.map(va, 0x9000, PageSize::Size4K, RW),
+        Err(Error::AlreadyMapped { va }),
+        "{} {}",
+        M::NAME,
+        P::NAME
+    );
+    assert_eq!(s.translate(va).map(|t| t.phys), Some(0x20_5000));
+    s.unmap(region).unwrap();
+    if pinned {
+        s.unpin(&mut Batch::<32>::new()).unwrap();
+    }
+    common::assert_clean(&s);
+}
+
+#[test]
+fn one_page_writers_forget_a_released_pte_page() {
+    for pinned in [false, true] {
+        released_pte_page_is_not_reused::<X86_64, Split>(pinned);
+        released_pte_page_is_not_reused::<X86_64, Global>(pinned);
+        released_pte_page_is_not_reused::<Pae, Split>(pinned);
+        released_pte_page_is_not_reused::<La57, Global>(pinned);
+    }
+}

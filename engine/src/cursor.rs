@@ -18,7 +18,10 @@
 //! [`AddressSpace::release_table`] unlinks one), and the cursor holds that
 //! lock. PTE writers ([`AddressSpace::set_pte`]) change L1 entries only, and
 //! under split they take the PTE lock, which the cursor holds for the page
-//! it writes.
+//! it writes. The one-page cursors of `map`, `unmap` and `protect` hand the
+//! PTE page they used to the next one through the space (`PteHint`,
+//! docs/PROTOCOL.md §7): remembered under the space lock, forgotten by every
+//! write above L1.
 //!
 //! [`Reader`] enters one lock-free read section (as an RCU reader would) and
 //! remembers the last L1 it reached with the path to it. The next address
@@ -102,10 +105,10 @@ const EMPTY: Cached = Cached {
 pub struct CursorMut<'a, M: PagingMode, P: LockPolicy, B: Backend> {
     space: &'a AddressSpace<M, P, B>,
     /// Split: the lock of the PTE page `path[0]` names, held while the
-    /// cursor writes into that page. Declared before `_space` so that it
+    /// cursor writes into that page. Declared before `held_space` so that it
     /// is released first.
     pte: Option<PteLockGuard<'a>>,
-    _space: SpaceLockGuard<'a, P::Lock>,
+    held_space: SpaceLockGuard<'a, P::Lock>,
     range: Range<u64>,
     va: u64,
     /// `path[l - 1]`: the table at level `l` (below the root) the cursor
@@ -152,7 +155,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Ok(CursorMut {
             space: self,
             pte: None,
-            _space: guard,
+            held_space: guard,
             va: range.start,
             range,
             path: [EMPTY; MAX_PATH],
@@ -164,15 +167,32 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// A cursor for one page at `va` (canonical, checked by the caller):
     /// what [`Self::map`], [`Self::unmap`] and [`Self::protect`] write
     /// through, so every write of a space goes through the cursor.
+    ///
+    /// It starts at the PTE page the previous one-page cursor used when
+    /// `va` is in the same 2 MiB ([`PteHint`]), with (split) that page's
+    /// lock, and [`CursorMut::remember_pte_page`] hands its own on.
+    ///
+    /// [`PteHint`]: crate::locking::PteHint
     #[inline]
     pub(crate) fn cursor_at(&self, va: u64) -> CursorMut<'_, M, P, B> {
+        let guard = self.lock_space();
+        let mut path = [EMPTY; MAX_PATH];
+        let region = tag(va, Level::L1);
+        let mut pte = None;
+        if let Some(pfn) = self.pte_hint.get(&guard, region) {
+            // Split: the page is remembered only with its lock held.
+            pte = self.lock_pte(pfn, Level::L1);
+            if !P::SPLIT_PTE_LOCKS || pte.is_some() {
+                path[0] = Cached { tag: region, pfn };
+            }
+        }
         CursorMut {
             space: self,
-            pte: None,
-            _space: self.lock_space(),
+            pte,
+            held_space: guard,
             va,
             range: va..va,
-            path: [EMPTY; MAX_PATH],
+            path,
             bounded: false,
             _not_send: PhantomData,
         }
@@ -192,6 +212,16 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 }
 
 impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
+    /// Hand the PTE page this cursor last used to the next one-page
+    /// cursor (see [`AddressSpace::cursor_at`]).
+    #[inline]
+    pub(crate) fn remember_pte_page(&self) {
+        let c = self.path[0];
+        if c.tag != NO_TAG {
+            self.space.pte_hint.set(&self.held_space, c.tag, c.pfn);
+        }
+    }
+
     /// The address the next [`Self::map`] maps at.
     #[inline]
     pub fn va(&self) -> u64 {

@@ -9,6 +9,7 @@ use crate::backend::{Backend, CallResult, Calls};
 use crate::batch::{Deferred, FlushTarget, Tag};
 use crate::frame::{FrameStore, Pfn, PteLock};
 use crate::lock::RawLock;
+use crate::sync::{AtomicU64, Ordering};
 
 /// The pieces a batch flush needs: issue through the backend, unlock
 /// through the store.
@@ -83,4 +84,52 @@ impl Drop for PteLockGuard<'_> {
 #[inline]
 pub(crate) fn unlock_after(pfn: Pfn, watch: Tag) -> Deferred {
     Deferred::UnlockPte { pfn, watch }
+}
+
+/// The PTE page the last one-page writer (`map`, `unmap`, `protect`)
+/// wrote into, so the next one in the same 2 MiB goes straight to it
+/// instead of walking every level (speed: the per-call writers' walk; keep
+/// it). It is a table of the space only while the space lock is held:
+/// read and written under that lock (a held guard is the proof), and
+/// cleared by every write of an entry above L1, the only writes that can
+/// unlink a table (and they happen under that lock too).
+pub(crate) struct PteHint {
+    /// The 2 MiB region (`va >> 21`), or `u64::MAX` for none.
+    region: AtomicU64,
+    pfn: AtomicU64,
+}
+
+impl PteHint {
+    /// No page remembered.
+    pub(crate) fn new() -> Self {
+        PteHint {
+            region: AtomicU64::new(u64::MAX),
+            pfn: AtomicU64::new(0),
+        }
+    }
+
+    /// The remembered page, if it covers `region`.
+    #[inline]
+    pub(crate) fn get<L: RawLock>(
+        &self,
+        _held: &SpaceLockGuard<'_, L>,
+        region: u64,
+    ) -> Option<Pfn> {
+        // Relaxed: the space lock orders these accesses.
+        (self.region.load(Ordering::Relaxed) == region)
+            .then(|| Pfn(self.pfn.load(Ordering::Relaxed)))
+    }
+
+    /// Remember `pfn` as the PTE page of `region`.
+    #[inline]
+    pub(crate) fn set<L: RawLock>(&self, _held: &SpaceLockGuard<'_, L>, region: u64, pfn: Pfn) {
+        self.pfn.store(pfn.0, Ordering::Relaxed);
+        self.region.store(region, Ordering::Relaxed);
+    }
+
+    /// Forget it (an entry above L1 is about to change).
+    #[inline]
+    pub(crate) fn clear(&self) {
+        self.region.store(u64::MAX, Ordering::Relaxed);
+    }
 }

@@ -10,7 +10,7 @@ use crate::entry::{EntryFlags, PageTableEntry};
 use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::{read_guard, FrameStore, Mfn, Owner, Pfn, ReadGuard};
 use crate::lock::{LockPolicy, RawLock};
-use crate::locking::{PteLockGuard, SpaceLockGuard, Target};
+use crate::locking::{PteHint, PteLockGuard, SpaceLockGuard, Target};
 use crate::mode::{Level, PageSize, PagingMode};
 use crate::sync::{AtomicBool, Ordering};
 use crate::walk::{self, Descend, Next, Scope};
@@ -94,6 +94,8 @@ pub struct AddressSpace<M: PagingMode, P: LockPolicy, B: Backend> {
     /// The owner its tables are allocated with.
     pub(crate) owner: Owner,
     pub(crate) lock: P::Lock,
+    /// The PTE page of the last one-page writer (under the space lock).
+    pub(crate) pte_hint: PteHint,
     pub(crate) pinned: AtomicBool,
     pub(crate) torn_down: bool,
     #[cfg(feature = "sabotage")]
@@ -126,6 +128,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             user_root: None,
             kernel_pmd: None,
             lock: P::Lock::new(),
+            pte_hint: PteHint::new(),
             pinned: AtomicBool::new(false),
             torn_down: false,
             #[cfg(feature = "sabotage")]
@@ -307,6 +310,12 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         let hyper = B::PINNING
             && (path == WritePath::Hypercall
                 || (level != Level::L1 && self.store.meta(pfn).is_some_and(|m| m.is_pinned())));
+        if level != Level::L1 {
+            // Only these writes can unlink a table (always under the space
+            // lock): the remembered PTE page may be it.
+            debug_assert!(self.lock.is_locked(), "entry above L1 written unlocked");
+            self.pte_hint.clear();
+        }
         let mfn = self.backend.pfn_to_mfn(pfn);
         if hyper {
             let mut b: Batch<1> = Batch::new();
@@ -561,7 +570,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub fn map(&self, va: u64, pa: u64, size: PageSize, flags: EntryFlags) -> Result<(), Error> {
         let flags = Self::map_args(va, pa, size, flags)?;
         let mfn = self.leaf_mfn(pa)?;
-        self.cursor_at(va).map_leaf(va, mfn, size, flags)
+        let mut c = self.cursor_at(va);
+        let r = c.map_leaf(va, mfn, size, flags);
+        c.remember_pte_page();
+        r
     }
 
     /// Under split, the PTE lock of an L1 (taken inside the space lock);
@@ -582,7 +594,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if !M::is_canonical(va) {
             return Err(Error::NonCanonical { va });
         }
-        self.cursor_at(va).unmap_at(va)
+        let mut c = self.cursor_at(va);
+        let r = c.unmap_at(va);
+        c.remember_pte_page();
+        r
     }
 
     /// Change the flags of the mapping at `va` (a page base), keeping its
@@ -593,7 +608,10 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         if !M::is_canonical(va) {
             return Err(Error::NonCanonical { va });
         }
-        self.cursor_at(va).protect_at(va, flags).map(|_| ())
+        let mut c = self.cursor_at(va);
+        let r = c.protect_at(va, flags).map(|_| ());
+        c.remember_pte_page();
+        r
     }
 
     /// The leaf `cur` of `size` with `flags` instead of its own, frame (and
