@@ -370,6 +370,11 @@ pub struct FrameStore<L: RawLock> {
     /// waiting for a grace period can help at all.
     #[cfg(all(feature = "std", not(any(loom, shuttle))))]
     awaiting_grace: AtomicUsize,
+    /// Frames retired or freed so far. A reader that walks without a read
+    /// section (`AddressSpace::translate`) reads it before and after its
+    /// walk and trusts the walk only if it did not move: a frame reused
+    /// under the walk was retired (this count bumped) before it was zeroed.
+    retirements: AtomicU64,
 }
 
 // SAFETY: the UnsafeCell'd vectors are only touched with `free_lock` held;
@@ -432,6 +437,7 @@ impl<L: RawLock> FrameStore<L> {
             allocated: AtomicUsize::new(0),
             #[cfg(all(feature = "std", not(any(loom, shuttle))))]
             awaiting_grace: AtomicUsize::new(0),
+            retirements: AtomicU64::new(0),
         }
     }
 
@@ -531,7 +537,11 @@ impl<L: RawLock> FrameStore<L> {
 
     fn alloc_with(&self, level: u8, bits: u8, owner: Owner) -> Option<Pfn> {
         let idx = self.pop_free()? as usize;
-        // Zero it before it becomes visible at its level.
+        // Zero it before it becomes visible at its level. The fence orders
+        // the retirement that freed the frame before these stores for a
+        // walker without a read section that reads one of them (see
+        // `retirements`).
+        crate::sync::fence(Ordering::Release);
         for e in self.storage.frames()[idx].entries.iter() {
             e.store(0, Ordering::Relaxed);
         }
@@ -586,6 +596,12 @@ impl<L: RawLock> FrameStore<L> {
         self.alloc_with(0, state::DATA, Owner::NONE)
     }
 
+    /// How many frames were retired or freed so far (see the field).
+    #[inline]
+    pub(crate) fn retirements(&self, order: Ordering) -> u64 {
+        self.retirements.load(order)
+    }
+
     /// Release `pfn` at once; use [`Self::retire`] for a table that
     /// lock-free readers may still be walking.
     ///
@@ -603,6 +619,7 @@ impl<L: RawLock> FrameStore<L> {
         if self.states[idx].swap(0, Ordering::AcqRel) & state::ALLOCATED == 0 {
             return false;
         }
+        self.retirements.fetch_add(1, Ordering::Release);
         self.tags[idx].store(0, Ordering::Release);
         self.allocated.fetch_sub(1, Ordering::Relaxed);
         self.with_free(|free, _| free.push(idx as u32));
@@ -619,6 +636,9 @@ impl<L: RawLock> FrameStore<L> {
         let Some(idx) = self.index_of(pfn) else {
             return;
         };
+        // Before the frame leaves its level: a walker without a read
+        // section that sees the change sees this count move.
+        self.retirements.fetch_add(1, Ordering::Release);
         self.tags[idx].store(0, Ordering::Release);
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         {

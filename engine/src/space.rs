@@ -69,6 +69,9 @@ pub struct Sabotage {
     /// instead of before (a writer then links or releases a table by the
     /// state before the walk).
     pub publish_pin_state_unlocked: bool,
+    /// Let `translate` trust a walk without a read section even when a
+    /// frame was retired meanwhile (it may have read a reused frame).
+    pub translate_unchecked: bool,
 }
 
 impl Sabotage {
@@ -80,8 +83,14 @@ impl Sabotage {
         pae_kpmd_pin_on_unpin: false,
         admit_foreign_tables: false,
         publish_pin_state_unlocked: false,
+        translate_unchecked: false,
     };
 }
+
+/// Walks `try_translate` tries without a read section before it enters
+/// one (each retry means a frame was retired during the walk before).
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+const OPTIMISTIC_WALKS: usize = 3;
 
 /// An address space: a root table (and, on x86-64 PV, maybe a user root; on
 /// PAE, the kernel PMD), pinned or not.
@@ -374,9 +383,9 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// Translate `va` without taking any lock: `None` if nothing is
     /// mapped there, the address is not canonical, or the walk meets a
     /// malformed entry ([`Self::try_translate`] tells those apart).
+    #[inline]
     pub fn translate(&self, va: u64) -> Option<Translation> {
-        let guard = read_guard();
-        self.translate_in(&guard, va)
+        self.try_translate(va).ok().flatten()
     }
 
     /// Translate `va` inside a read section the caller holds: the same as
@@ -392,7 +401,27 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// Translate `va`, telling "not mapped" (`Ok(None)`: an empty entry, a
     /// non-canonical address, a leaf the CPU would fault on) from a
     /// malformed table on the way (`Err`: a typed error naming the entry).
+    ///
+    /// With `std`, optimistically, without entering a read section (an
+    /// epoch pin, a locked instruction: speed, keep it): the store counts
+    /// the frames it retires, and a walk during which the count did not
+    /// move read no reused frame (a frame is retired after it is unlinked
+    /// and before it is zeroed for reuse), so its answer stands. Otherwise,
+    /// after a few tries, the walk is done in a read section.
     pub fn try_translate(&self, va: u64) -> Result<Option<Translation>, Error> {
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        for _ in 0..OPTIMISTIC_WALKS {
+            let before = self.store.retirements(Ordering::Acquire);
+            let walked = self.translate_walk(va);
+            if self.sabotage().translate_unchecked {
+                return walked;
+            }
+            // The walk's loads before the second look at the count.
+            crate::sync::fence(Ordering::Acquire);
+            if self.store.retirements(Ordering::Relaxed) == before {
+                return walked;
+            }
+        }
         let guard = read_guard();
         self.try_translate_in(&guard, va)
     }
@@ -405,6 +434,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         va: u64,
     ) -> Result<Option<Translation>, Error> {
         let _ = guard;
+        self.translate_walk(va)
+    }
+
+    /// The walk of a translation; the caller makes its answer trustworthy
+    /// (a read section, or an unchanged retirement count).
+    #[inline]
+    fn translate_walk(&self, va: u64) -> Result<Option<Translation>, Error> {
         if !M::is_canonical(va) {
             return Ok(None);
         }

@@ -19,6 +19,10 @@ pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize};
 #[cfg(all(shuttle, not(loom)))]
 pub(crate) use shuttle::sync::{Condvar, Mutex};
 
+/// `core`'s in every build: it orders the table memory (`core` atomics)
+/// for walkers without a read section, which run outside the model
+/// checkers only.
+pub(crate) use core::sync::atomic::fence;
 pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Spin-wait hint; under a model checker, a yield so other threads run.
