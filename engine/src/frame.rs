@@ -685,8 +685,10 @@ impl<L: RawLock> TableMemory for FrameStore<L> {
     }
 }
 
-/// A guard held by lock-free readers (translate, inspection walks) so that
-/// table frames they may be walking are not reused under them.
+/// A guard held by lock-free readers (`Reader`, `translate_in`, `set_pte`'s
+/// search, inspection walks) so that table frames they may be walking are
+/// not reused under them. (`translate` walks without one and checks the
+/// store's retirement count instead.)
 pub struct ReadGuard {
     #[cfg(all(feature = "std", not(any(loom, shuttle))))]
     _guard: crossbeam_epoch::Guard,
