@@ -596,10 +596,14 @@ impl<L: RawLock> FrameStore<L> {
         self.alloc_with(0, state::DATA, Owner::NONE)
     }
 
-    /// How many frames were retired or freed so far (see the field).
+    /// How many frames were retired ([`Self::retire`]) or freed
+    /// ([`Self::free_now`]) so far, each counted before the frame leaves
+    /// its level. A walker without a read section that reads it before
+    /// and after its walk (after an acquire fence) and sees the same
+    /// number read no reused frame (`AddressSpace::translate` does so).
     #[inline]
-    pub(crate) fn retirements(&self, order: Ordering) -> u64 {
-        self.retirements.load(order)
+    pub fn retirements(&self) -> u64 {
+        self.retirements.load(Ordering::Acquire)
     }
 
     /// Release `pfn` at once; use [`Self::retire`] for a table that

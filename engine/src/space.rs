@@ -411,14 +411,14 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     pub fn try_translate(&self, va: u64) -> Result<Option<Translation>, Error> {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         for _ in 0..OPTIMISTIC_WALKS {
-            let before = self.store.retirements(Ordering::Acquire);
+            let before = self.store.retirements();
             let walked = self.translate_walk(va);
             if self.sabotage().translate_unchecked {
                 return walked;
             }
             // The walk's loads before the second look at the count.
             crate::sync::fence(Ordering::Acquire);
-            if self.store.retirements(Ordering::Relaxed) == before {
+            if self.store.retirements() == before {
                 return walked;
             }
         }
