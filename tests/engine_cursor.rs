@@ -1012,3 +1012,62 @@ fn one_page_writers_forget_a_released_pte_page() {
         released_pte_page_is_not_reused::<La57, Global>(pinned);
     }
 }
+
+/// Two spaces share an (unowned) L3 and L2; one maps a page (its one-page
+/// writers remember the PTE page), the other releases that PTE page
+/// through the shared tables under its own lock. The first space's next
+/// map must link a new PTE page, not write into the released one: a PTE
+/// page is remembered only on a path of the space's own tables.
+fn shared_path_is_not_remembered<P: LockPolicy<Lock = DefaultRawLock>>() {
+    let store = Arc::new(FrameStore::<DefaultRawLock>::new(64, 0x100));
+    let new_space = || -> AddressSpace<X86_64, P, NullBackend> {
+        AddressSpace::new(
+            store.clone(),
+            Arc::new(NullBackend),
+            SpaceOptions::default(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (new_space(), new_space());
+    let l3 = store.alloc_table(Level::L3).unwrap();
+    let l2 = store.alloc_table(Level::L2).unwrap();
+    let link = |parent: Pfn, slot: usize, child: Pfn, parent_level: Level| {
+        let e = (child.0 << 12) | pagepin::walk::table_entry_flags::<X86_64>(parent_level).bits();
+        store
+            .frame(parent)
+            .unwrap()
+            .entry(slot)
+            .store(e, Ordering::Release);
+    };
+    link(a.root(), 0, l3, Level::L4);
+    link(b.root(), 0, l3, Level::L4);
+    link(l3, 1, l2, Level::L3);
+    let va = 0x4000_0000 + 0x5000;
+    a.map(va, 0x7000, PageSize::Size4K, RW).unwrap();
+    a.unmap(va).unwrap();
+    b.release_table(va, Level::L1).unwrap();
+    a.map(va + 0x1000, 0x8000, PageSize::Size4K, RW).unwrap();
+    assert_eq!(
+        a.translate(va + 0x1000).map(|t| t.phys),
+        Some(0x8000),
+        "{}: the map went into the page the other space released",
+        P::NAME
+    );
+    assert_eq!(b.translate(va + 0x1000).map(|t| t.phys), Some(0x8000));
+    // Unlink the shared tables again so each space frees only its own.
+    a.unmap(va + 0x1000).unwrap();
+    a.release_table(va, Level::L1).unwrap();
+    for root in [a.root(), b.root()] {
+        store
+            .frame(root)
+            .unwrap()
+            .entry(0)
+            .store(0, Ordering::Release);
+    }
+}
+
+#[test]
+fn a_pte_page_under_shared_tables_is_not_remembered() {
+    shared_path_is_not_remembered::<Split>();
+    shared_path_is_not_remembered::<Global>();
+}

@@ -212,14 +212,38 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 }
 
 impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
-    /// Hand the PTE page this cursor last used to the next one-page
-    /// cursor (see [`AddressSpace::cursor_at`]).
+    /// Hand the PTE page this cursor walked to to the next one-page
+    /// cursor (see [`AddressSpace::cursor_at`]), if every table above it
+    /// belongs to this space. Another space can reach a table only through
+    /// a table the two share (unowned), and could then unlink this page
+    /// under its own lock, which does not clear this space's hint; a path
+    /// of this space's own tables is written only under this space's lock.
+    /// (A page that came from the hint has no walked path: nothing to do.)
     #[inline]
     pub(crate) fn remember_pte_page(&self) {
         let c = self.path[0];
-        if c.tag != NO_TAG {
-            self.space.pte_hint.set(&self.held_space, c.tag, c.pfn);
+        if c.tag == NO_TAG {
+            return;
         }
+        let space = self.space;
+        let va = c.tag << (Level::L1.shift() + 9);
+        let mut level = Level::L2;
+        while level < M::ROOT_LEVEL {
+            let t = self.path[level as usize - 1];
+            let ours = t.tag == tag(va, level)
+                && space
+                    .store
+                    .meta(t.pfn)
+                    .is_some_and(|m| m.owner() == space.owner);
+            if !ours {
+                return;
+            }
+            level = match level.parent() {
+                Some(l) => l,
+                None => return,
+            };
+        }
+        space.pte_hint.set(&self.held_space, c.tag, c.pfn);
     }
 
     /// The address the next [`Self::map`] maps at.

@@ -92,7 +92,10 @@ pub(crate) fn unlock_after(pfn: Pfn, watch: Tag) -> Deferred {
 /// it). It is a table of the space only while the space lock is held:
 /// read and written under that lock (a held guard is the proof), and
 /// cleared by every write of an entry above L1, the only writes that can
-/// unlink a table (and they happen under that lock too).
+/// unlink a table (and they happen under that lock too). Only a page whose
+/// tables above all belong to the space is remembered: another space
+/// reaches a table only through a shared one, and would unlink it under
+/// its own lock.
 pub(crate) struct PteHint {
     /// The 2 MiB region (`va >> 21`), or `u64::MAX` for none.
     region: AtomicU64,
