@@ -36,19 +36,6 @@ pub enum Descend {
     Stop,
 }
 
-/// Check an entry that is present and not a leaf, and return the table it
-/// points to.
-#[inline]
-pub fn child_table<L: RawLock, B: Backend>(
-    store: &FrameStore<L>,
-    backend: &B,
-    level: Level,
-    index: usize,
-    entry: PageTableEntry,
-) -> Result<Pfn, Error> {
-    child_table_owned(store, backend, level, index, entry).map(|c| c.pfn)
-}
-
 /// A table a walk reached, with what the walk already read of it (so the
 /// visitor does not look its metadata up again: speed).
 #[derive(Clone, Copy)]
@@ -61,10 +48,11 @@ pub(crate) struct Table<'s> {
     pub(crate) meta: FrameMeta<'s>,
 }
 
-/// [`child_table`], also returning the child's owner (from the same load
-/// as its level) and metadata.
+/// Check an entry that is present and not a leaf, and return the table it
+/// points to, with its owner (from the same load as its level) and
+/// metadata.
 #[inline(always)]
-fn child_table_owned<'s, L: RawLock, B: Backend>(
+fn child_table<'s, L: RawLock, B: Backend>(
     store: &'s FrameStore<L>,
     backend: &B,
     level: Level,
@@ -135,7 +123,7 @@ pub fn next<M: PagingMode, L: RawLock, B: Backend>(
     }
     Ok(
         match classify::<M, L, B>(store, backend, level, index, e)? {
-            Some(child) => Next::Table(child),
+            Some(child) => Next::Table(child.pfn),
             None => Next::Leaf(e),
         },
     )
@@ -199,22 +187,10 @@ pub fn descend<M: PagingMode, L: RawLock, B: Backend>(
     }
 }
 
-/// Classify a present entry at `level`: a leaf (`Ok(None)`), a table
-/// (`Ok(Some(pfn))`), or malformed.
-#[inline]
-pub fn classify<M: PagingMode, L: RawLock, B: Backend>(
-    store: &FrameStore<L>,
-    backend: &B,
-    level: Level,
-    index: usize,
-    entry: PageTableEntry,
-) -> Result<Option<Pfn>, Error> {
-    classify_owned::<M, L, B>(store, backend, level, index, entry).map(|c| c.map(|t| t.pfn))
-}
-
-/// [`classify`], with the child table's owner and metadata.
+/// Classify a present entry at `level`: a leaf (`Ok(None)`), a validated
+/// child table with its owner and metadata (`Ok(Some(..))`), or malformed.
 #[inline(always)]
-fn classify_owned<'s, M: PagingMode, L: RawLock, B: Backend>(
+fn classify<'s, M: PagingMode, L: RawLock, B: Backend>(
     store: &'s FrameStore<L>,
     backend: &B,
     level: Level,
@@ -239,7 +215,7 @@ fn classify_owned<'s, M: PagingMode, L: RawLock, B: Backend>(
         }
         return Ok(None);
     }
-    child_table_owned(store, backend, level, index, entry).map(Some)
+    child_table(store, backend, level, index, entry).map(Some)
 }
 
 /// The child of a walked entry, refused if it belongs to a space other
@@ -253,7 +229,7 @@ fn walk_child<'s, M: PagingMode, L: RawLock, B: Backend>(
     index: usize,
     entry: PageTableEntry,
 ) -> Result<Option<Table<'s>>, Error> {
-    match classify_owned::<M, L, B>(store, backend, level, index, entry)? {
+    match classify::<M, L, B>(store, backend, level, index, entry)? {
         Some(t) if owner.is_some_and(|w| w != t.owner) && t.owner != Owner::NONE => {
             Err(Error::ForeignTable {
                 level,
