@@ -7,10 +7,10 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use pagepin::backends::mock::MockBackend;
+use pagepin::backends::mock::{MockBackend, Recorded};
 use pagepin::{
-    AddressSpace, Batch, EntryFlags, Error, Global, Level, LockPolicy, Pae, PageSize,
-    PageTableEntry, PagingMode, SpaceOptions, Split, X86_64,
+    AddressSpace, Batch, EntryFlags, Error, ExtCmd, Global, Level, LockPolicy, Pae, PageSize,
+    PageTableEntry, PagingMode, Sabotage, SpaceOptions, Split, X86_64,
 };
 
 const RW: EntryFlags = EntryFlags::PRESENT
@@ -217,6 +217,82 @@ fn frame_out_of_range_during_pin_is_rolled_back() {
             run::<Global>()
         }
     }
+}
+
+/// How many forward requests (read-only remaps, pins) a pin of 40 PTE
+/// pages issued after the batch whose first call failed (the pin's third
+/// flush): the pin must be undone exactly, and `walk_on` is the negative
+/// control that keeps walking after the failure.
+fn pin_requests_after_failure<P: LockPolicy>(walk_on: bool) -> usize {
+    let mut s = space::<X86_64, P>(64);
+    s.set_sabotage(Sabotage {
+        walk_on_after_failure: walk_on,
+        ..Sabotage::NONE
+    });
+    spread(&s, 40);
+    let mock = s.backend().clone();
+    let before = snapshot(s.store());
+    let failing = mock.batch_count() + 2;
+    mock.fail_call(failing, 0, 22);
+    let mut b: Batch<4> = Batch::new();
+    match s.pin(&mut b) {
+        Err(Error::Hypercall(h)) => assert_eq!((h.flush, h.call, h.errno), (2, 0, 22), "{h:?}"),
+        other => panic!("expected the injected failure, got {other:?}"),
+    }
+    assert_eq!(snapshot(s.store()), before);
+    assert_clean(&s);
+    assert!(!s.is_pinned());
+    mock.batches()[failing + 1..]
+        .iter()
+        .flat_map(|b| &b.calls)
+        .map(|c| match c {
+            Recorded::UpdateVaMapping { pte, .. } => {
+                usize::from(pte & EntryFlags::WRITABLE.bits() == 0)
+            }
+            Recorded::MmuExtOp(ops) => ops
+                .iter()
+                .filter(|o| {
+                    matches!(
+                        o.cmd,
+                        ExtCmd::PinL1Table
+                            | ExtCmd::PinL2Table
+                            | ExtCmd::PinL3Table
+                            | ExtCmd::PinL4Table
+                    )
+                })
+                .count(),
+            Recorded::MmuUpdate(_) => 0,
+        })
+        .sum()
+}
+
+/// A pin stops queueing at the first failure: after the failed batch only
+/// the requests of the page whose queueing made that flush reach the
+/// hypervisor (one remap, plus its L1 pin under split), then the undo.
+#[test]
+fn pin_queues_nothing_after_a_failed_flush() {
+    let split = pin_requests_after_failure::<Split>(false);
+    let global = pin_requests_after_failure::<Global>(false);
+    eprintln!("forward requests after the failed batch: split {split}, global {global}");
+    assert!(
+        split <= 2,
+        "split: {split} forward requests after the failure"
+    );
+    assert!(
+        global <= 1,
+        "global: {global} forward requests after the failure"
+    );
+}
+
+/// Negative control of the test above: walking on after the failure
+/// issues the rest of the pin (and the test's bound catches it).
+#[test]
+fn negative_control_walking_on_after_a_failure_is_caught() {
+    let split = pin_requests_after_failure::<Split>(true);
+    let global = pin_requests_after_failure::<Global>(true);
+    eprintln!("walking on: split {split}, global {global}");
+    assert!(split > 2, "split: {split}");
+    assert!(global > 1, "global: {global}");
 }
 
 /// Every call of every batch of a pin and of an unpin, failed in turn: the

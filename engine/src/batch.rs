@@ -274,7 +274,11 @@ impl<const N: usize> Batch<N> {
         self.journal = steps;
     }
 
-    /// Queue `update_va_mapping(va, pte, flags)`.
+    /// Queue `update_va_mapping(va, pte, flags)`. Returns whether a flush
+    /// it made to make room left a failure recorded (the cheap way for a
+    /// caller to stop at the first failure: the answer is a constant
+    /// `false` unless the batch was full; speed: keep it so, a check of
+    /// [`Self::has_failures`] per queued request cost the pin walk 10 %).
     ///
     /// Inlined into the caller (speed: keep it so), so the request is
     /// written into the queue in place; a copy of one built on the
@@ -287,16 +291,20 @@ impl<const N: usize> Batch<N> {
         pte: u64,
         flags: u64,
         tag: Tag,
-    ) {
-        if self.calls_full() {
-            self.flush_full(target);
-        }
-        self.slots.push(Queued::Uvm {
+    ) -> bool {
+        let failed = self.calls_full() && self.flush_full(target);
+        let slot = Queued::Uvm {
             va,
             pte,
             flags,
             tag,
-        });
+        };
+        // SAFETY: `calls_full` is false after the check above (a flush
+        // empties the queue), so `slots.len() < limit <= N`. Unchecked
+        // because the optimizer cannot see `limit <= N` (speed: a second
+        // bounds check per queued remap).
+        unsafe { self.slots.push_unchecked(slot) };
+        failed
     }
 
     /// Queue one `mmu_update` request, extending the previous call when it is
@@ -327,16 +335,24 @@ impl<const N: usize> Batch<N> {
     }
 
     /// Queue one `mmuext_op`, extending the previous call when it is an
-    /// `mmuext_op` too. Inlined into the caller, as `update_va_mapping`.
+    /// `mmuext_op` too. Inlined into the caller, as `update_va_mapping`,
+    /// and returns whether a flush it made left a failure recorded, as
+    /// that does.
     #[inline(always)]
-    pub(crate) fn mmuext<T: FlushTarget + ?Sized>(&mut self, target: &T, op: MmuExtOp, tag: Tag) {
+    pub(crate) fn mmuext<T: FlushTarget + ?Sized>(
+        &mut self,
+        target: &T,
+        op: MmuExtOp,
+        tag: Tag,
+    ) -> bool {
+        let mut failed = false;
         let fits =
             self.ext.len() < self.limit && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space();
         match self.slots.last_mut() {
             Some(Queued::Ext { count, .. }) if fits => *count += 1,
             _ => {
                 if !fits || self.calls_full() {
-                    self.flush_full(target);
+                    failed = self.flush_full(target);
                 }
                 let start = self.ext.len() as u16;
                 self.slots.push(Queued::Ext { start, count: 1 });
@@ -346,6 +362,7 @@ impl<const N: usize> Batch<N> {
         self.ext.push(op);
         self.ext_tags.push(tag);
         self.arg_bytes += MMUEXT_OP_BYTES;
+        failed
     }
 
     /// Hold `pfn`'s PTE lock from the issue of the request just queued: the
@@ -361,28 +378,32 @@ impl<const N: usize> Batch<N> {
     }
 
     /// Register a callback to run after this batch is issued; flushes first
-    /// if the callback list is full.
+    /// if the callback list is full. Returns whether that flush left a
+    /// failure recorded, as [`Self::update_va_mapping`] does.
     #[inline(always)]
-    pub(crate) fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) {
-        if self.deferred.len() >= self.limit {
-            self.flush_cold(target);
-        }
+    pub(crate) fn defer<T: FlushTarget + ?Sized>(&mut self, target: &T, d: Deferred) -> bool {
+        let failed = self.deferred.len() >= self.limit && self.flush_cold(target);
         // Inlined into the caller, so the callback is written in place (a
         // 16-byte copy of one built on the caller's stack stalled on
         // store forwarding).
         self.deferred.push(d);
+        failed
     }
 
-    /// The flush of a full batch, out of the inlined queueing paths.
+    /// The flush of a full batch, out of the inlined queueing paths;
+    /// returns whether a failure is recorded after it.
     #[inline(never)]
-    fn flush_full<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+    fn flush_full<T: FlushTarget + ?Sized>(&mut self, target: &T) -> bool {
         self.flush(target);
+        self.has_failures()
     }
 
+    /// [`Self::flush_full`] for a full callback list (rare).
     #[cold]
     #[inline(never)]
-    fn flush_cold<T: FlushTarget + ?Sized>(&mut self, target: &T) {
+    fn flush_cold<T: FlushTarget + ?Sized>(&mut self, target: &T) -> bool {
         self.flush(target);
+        self.has_failures()
     }
 
     /// Issue everything queued, record per-request outcomes, then run the

@@ -218,10 +218,15 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 /// ([`Self::complete`]).
 pub(crate) struct PinOp<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> {
     space: &'a AddressSpace<M, P, B>,
+    /// What the batch flushes through, made once per operation (speed: not
+    /// rebuilt for every queued request).
+    target: crate::locking::Target<'a, P::Lock, B>,
     b: &'b mut Batch<N>,
     j: Journal,
-    /// Remap steps queued (`PinStats::tables`).
-    tables: u32,
+    /// `mmuext_op` steps queued: every other step is a remap, so
+    /// `PinStats::tables` is derived from the journal's length (speed: no
+    /// counter written per table).
+    ext_ops: u32,
     /// Separate L1 pin / unpin steps queued (`PinStats::l1_ops`).
     l1_ops: u32,
 }
@@ -235,9 +240,10 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         let j = Journal::over(b.take_journal_buffer(), b.stats().flushes);
         PinOp {
             space,
+            target: space.target(),
             b,
             j,
-            tables: 0,
+            ext_ops: 0,
             l1_ops: 0,
         }
     }
@@ -254,7 +260,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     }
 
     fn complete_inner(&mut self, walked: Result<(), Error>) -> Result<PinStats, Error> {
-        self.b.flush(&self.space.target());
+        self.b.flush(&self.target);
         let first = self.b.failures().first().map(|f| self.failure_of(f));
         // A recorded hypercall failure is the cause even when the walk
         // stopped because of it.
@@ -262,7 +268,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             (Ok(()), None) => {
                 let _ = self.b.take_failures();
                 return Ok(PinStats {
-                    tables: self.tables as usize,
+                    tables: self.j.steps.len() - self.ext_ops as usize,
                     l1_ops: self.l1_ops as usize,
                     max_locks_held: 0,
                 });
@@ -292,9 +298,11 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         }
     }
 
+    /// Queue a step's remap; returns whether a flush it made left a
+    /// failure recorded (then the walk stops after this page: see
+    /// [`Batch::update_va_mapping`]).
     #[inline(always)]
-    fn queue_remap(&mut self, pfn: Pfn, ro: bool, flush: bool, locked: bool, flag: bool) {
-        self.tables += 1;
+    fn queue_remap(&mut self, pfn: Pfn, ro: bool, flush: bool, locked: bool, flag: bool) -> bool {
         let tag = self.j.push(
             pfn,
             if ro { Action::RemapRo } else { Action::RemapRw },
@@ -307,30 +315,33 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             uvmf::NONE
         };
         self.b.update_va_mapping(
-            &self.space.target(),
+            &self.target,
             self.space.direct_map_va(pfn),
             self.space.direct_map_pte(pfn, !ro),
             flags,
             tag,
-        );
+        )
     }
 
+    /// Queue a step's `mmuext_op`; returns its tag, and whether a flush it
+    /// made left a failure recorded (as [`Self::queue_remap`]).
     #[inline(always)]
-    fn queue_ext(&mut self, pfn: Pfn, action: Action, locked: bool, flag: bool) -> Tag {
+    fn queue_ext(&mut self, pfn: Pfn, action: Action, locked: bool, flag: bool) -> (Tag, bool) {
         let cmd = match action {
             Action::Pin(l) => ExtCmd::pin(l),
             _ => ExtCmd::UnpinTable,
         };
+        self.ext_ops += 1;
         if let Action::Pin(Level::L1) | Action::Unpin(Level::L1) = action {
             self.l1_ops += 1;
         }
         let tag = self.j.push(pfn, action, locked, flag);
-        self.b.mmuext(
-            &self.space.target(),
+        let failed = self.b.mmuext(
+            &self.target,
             MmuExtOp::on(cmd, self.space.backend.pfn_to_mfn(pfn)),
             tag,
         );
-        tag
+        (tag, failed)
     }
 
     #[inline]
@@ -379,23 +390,37 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 return Err(e.into());
             }
         }
-        self.queue_remap(pfn, true, flush, split_l1, true);
+        let mut failed = self.queue_remap(pfn, true, flush, split_l1, true);
         if split_l1 {
             self.b.hold_pte(pfn);
             if self.space.sabotage().unlock_before_pin {
                 // Broken on purpose: the page is read-only and unlocked
                 // before it is pinned.
-                self.b.flush(&self.space.target());
+                self.b.flush(&self.target);
                 // SAFETY: the flush above took it for this context.
                 unsafe { meta.lock().unlock() };
                 self.b.preempt_mut().release();
-                self.queue_ext(pfn, Action::Pin(Level::L1), false, false);
+                failed |= self.b.has_failures();
+                failed |= self.queue_ext(pfn, Action::Pin(Level::L1), false, false).1;
             } else {
-                let tag = self.queue_ext(pfn, Action::Pin(Level::L1), true, false);
-                self.b.defer(&self.space.target(), unlock_after(pfn, tag));
+                let (tag, f) = self.queue_ext(pfn, Action::Pin(Level::L1), true, false);
+                failed |= f;
+                failed |= self.b.defer(&self.target, unlock_after(pfn, tag));
             }
         }
-        Ok(Descend::Yes)
+        Ok(self.after_page(failed))
+    }
+
+    /// How the walk goes on after a page whose requests are all queued: a
+    /// failure recorded by a flush they made ends it (the rest is undone),
+    /// so nothing more is queued after the page that met the failure.
+    #[inline(always)]
+    fn after_page(&self, failed: bool) -> Descend {
+        if failed && !self.space.sabotage().walk_on_after_failure {
+            Descend::Stop
+        } else {
+            Descend::Yes
+        }
     }
 
     /// Unpin one page (as for [`Self::pin_page`]): clear its flag, under
@@ -414,20 +439,21 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         }
         let split_l1 =
             P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.space.sabotage().skip_l1_pin;
+        let mut failed = false;
         if split_l1 {
             if let Err(e) = self.b.preempt_mut().acquire() {
                 self.space.flip_flag(&meta, owner, true);
                 return Err(e.into());
             }
-            self.queue_ext(pfn, Action::Unpin(Level::L1), true, true);
+            failed = self.queue_ext(pfn, Action::Unpin(Level::L1), true, true).1;
             self.b.hold_pte(pfn);
         }
         let tag = self.j.steps.len() as Tag;
-        self.queue_remap(pfn, false, flush, split_l1, !split_l1);
+        failed |= self.queue_remap(pfn, false, flush, split_l1, !split_l1);
         if split_l1 {
-            self.b.defer(&self.space.target(), unlock_after(pfn, tag));
+            failed |= self.b.defer(&self.target, unlock_after(pfn, tag));
         }
-        Ok(Descend::Yes)
+        Ok(self.after_page(failed))
     }
 
     /// The root's turn in the pin walk (once, out of the walk's loop):
@@ -449,6 +475,9 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         let root = self.space.root;
         if self.space.sabotage().root_first {
             self.by_frame::<true>(root, M::ROOT_LEVEL, true)?;
+        }
+        if self.b.has_failures() && !self.space.sabotage().walk_on_after_failure {
+            return Ok(());
         }
         // The space by its own reference, so the visitor may borrow `self`.
         let space = self.space;
@@ -484,6 +513,10 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             } else {
                 self.by_frame::<false>(k, Level::L2, false)?;
             }
+        }
+        if self.b.has_failures() && !self.space.sabotage().walk_on_after_failure {
+            // A flush of the steps above failed: nothing more is queued.
+            return Ok(());
         }
         // The space by its own reference, so the visitor may borrow `self`.
         let space = self.space;
@@ -571,7 +604,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 }
                 Action::Pin(_) => {
                     self.b
-                        .mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG)
+                        .mmuext(&target, MmuExtOp::on(ExtCmd::UnpinTable, mfn), NO_TAG);
                 }
                 Action::Unpin(l) => {
                     if unflushed && l != Level::L1 {
@@ -587,7 +620,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                         unflushed = false;
                     }
                     self.b
-                        .mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG)
+                        .mmuext(&target, MmuExtOp::on(ExtCmd::pin(l), mfn), NO_TAG);
                 }
             }
             restore_flag(&s);
@@ -652,10 +685,9 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend, const N: usize, const PIN: bo
 {
     #[inline(always)]
     fn visit(&mut self, table: Table<'a>, level: Level, is_root: bool) -> Result<Descend, Error> {
-        if self.0.b.has_failures() {
-            // The recorded failure ends the operation.
-            return Ok(Descend::Stop);
-        }
+        // No check of the batch's failures here (speed: it cost 10 %): a
+        // page whose queueing met a failure answers `Stop` itself, and the
+        // steps before the walk check once.
         if !PIN {
             return self.0.unpin_page(table, level, is_root);
         }

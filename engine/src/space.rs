@@ -72,6 +72,9 @@ pub struct Sabotage {
     /// Let `translate` trust a walk without a read section even when a
     /// frame was retired meanwhile (it may have read a reused frame).
     pub translate_unchecked: bool,
+    /// Go on walking and queueing after a flush recorded a failure (the
+    /// rest of the pin or unpin reaches the hypervisor and is undone).
+    pub walk_on_after_failure: bool,
 }
 
 impl Sabotage {
@@ -84,6 +87,7 @@ impl Sabotage {
         admit_foreign_tables: false,
         publish_pin_state_unlocked: false,
         translate_unchecked: false,
+        walk_on_after_failure: false,
     };
 }
 
