@@ -42,6 +42,13 @@ pub(crate) trait FlushTarget {
     /// # Safety
     /// The lock must be held by the context that queued the callback.
     unsafe fn unlock_pte(&self, pfn: Pfn);
+    /// Whether a queueing call that flushed answers that a failure is
+    /// recorded (so its caller stops); only the negative control
+    /// `Sabotage::walk_on_after_failure` says no.
+    #[inline]
+    fn stop_on_failure(&self) -> bool {
+        true
+    }
 }
 
 /// A callback run after the batch it was registered with has been issued.
@@ -395,7 +402,7 @@ impl<const N: usize> Batch<N> {
     #[inline(never)]
     fn flush_full<T: FlushTarget + ?Sized>(&mut self, target: &T) -> bool {
         self.flush(target);
-        self.has_failures()
+        self.has_failures() && target.stop_on_failure()
     }
 
     /// [`Self::flush_full`] for a full callback list (rare).
@@ -403,7 +410,7 @@ impl<const N: usize> Batch<N> {
     #[inline(never)]
     fn flush_cold<T: FlushTarget + ?Sized>(&mut self, target: &T) -> bool {
         self.flush(target);
-        self.has_failures()
+        self.has_failures() && target.stop_on_failure()
     }
 
     /// Issue everything queued, record per-request outcomes, then run the

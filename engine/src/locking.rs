@@ -16,6 +16,10 @@ use crate::sync::{AtomicU64, Ordering};
 pub(crate) struct Target<'a, L: RawLock, B: Backend> {
     pub(crate) store: &'a FrameStore<L>,
     pub(crate) backend: &'a B,
+    /// `Sabotage::walk_on_after_failure`, read where a flush answers
+    /// (out of the queueing fast path).
+    #[cfg(feature = "sabotage")]
+    pub(crate) walk_on_after_failure: bool,
 }
 
 impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
@@ -35,6 +39,10 @@ impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
             // SAFETY: forwarded: the caller holds this lock.
             unsafe { m.lock().unlock() }
         }
+    }
+    #[cfg(feature = "sabotage")]
+    fn stop_on_failure(&self) -> bool {
+        !self.walk_on_after_failure
     }
 }
 

@@ -416,7 +416,9 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     /// so nothing more is queued after the page that met the failure.
     #[inline(always)]
     fn after_page(&self, failed: bool) -> Descend {
-        if failed && !self.space.sabotage().walk_on_after_failure {
+        // (`Sabotage::walk_on_after_failure` acts in the flush's answer,
+        // out of this path: speed.)
+        if failed {
             Descend::Stop
         } else {
             Descend::Yes

@@ -258,6 +258,8 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         Target {
             store: &self.store,
             backend: &self.backend,
+            #[cfg(feature = "sabotage")]
+            walk_on_after_failure: self.sabotage().walk_on_after_failure,
         }
     }
 
