@@ -7,17 +7,15 @@
 //! `runtime_limit_behaves_like_a_smaller_capacity` test and
 //! `tests/engine_batch_counts.rs` check this). Throughput is in table pages.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, Global, LockPolicy, SpaceOptions, Split, X86_64,
 };
+use pagepin_benches::*;
 
 const SIZES_MIB: [u64; 2] = [1024, 16 * 1024];
 const BATCHES: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];

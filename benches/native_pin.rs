@@ -2,15 +2,13 @@
 //! bookkeeping only, no walk and no batch) at 1 GiB and 16 GiB mapped. Each
 //! iteration is one pin and one unpin; per call = half the time shown.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pagepin::backends::native::NativeBackend;
 use pagepin::{AddressSpace, Batch, FrameStore, SpaceOptions, Split, X86_64};
+use pagepin_benches::*;
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("native_pin");

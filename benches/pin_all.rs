@@ -5,16 +5,14 @@
 //! fits the L3 cache) and 64 MiB per space (~40 MB: it does not, and every
 //! L1 validation is a random walk over the data frames' type counts).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pagepin::parallel::{pin_all_par, unpin_all_par};
 use pagepin::{
     pin_all, unpin_all, AddressSpace, Batch, DefaultRawLock, SpaceOptions, Split, X86_64,
 };
+use pagepin_benches::*;
 
 const SPACES: usize = 64;
 

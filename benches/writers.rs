@@ -6,19 +6,17 @@
 //! Throughput is writes per second of the writer thread; the pinner runs
 //! for the whole timed span of each sample.
 
-mod common;
-
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pagepin::backends::mock::NullBackend;
 use pagepin::{
     AddressSpace, Batch, DefaultRawLock, EntryFlags, Global, LockPolicy, PageTableEntry, Split,
     WritePath, X86_64,
 };
+use pagepin_benches::*;
 
 const MIB: u64 = 1024;
 
