@@ -1,14 +1,8 @@
 //! The engine's pin + unpin on the no-op trap (`NullBackend`) against the
 //! irreducible work of a pin and an unpin written as plain loops over the
-//! same space: read every entry of every non-leaf table and, for each table
-//! page found, write its multicall entries (Xen ABI `multicall_entry`s, and
-//! the `mmuext_op` an L1 pin / unpin points to) into a buffer of batch size,
-//! "issued" (handed to `black_box`) when full. No locks, no pinned flags,
-//! no callbacks, no journal, no validation beyond present / large bits.
-//!
-//! Under split a third row, "floor+locks", adds the protocol's own atomics:
-//! each PTE page's lock taken when its entries are written and released
-//! when the buffer is issued.
+//! same space (`pagepin_benches::floor`, which says what the loop does and
+//! leaves out). Under split a third row, "floor+locks", adds the
+//! protocol's own atomics: each PTE page's lock.
 //!
 //! Sizes: 1 GiB and 16 GiB mapped with 4 KiB pages; batch 32; split (L1s
 //! get a separate pin) and global (they do not).

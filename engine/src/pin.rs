@@ -9,7 +9,7 @@
 use alloc::vec::Vec;
 
 use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
-use crate::batch::{Batch, Failure, Tag, NO_TAG};
+use crate::batch::{Batch, Failure, FlushTarget, Tag, NO_TAG};
 use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::Pfn;
 use crate::journal::{Action, Journal, Step};
@@ -400,7 +400,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 // SAFETY: the flush above took it for this context.
                 unsafe { meta.lock().unlock() };
                 self.b.preempt_mut().release();
-                failed |= self.b.has_failures();
+                failed |= self.stopped_by_failure();
                 failed |= self.queue_ext(pfn, Action::Pin(Level::L1), false, false).1;
             } else {
                 let (tag, f) = self.queue_ext(pfn, Action::Pin(Level::L1), true, false);
@@ -408,14 +408,21 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 failed |= self.b.defer(&self.target, unlock_after(pfn, tag));
             }
         }
-        Ok(self.after_page(failed))
+        Ok(Self::after_page(failed))
+    }
+
+    /// Whether a failure recorded so far ends the operation: the answer a
+    /// queueing call gives after its own flush, asked once where steps are
+    /// queued outside the walk.
+    fn stopped_by_failure(&self) -> bool {
+        self.b.has_failures() && self.target.stop_on_failure()
     }
 
     /// How the walk goes on after a page whose requests are all queued: a
     /// failure recorded by a flush they made ends it (the rest is undone),
     /// so nothing more is queued after the page that met the failure.
     #[inline(always)]
-    fn after_page(&self, failed: bool) -> Descend {
+    fn after_page(failed: bool) -> Descend {
         // (`Sabotage::walk_on_after_failure` acts in the flush's answer,
         // out of this path: speed.)
         if failed {
@@ -455,7 +462,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         if split_l1 {
             failed |= self.b.defer(&self.target, unlock_after(pfn, tag));
         }
-        Ok(self.after_page(failed))
+        Ok(Self::after_page(failed))
     }
 
     /// The root's turn in the pin walk (once, out of the walk's loop):
@@ -478,7 +485,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         if self.space.sabotage().root_first {
             self.by_frame::<true>(root, M::ROOT_LEVEL, true)?;
         }
-        if self.b.has_failures() && !self.space.sabotage().walk_on_after_failure {
+        if self.stopped_by_failure() {
             return Ok(());
         }
         // The space by its own reference, so the visitor may borrow `self`.
@@ -516,7 +523,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 self.by_frame::<false>(k, Level::L2, false)?;
             }
         }
-        if self.b.has_failures() && !self.space.sabotage().walk_on_after_failure {
+        if self.stopped_by_failure() {
             // A flush of the steps above failed: nothing more is queued.
             return Ok(());
         }
