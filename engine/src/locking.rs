@@ -61,6 +61,7 @@ impl<'a, L: RawLock> SpaceLockGuard<'a, L> {
 }
 
 impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: the guard exists only while this context holds the lock.
         unsafe { self.lock.unlock() }
@@ -82,6 +83,7 @@ impl<'a> PteLockGuard<'a> {
 }
 
 impl Drop for PteLockGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: as for the space lock guard.
         unsafe { self.lock.unlock() }
@@ -97,14 +99,20 @@ pub(crate) fn unlock_after(pfn: Pfn, watch: Tag) -> Deferred {
 /// The PTE page the last one-page writer (`map`, `unmap`, `protect`)
 /// wrote into, so the next one in the same 2 MiB goes straight to it
 /// instead of walking every level (speed: the per-call writers' walk; keep
-/// it). It is a table of the space only while the space lock is held:
-/// read and written under that lock (a held guard is the proof), and
+/// it). Written under the space lock only (a held guard is the proof), and
 /// cleared by every write of an entry above L1, the only writes that can
-/// unlink a table (and they happen under that lock too). Only a page whose
-/// tables above all belong to the space is remembered: another space
-/// reaches a table only through a shared one, and would unlink it under
-/// its own lock.
+/// unlink a table (they happen under that lock too, before the write).
+/// Only a page whose tables above all belong to the space is remembered:
+/// another space reaches a table only through a shared one, and would
+/// unlink it under its own lock.
+///
+/// A sequence count makes it readable without the space lock (split, see
+/// [`Self::peek`]): it is odd while the hint is being changed and moves on
+/// every change, so a reader that sees the same even count before and
+/// after reading both words read a pair that was set together, and a
+/// count still unchanged later means no entry above L1 was written since.
 pub(crate) struct PteHint {
+    seq: AtomicU64,
     /// The 2 MiB region (`va >> 21`), or `u64::MAX` for none.
     region: AtomicU64,
     pfn: AtomicU64,
@@ -114,6 +122,7 @@ impl PteHint {
     /// No page remembered.
     pub(crate) fn new() -> Self {
         PteHint {
+            seq: AtomicU64::new(0),
             region: AtomicU64::new(u64::MAX),
             pfn: AtomicU64::new(0),
         }
@@ -131,16 +140,56 @@ impl PteHint {
             .then(|| Pfn(self.pfn.load(Ordering::Relaxed)))
     }
 
+    /// The remembered page, if it covers `region`, read without the space
+    /// lock, with the sequence count it was read at. The page was a linked
+    /// PTE page of the space at that count; it still is while
+    /// [`Self::unchanged`] answers true for that count (the caller holds
+    /// the page's lock, which an unlink of it takes).
+    #[inline]
+    pub(crate) fn peek(&self, region: u64) -> Option<(Pfn, u64)> {
+        let seq = self.seq.load(Ordering::Acquire);
+        let r = self.region.load(Ordering::Relaxed);
+        let pfn = self.pfn.load(Ordering::Relaxed);
+        // The words' loads before the second look at the count.
+        crate::sync::fence(Ordering::Acquire);
+        (seq & 1 == 0 && r == region && self.seq.load(Ordering::Relaxed) == seq)
+            .then_some((Pfn(pfn), seq))
+    }
+
+    /// Whether the hint has not changed since [`Self::peek`] returned `seq`.
+    #[inline]
+    pub(crate) fn unchanged(&self, seq: u64) -> bool {
+        self.seq.load(Ordering::Acquire) == seq
+    }
+
     /// Remember `pfn` as the PTE page of `region`.
     #[inline]
     pub(crate) fn set<L: RawLock>(&self, _held: &SpaceLockGuard<'_, L>, region: u64, pfn: Pfn) {
-        self.pfn.store(pfn.0, Ordering::Relaxed);
-        self.region.store(region, Ordering::Relaxed);
+        self.write(region, pfn.0);
     }
 
-    /// Forget it (an entry above L1 is about to change).
+    /// Forget it (an entry above L1 is about to change; the caller holds
+    /// the space lock).
     #[inline]
     pub(crate) fn clear(&self) {
-        self.region.store(u64::MAX, Ordering::Relaxed);
+        // Already empty: no reader holds a count at which it named a page
+        // (the count moved when it was emptied), so the count need not move.
+        if self.region.load(Ordering::Relaxed) == u64::MAX {
+            return;
+        }
+        self.write(u64::MAX, 0);
+    }
+
+    /// A seqlock write; writers are serialised by the space lock.
+    #[inline]
+    fn write(&self, region: u64, pfn: u64) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        // The odd count before the words (a reader seeing a new word sees
+        // the count move).
+        crate::sync::fence(Ordering::Release);
+        self.pfn.store(pfn, Ordering::Relaxed);
+        self.region.store(region, Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 }

@@ -75,6 +75,10 @@ pub struct Sabotage {
     /// Go on walking and queueing after a flush recorded a failure (the
     /// rest of the pin or unpin reaches the hypervisor and is undone).
     pub walk_on_after_failure: bool,
+    /// Let a one-page writer (split) use the remembered PTE page without
+    /// checking, under its lock, that no entry above L1 was written since
+    /// it read the hint (the page may have been unlinked meanwhile).
+    pub pte_hint_unchecked: bool,
 }
 
 impl Sabotage {
@@ -88,6 +92,7 @@ impl Sabotage {
         publish_pin_state_unlocked: false,
         translate_unchecked: false,
         walk_on_after_failure: false,
+        pte_hint_unchecked: false,
     };
 }
 
@@ -391,7 +396,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// malformed entry ([`Self::try_translate`] tells those apart).
     #[inline]
     pub fn translate(&self, va: u64) -> Option<Translation> {
-        self.try_translate(va).ok().flatten()
+        // Speed (keep it): the answer is decoded to an `Option` inside the
+        // optimistic walk, so it stays in registers; decoded after a
+        // `Result` return it went through the stack (+2 ns a call).
+        match self.walk_optimistically(va, |r| r.ok().flatten()) {
+            Some(answer) => answer,
+            None => self.translate_retried(va).ok().flatten(),
+        }
     }
 
     /// Translate `va` inside a read section the caller holds: the same as
@@ -414,18 +425,49 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// move read no reused frame (a frame is retired after it is unlinked
     /// and before it is zeroed for reuse), so its answer stands. Otherwise,
     /// after a few tries, the walk is done in a read section.
+    #[inline]
     pub fn try_translate(&self, va: u64) -> Result<Option<Translation>, Error> {
+        match self.walk_optimistically(va, |r| r) {
+            Some(answer) => answer,
+            None => self.translate_retried(va),
+        }
+    }
+
+    /// One translation walk without a read section, its answer decoded by
+    /// `decode`: `Some` if it stands (no frame was retired during it),
+    /// `None` if the walk must be retried (always `None` without `std`,
+    /// where there is no retirement count to trust).
+    #[inline(always)]
+    fn walk_optimistically<T>(
+        &self,
+        va: u64,
+        decode: impl FnOnce(Result<Option<Translation>, Error>) -> T,
+    ) -> Option<T> {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-        for _ in 0..OPTIMISTIC_WALKS {
+        {
             let before = self.store.retirements();
-            let walked = self.translate_walk(va);
-            if self.sabotage().translate_unchecked {
-                return walked;
-            }
+            let answer = decode(self.translate_walk(va));
             // The walk's loads before the second look at the count.
             crate::sync::fence(Ordering::Acquire);
-            if self.store.retirements() == before {
-                return walked;
+            if self.store.retirements() == before || self.sabotage().translate_unchecked {
+                return Some(answer);
+            }
+        }
+        #[cfg(not(all(feature = "std", not(any(loom, shuttle)))))]
+        let _ = (va, decode);
+        None
+    }
+
+    /// The rare path of [`Self::try_translate`]: a frame was retired during
+    /// the first walk. A few more optimistic walks, then one in a read
+    /// section.
+    #[cold]
+    #[inline(never)]
+    fn translate_retried(&self, va: u64) -> Result<Option<Translation>, Error> {
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        for _ in 1..OPTIMISTIC_WALKS {
+            if let Some(answer) = self.walk_optimistically(va, |r| r) {
+                return answer;
             }
         }
         let guard = read_guard();
@@ -445,7 +487,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
 
     /// The walk of a translation; the caller makes its answer trustworthy
     /// (a read section, or an unchanged retirement count).
-    #[inline]
+    #[inline(always)]
     fn translate_walk(&self, va: u64) -> Result<Option<Translation>, Error> {
         if !M::is_canonical(va) {
             return Ok(None);
