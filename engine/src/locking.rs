@@ -61,7 +61,6 @@ impl<'a, L: RawLock> SpaceLockGuard<'a, L> {
 }
 
 impl<L: RawLock> Drop for SpaceLockGuard<'_, L> {
-    #[inline]
     fn drop(&mut self) {
         // SAFETY: the guard exists only while this context holds the lock.
         unsafe { self.lock.unlock() }
