@@ -252,6 +252,10 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
     #[inline]
     pub(crate) fn remember_pte_page(&self) {
         let c = self.path[0];
+        // Without the space lock the page came from the hint: nothing new.
+        let Some(held) = &self.held_space else {
+            return;
+        };
         if c.tag == NO_TAG {
             return;
         }
@@ -273,9 +277,7 @@ impl<'a, M: PagingMode, P: LockPolicy, B: Backend> CursorMut<'a, M, P, B> {
                 None => return,
             };
         }
-        if let Some(held) = &self.held_space {
-            space.pte_hint.set(held, c.tag, c.pfn);
-        }
+        space.pte_hint.set(held, c.tag, c.pfn);
     }
 
     /// The address the next [`Self::map`] maps at.
