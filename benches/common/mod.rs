@@ -5,6 +5,7 @@
 //! the `sabotage` test hooks (see `Cargo.toml`).
 
 pub mod floor;
+pub mod vs_crate;
 
 use std::sync::Arc;
 
