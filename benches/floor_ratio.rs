@@ -67,12 +67,7 @@ fn report<P: LockPolicy<Lock = DefaultRawLock>>(mib: u64, rounds: u32) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; the first number is the round count.
-    let rounds = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse::<u32>().ok())
-        .unwrap_or(100)
-        .max(1);
+    let rounds = rounds_arg(100);
     println!("floor ratios: fastest of {rounds} interleaved rounds (pin + unpin, NullBackend, batch {N})");
     println!();
     println!("| mapped | policy | engine | floor | ratio | floor+locks | ratio |");

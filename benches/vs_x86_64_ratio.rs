@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use pagepin::backends::mock::NullBackend;
 use pagepin::{AddressSpace, DefaultRawLock, Global, LockPolicy, Split, X86_64};
+use pagepin_benches::rounds_arg;
 use pagepin_benches::vs_crate::*;
 
 /// A row of the report: its name and one timed run.
@@ -30,12 +31,7 @@ fn pagepin_once<P: LockPolicy<Lock = DefaultRawLock>>(way: Way) -> Duration {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; the first number is the round count.
-    let rounds = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse::<u32>().ok())
-        .unwrap_or(20)
-        .max(1);
+    let rounds = rounds_arg(20);
     let rows: [Row; 5] = [
         ("pagepin split, per call", || {
             pagepin_once::<Split<DefaultRawLock>>(Way::PerCall)

@@ -89,3 +89,14 @@ pub fn table_pages(mib: u64) -> u64 {
     let l1 = pages(mib).div_ceil(512);
     l1 + l1.div_ceil(512) + 2
 }
+
+/// The round count of an interleaved report: the first number among the
+/// arguments (`cargo bench` passes `--bench` too), else `default`; at
+/// least 1.
+pub fn rounds_arg(default: u32) -> u32 {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse::<u32>().ok())
+        .unwrap_or(default)
+        .max(1)
+}
