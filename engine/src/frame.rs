@@ -513,6 +513,21 @@ impl<L: RawLock> FrameStore<L> {
         }
     }
 
+    /// The frame `pfn`, with no bounds check (a descent steps into the
+    /// child it just validated: speed, one bounds check per level instead
+    /// of two; keep it).
+    ///
+    /// # Safety
+    /// `pfn` is in the store ([`Self::meta`] or [`Self::index_of`] said so).
+    #[inline(always)]
+    pub(crate) unsafe fn frame_unchecked(&self, pfn: Pfn) -> &Frame {
+        let i = pfn.0.wrapping_sub(self.base_pfn) as usize;
+        // SAFETY: the caller's `pfn` passed `index_of`'s check against
+        // `tags.len()`, which is the frames' count (made together, never
+        // resized).
+        unsafe { self.storage.frames().get_unchecked(i) }
+    }
+
     /// The entry `index` of frame `pfn`.
     #[inline]
     pub fn entry(&self, pfn: Pfn, index: usize) -> Option<&AtomicU64> {

@@ -157,13 +157,19 @@ pub fn descend<M: PagingMode, L: RawLock, B: Backend>(
 ) -> Result<Stop, Error> {
     let mut pfn = root;
     let mut level = M::ROOT_LEVEL;
+    if !store.contains(root) {
+        return Err(Error::FrameOutOfRange {
+            level,
+            index: M::index(va, level),
+            mfn: backend.pfn_to_mfn(root),
+        });
+    }
     loop {
         let index = M::index(va, level);
-        let slot = store.entry(pfn, index).ok_or(Error::FrameOutOfRange {
-            level,
-            index,
-            mfn: backend.pfn_to_mfn(pfn),
-        })?;
+        // SAFETY: `pfn` is the root, checked above, or a child `next`
+        // validated (it is in the store). Speed: one bounds check per
+        // level, the child's (keep it).
+        let slot = &unsafe { store.frame_unchecked(pfn) }.entries()[index];
         let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
         let next = next::<M, L, B>(store, backend, level, index, e)?;
         match next {
