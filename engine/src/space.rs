@@ -388,7 +388,11 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
     /// The engine's one lookup walk ([`walk::descend`]) over this space.
     #[inline]
     pub(crate) fn descend(&self, va: u64, target: Level) -> Result<walk::Stop, Error> {
-        walk::descend::<M, P::Lock, B>(&self.store, &self.backend, self.root, va, target)
+        // SAFETY: the root was allocated from this store (`new`), and a
+        // store never shrinks.
+        unsafe {
+            walk::descend_from::<M, P::Lock, B>(&self.store, &self.backend, self.root, va, target)
+        }
     }
 
     /// Translate `va` without taking any lock: `None` if nothing is

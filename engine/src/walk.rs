@@ -155,20 +155,37 @@ pub fn descend<M: PagingMode, L: RawLock, B: Backend>(
     va: u64,
     target: Level,
 ) -> Result<Stop, Error> {
-    let mut pfn = root;
-    let mut level = M::ROOT_LEVEL;
     if !store.contains(root) {
         return Err(Error::FrameOutOfRange {
-            level,
-            index: M::index(va, level),
+            level: M::ROOT_LEVEL,
+            index: M::index(va, M::ROOT_LEVEL),
             mfn: backend.pfn_to_mfn(root),
         });
     }
+    // SAFETY: checked just above.
+    unsafe { descend_from::<M, L, B>(store, backend, root, va, target) }
+}
+
+/// [`descend`] from a root known to be in the store (an address space's
+/// own root, allocated from it: speed, no check per lookup).
+///
+/// # Safety
+/// `root` is a frame of `store`.
+#[inline(always)]
+pub(crate) unsafe fn descend_from<M: PagingMode, L: RawLock, B: Backend>(
+    store: &FrameStore<L>,
+    backend: &B,
+    root: Pfn,
+    va: u64,
+    target: Level,
+) -> Result<Stop, Error> {
+    let mut pfn = root;
+    let mut level = M::ROOT_LEVEL;
     loop {
         let index = M::index(va, level);
-        // SAFETY: `pfn` is the root, checked above, or a child `next`
-        // validated (it is in the store). Speed: one bounds check per
-        // level, the child's (keep it).
+        // SAFETY: `pfn` is the root (in the store: the caller's promise)
+        // or a child `next` validated (in the store). Speed: one bounds
+        // check per level, the child's (keep it).
         let slot = &unsafe { store.frame_unchecked(pfn) }.entries()[index];
         let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
         let next = next::<M, L, B>(store, backend, level, index, e)?;
