@@ -18,7 +18,7 @@ use crate::locking::unlock_after;
 use crate::mode::{Level, PagingMode};
 use crate::space::AddressSpace;
 use crate::sync::Ordering;
-use crate::walk::{self, Descend, Scope, Table, Visitor};
+use crate::walk::{self, Admit, Descend, Scope, Table, Visitor};
 
 /// Counters of one pin or unpin.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,9 +49,13 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
         })
     }
 
-    /// The owner a pin or unpin walk admits (besides unowned tables).
-    fn walk_owner(&self) -> Option<crate::frame::Owner> {
-        (!self.sabotage().admit_foreign_tables).then_some(self.owner)
+    /// The tables a pin or unpin walk admits: the space's own and
+    /// unowned ones.
+    fn walk_admit(&self) -> Admit {
+        if self.sabotage().admit_foreign_tables {
+            return Admit::any();
+        }
+        Admit::owner(self.owner)
     }
 
     /// Flip a page's pinned flag to `pinned` outside a PTE lock; returns
@@ -494,7 +498,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             &space.store,
             &space.backend,
             root,
-            space.walk_owner(),
+            space.walk_admit(),
             Scope::Full,
             &mut OpWalk::<M, P, B, N, true>(self),
         )?;
@@ -533,7 +537,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             &space.store,
             &space.backend,
             root,
-            space.walk_owner(),
+            space.walk_admit(),
             Scope::Full,
             &mut OpWalk::<M, P, B, N, false>(self),
         )

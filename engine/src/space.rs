@@ -850,7 +850,7 @@ impl<M: PagingMode, P: LockPolicy, B: Backend> AddressSpace<M, P, B> {
             store,
             &self.backend,
             self.root,
-            None,
+            walk::Admit::any(),
             Scope::Full,
             &mut |t: walk::Table<'_>, _, _| {
                 if t.owner != owner && t.owner != Owner::NONE {

@@ -241,25 +241,56 @@ fn classify<'s, M: PagingMode, L: RawLock, B: Backend>(
     child_table(store, backend, level, index, entry).map(Some)
 }
 
+/// The tables a walk admits: those of one owner and unowned ones, or any
+/// (a visitor that sorts owners itself, and the negative control of the
+/// ownership check).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Admit {
+    owner: u64,
+    /// All ones, or 0 to admit any owner (speed: the check per table is
+    /// branch-free, no `Option` to test; keep it).
+    mask: u64,
+}
+
+impl Admit {
+    /// Tables of `owner`, and unowned ones.
+    #[inline]
+    pub(crate) fn owner(owner: Owner) -> Self {
+        Admit {
+            owner: owner.0,
+            mask: u64::MAX,
+        }
+    }
+
+    /// Any table.
+    #[inline]
+    pub(crate) fn any() -> Self {
+        Admit { owner: 0, mask: 0 }
+    }
+
+    #[inline(always)]
+    fn admits(self, owner: Owner) -> bool {
+        owner == Owner::NONE || (owner.0 ^ self.owner) & self.mask == 0
+    }
+}
+
 /// The child of a walked entry, refused if it belongs to a space other
 /// than the root's (unowned tables are accepted).
 #[inline(always)]
 fn walk_child<'s, M: PagingMode, L: RawLock, B: Backend>(
     store: &'s FrameStore<L>,
     backend: &B,
-    owner: Option<Owner>,
+    admit: Admit,
     level: Level,
     index: usize,
     entry: PageTableEntry,
 ) -> Result<Option<Table<'s>>, Error> {
     match classify::<M, L, B>(store, backend, level, index, entry)? {
-        Some(t) if owner.is_some_and(|w| w != t.owner) && t.owner != Owner::NONE => {
-            Err(Error::ForeignTable {
-                level,
-                index,
-                pfn: t.pfn,
-            })
-        }
+        Some(t) if !admit.admits(t.owner) => Err(Error::ForeignTable {
+            level,
+            index,
+            pfn: t.pfn,
+        }),
         c => Ok(c),
     }
 }
@@ -304,20 +335,19 @@ where
         store,
         backend,
         root,
-        Some(owner),
+        Admit::owner(owner),
         scope,
         &mut |t: Table<'_>, l, r| visit(t.pfn, l, r),
     )
 }
 
-/// [`walk`], admitting tables of `owner` (and unowned ones); `None` admits
-/// any owner (only for the negative control of the ownership check). The
-/// visitor gets each table's owner and metadata, read with its level.
+/// [`walk`], admitting the tables `admit` names. The visitor gets each
+/// table's owner and metadata, read with its level.
 pub(crate) fn walk_as<'s, M, L, B, F>(
     store: &'s FrameStore<L>,
     backend: &B,
     root: Pfn,
-    owner: Option<Owner>,
+    admit: Admit,
     scope: Scope,
     visit: &mut F,
 ) -> Result<(), Error>
@@ -342,14 +372,14 @@ where
                 continue;
             }
             let slot = first + i;
-            let Some(child) = walk_child::<M, L, B>(store, backend, owner, M::ROOT_LEVEL, slot, e)?
+            let Some(child) = walk_child::<M, L, B>(store, backend, admit, M::ROOT_LEVEL, slot, e)?
             else {
                 continue;
             };
             let stopped = walk_table::<M, L, B, F>(
                 store,
                 backend,
-                owner,
+                admit,
                 child,
                 M::ROOT_LEVEL.child().unwrap_or(Level::L1),
                 visit,
@@ -394,7 +424,7 @@ fn root_slots<M: PagingMode>(scope: Scope) -> [core::ops::Range<usize>; 2] {
 fn walk_table<'s, M, L, B, F>(
     store: &'s FrameStore<L>,
     backend: &B,
-    owner: Option<Owner>,
+    admit: Admit,
     table: Table<'s>,
     level: Level,
     visit: &mut F,
@@ -415,20 +445,32 @@ where
     let Some(frame) = store.frame(pfn) else {
         return Ok(false);
     };
+    if level == Level::L2 {
+        // PTE pages have no children: visited here rather than through a
+        // call per page, in a loop of their own (speed: sharing the loop
+        // with the recursion below made every page build the recursive
+        // call's arguments on the stack; keep them apart).
+        for (index, slot) in frame.entries().iter().enumerate() {
+            let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
+            if !e.is_present() {
+                continue;
+            }
+            if let Some(child) = walk_child::<M, L, B>(store, backend, admit, level, index, e)? {
+                if visit.visit(child, Level::L1, false)? == Descend::Stop {
+                    return Ok(true);
+                }
+            }
+        }
+        return Ok(false);
+    }
     for (index, slot) in frame.entries().iter().enumerate() {
         let e = PageTableEntry::from_bits(slot.load(Ordering::Acquire));
         if !e.is_present() {
             continue;
         }
-        if let Some(child) = walk_child::<M, L, B>(store, backend, owner, level, index, e)? {
+        if let Some(child) = walk_child::<M, L, B>(store, backend, admit, level, index, e)? {
             let child_level = level.child().unwrap_or(Level::L1);
-            if child_level == Level::L1 {
-                // A PTE page has no children: visit it here rather than
-                // through a call per page.
-                if visit.visit(child, Level::L1, false)? == Descend::Stop {
-                    return Ok(true);
-                }
-            } else if walk_table::<M, L, B, F>(store, backend, owner, child, child_level, visit)? {
+            if walk_table::<M, L, B, F>(store, backend, admit, child, child_level, visit)? {
                 return Ok(true);
             }
         }
