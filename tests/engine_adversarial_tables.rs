@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use native_support::{random_space, Rng, Shape, STORE_BASE_PFN};
 use pagepin::backends::mock::{MockBackend, NetEffect, RecordedBatch};
 use pagepin::{
-    AddressSpace, Batch, EntryFlags, Error, Level, PageSize, PageTableEntry, PagingMode, Pfn,
+    walk, AddressSpace, Batch, EntryFlags, Error, Level, PageSize, PageTableEntry, PagingMode, Pfn,
     Split, X86_64,
 };
 use proptest::prelude::*;
@@ -378,6 +378,22 @@ fn check_walk_and_translate(space: &Space, rng: &mut Rng, what: &str) {
     for va in vas {
         let got = space.translate(va).map(|t| (t.phys, t.size));
         assert_eq!(got, ref_translate(space, va), "{what}: translate {va:#x}");
+        if X86_64::is_canonical(va) {
+            // The public descent refuses exactly what `translate` refuses,
+            // with the same error.
+            let stop = walk::descend::<X86_64, _, _>(
+                space.store(),
+                &**space.backend(),
+                space.root(),
+                va,
+                Level::L1,
+            );
+            match (stop, space.try_translate(va)) {
+                (Err(a), Err(b)) => assert_eq!(a, b, "{what}: descend {va:#x}"),
+                (Ok(_), Ok(_)) => {}
+                (a, b) => panic!("{what}: descend {va:#x} gave {a:?}, try_translate {b:?}"),
+            }
+        }
         assert_eq!(
             reader.translate(va).map(|t| (t.phys, t.size)),
             got,
@@ -530,6 +546,38 @@ fn config() -> ProptestConfig {
         failure_persistence: None,
         ..ProptestConfig::default()
     }
+}
+
+/// The public descent from a root outside the store is a typed error
+/// naming the root's entry, not a read out of bounds; from a frame of the
+/// store it descends.
+#[test]
+fn descend_refuses_a_root_outside_the_store() {
+    let (space, _) = build(7);
+    let va = native_support::slot_va(3, 5 << 21);
+    for root in [Pfn(0), Pfn(STORE_BASE_PFN + FRAMES as u64), Pfn(u64::MAX)] {
+        let got =
+            walk::descend::<X86_64, _, _>(space.store(), &**space.backend(), root, va, Level::L1);
+        assert!(
+            matches!(
+                got,
+                Err(Error::FrameOutOfRange {
+                    level: Level::L4,
+                    index: 3,
+                    ..
+                })
+            ),
+            "root {root:?}: {got:?}"
+        );
+    }
+    let inside = walk::descend::<X86_64, _, _>(
+        space.store(),
+        &**space.backend(),
+        space.root(),
+        va,
+        Level::L1,
+    );
+    assert!(inside.is_ok(), "{inside:?}");
 }
 
 proptest! {
