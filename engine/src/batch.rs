@@ -35,8 +35,6 @@ pub const DEFAULT_BATCH: usize = 32;
 pub(crate) trait FlushTarget {
     /// Issue the calls: `Backend::issue`, results arriving as success.
     fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]);
-    /// Take the PTE-page lock of `pfn` (waiting while it is held).
-    fn lock_pte(&self, pfn: Pfn);
     /// Release the PTE-page lock of `pfn`.
     ///
     /// # Safety
@@ -142,9 +140,6 @@ pub struct Batch<const N: usize = DEFAULT_BATCH> {
     failures: Vec<Failure>,
     not_applied: Vec<Tag>,
     kept_locks: Vec<Pfn>,
-    /// PTE pages to lock right before the next issue (see
-    /// [`Self::hold_pte`]).
-    to_lock: Vec<Pfn>,
     /// The pin/unpin journal's step buffer, kept between operations so
     /// its capacity is reused (the engine borrows it per operation).
     pub(crate) journal: Vec<crate::journal::Step>,
@@ -182,7 +177,6 @@ impl<const N: usize> Batch<N> {
             failures: Vec::new(),
             not_applied: Vec::new(),
             kept_locks: Vec::new(),
-            to_lock: Vec::new(),
             journal: Vec::new(),
         }
     }
@@ -372,18 +366,6 @@ impl<const N: usize> Batch<N> {
         failed
     }
 
-    /// Hold `pfn`'s PTE lock from the issue of the request just queued: the
-    /// lock is taken right before the flush that issues it (not now, so
-    /// writers of that page are kept out only while the batch is issued)
-    /// and released by a [`Deferred::UnlockPte`] registered after the
-    /// request that ends the page's change (it may be issued by a later
-    /// flush; the lock is held across). The caller counts the lock in the
-    /// preempt count.
-    #[inline]
-    pub(crate) fn hold_pte(&mut self, pfn: Pfn) {
-        self.to_lock.push(pfn);
-    }
-
     /// Register a callback to run after this batch is issued; flushes first
     /// if the callback list is full. Returns whether that flush left a
     /// failure recorded, as [`Self::update_va_mapping`] does.
@@ -418,12 +400,6 @@ impl<const N: usize> Batch<N> {
     /// calls that failed.
     pub(crate) fn flush<T: FlushTarget + ?Sized>(&mut self, target: &T) -> usize {
         let mut failed = 0;
-        // The held pages' locks, taken as late as possible: a writer of
-        // one of them waits only while the batch is issued.
-        for &pfn in &self.to_lock {
-            target.lock_pte(pfn);
-        }
-        self.to_lock.clear();
         if !self.slots.is_empty() {
             failed = self.issue_calls(target);
         }
@@ -465,7 +441,9 @@ impl<const N: usize> Batch<N> {
         // Every call that is not an `update_va_mapping` holds requests.
         self.stats.update_va_mappings += (n - self.mmu_calls) as u64;
         let mut failed = 0;
-        if self.results[..n].iter().all(|r| r.rc == 0) {
+        // One OR over every result, without an early exit (speed: the
+        // compiler vectorizes it; keep it branch-free).
+        if self.results[..n].iter().fold(0, |any, r| any | r.rc) == 0 {
             return 0;
         }
         for (i, s) in self.slots.iter().enumerate() {
@@ -508,13 +486,31 @@ impl<const N: usize> Batch<N> {
     fn run_callbacks<T: FlushTarget + ?Sized>(&mut self, target: &T) {
         // By index, then cleared: no copy of the whole callback array.
         self.stats.callbacks += self.deferred.len() as u64;
-        // Nothing failed (the usual case): no lock is kept.
-        let all_applied = self.not_applied.is_empty();
+        // Nothing failed (the usual case): every lock is released, the
+        // preempt count once for all (speed: keep this loop this lean).
+        if self.not_applied.is_empty() {
+            let mut released = 0;
+            for d in &self.deferred {
+                match *d {
+                    Deferred::UnlockPte { pfn, .. } => {
+                        // SAFETY: the engine queues this callback only for
+                        // a lock it took and still holds.
+                        unsafe { target.unlock_pte(pfn) };
+                        released += 1;
+                    }
+                    #[cfg(test)]
+                    Deferred::Call { f, data } => f(data),
+                }
+            }
+            self.preempt.release_n(released);
+            self.deferred.clear();
+            return;
+        }
         for i in 0..self.deferred.len() {
             let d = self.deferred[i];
             match d {
                 Deferred::UnlockPte { pfn, watch } => {
-                    if !all_applied && watch != NO_TAG && self.not_applied.contains(&watch) {
+                    if watch != NO_TAG && self.not_applied.contains(&watch) {
                         self.kept_locks.push(pfn);
                     } else {
                         // SAFETY: the engine queues this callback only for
@@ -558,10 +554,6 @@ mod tests {
                 };
             }
         }
-        fn lock_pte(&self, pfn: Pfn) {
-            let n = self.issued.borrow().len();
-            self.lock_events.borrow_mut().push(("lock", pfn.0, n));
-        }
         unsafe fn unlock_pte(&self, pfn: Pfn) {
             self.unlocked.borrow_mut().push(pfn.0);
             let n = self.issued.borrow().len();
@@ -602,17 +594,15 @@ mod tests {
         assert_eq!(b.stats().multicalls, 1);
     }
 
-    /// A held page is locked right before the flush that issues its first
-    /// request and unlocked after the one that issues its last, also when
-    /// the two land in different flushes.
+    /// A held page's lock is released after the flush that issues the
+    /// request registered last for it, also when its two requests land in
+    /// different flushes: never before.
     #[test]
-    fn held_pte_is_locked_across_the_issues_only() {
+    fn held_pte_is_released_after_the_issue_of_its_last_request() {
         let t = Rec::default();
         let mut b: Batch<8> = Batch::new();
         b.update_va_mapping(&t, 0x1000, 0, 0, 0);
         b.preempt_mut().acquire().unwrap();
-        b.hold_pte(Pfn(7));
-        assert!(t.lock_events.borrow().is_empty(), "locked while queueing");
         b.mmuext(&t, ext(7), 1);
         b.defer(
             &t,
@@ -621,15 +611,16 @@ mod tests {
                 watch: 1,
             },
         );
+        assert!(t.lock_events.borrow().is_empty(), "released while queued");
         b.flush(&t);
-        assert_eq!(*t.lock_events.borrow(), [("lock", 7, 0), ("unlock", 7, 1)]);
+        assert_eq!(*t.lock_events.borrow(), [("unlock", 7, 1)]);
+        assert_eq!(b.preempt().held(), 0);
         // Capacity 1: the remap and the pin go out in two flushes, and the
         // lock spans both.
         let t = Rec::default();
         let mut b: Batch<1> = Batch::new();
         b.update_va_mapping(&t, 0x1000, 0, 0, 0);
         b.preempt_mut().acquire().unwrap();
-        b.hold_pte(Pfn(9));
         b.mmuext(&t, ext(9), 1);
         b.defer(
             &t,
@@ -640,7 +631,7 @@ mod tests {
         );
         b.flush(&t);
         assert_eq!(t.issued.borrow().len(), 2);
-        assert_eq!(*t.lock_events.borrow(), [("lock", 9, 0), ("unlock", 9, 2)]);
+        assert_eq!(*t.lock_events.borrow(), [("unlock", 9, 2)]);
     }
 
     #[test]
@@ -750,7 +741,6 @@ mod tests {
                 }
                 *n += 1;
             }
-            fn lock_pte(&self, _: Pfn) {}
             unsafe fn unlock_pte(&self, _: Pfn) {}
         }
         let t = FailFirstFlush(RefCell::new(0), RefCell::new(Vec::new()));

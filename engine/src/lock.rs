@@ -222,6 +222,12 @@ impl PreemptCount {
         debug_assert!(self.held > 0, "preempt count underflow");
         self.held = self.held.saturating_sub(1);
     }
+    /// Count `n` locks released.
+    #[inline]
+    pub fn release_n(&mut self, n: u32) {
+        debug_assert!(self.held >= n, "preempt count underflow");
+        self.held = self.held.saturating_sub(n);
+    }
     /// Locks held now.
     pub fn held(&self) -> u32 {
         self.held

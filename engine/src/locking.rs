@@ -1,13 +1,13 @@
 //! The lock protocol in one place (docs/PROTOCOL.md §1, §3): the space
-//! lock and PTE-lock guards writers hold, the flush target through which a
-//! batch takes a held PTE page's lock right before the flush that issues
-//! its first request, and the deferred callback that releases it after
-//! the flush that issues its last. Lock order: the space lock, then PTE
-//! locks; a writer holds one PTE lock at a time.
+//! lock and PTE-lock guards writers hold, the pinner's hold of a PTE page
+//! (taken before the page's first request is queued, as Linux's
+//! `xen_pin_page` takes it), and the deferred callback that releases it
+//! after the flush that issues the page's last request. Lock order: the
+//! space lock, then PTE locks; a writer holds one PTE lock at a time.
 
 use crate::backend::{Backend, CallResult, Calls};
 use crate::batch::{Deferred, FlushTarget, Tag};
-use crate::frame::{FrameStore, Pfn, PteLock};
+use crate::frame::{FrameMeta, FrameStore, Pfn, PteLock};
 use crate::lock::RawLock;
 use crate::sync::{AtomicU64, Ordering};
 
@@ -26,12 +26,6 @@ impl<L: RawLock, B: Backend> FlushTarget for Target<'_, L, B> {
     #[inline]
     fn issue(&self, calls: Calls<'_>, results: &mut [CallResult]) {
         self.backend.issue(calls, results)
-    }
-    #[inline]
-    fn lock_pte(&self, pfn: Pfn) {
-        if let Some(m) = self.store.meta(pfn) {
-            m.lock().lock();
-        }
     }
     #[inline]
     unsafe fn unlock_pte(&self, pfn: Pfn) {
@@ -87,6 +81,16 @@ impl Drop for PteLockGuard<'_> {
         // SAFETY: as for the space lock guard.
         unsafe { self.lock.unlock() }
     }
+}
+
+/// The pinner's hold of a PTE page: its lock, taken (waiting for a writer
+/// inside) before the page's first request is queued, so no flush issues
+/// that request without it; released by the callback [`unlock_after`]
+/// registers after the page's last request. The caller has counted it in
+/// its preempt count.
+#[inline(always)]
+pub(crate) fn hold_pte_for_batch(meta: &FrameMeta<'_>) {
+    meta.lock().lock();
 }
 
 /// Deferred unlock of a PTE lock, with its watched tag.

@@ -14,7 +14,7 @@ use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::Pfn;
 use crate::journal::{Action, Journal, Step};
 use crate::lock::LockPolicy;
-use crate::locking::unlock_after;
+use crate::locking::{hold_pte_for_batch, unlock_after};
 use crate::mode::{Level, PagingMode};
 use crate::space::AddressSpace;
 use crate::sync::Ordering;
@@ -386,22 +386,25 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         let split_l1 =
             P::SPLIT_PTE_LOCKS && level == Level::L1 && !self.space.sabotage().skip_l1_pin;
         if split_l1 {
-            // The page's lock is counted now (refused, with the flag put
-            // back, past the preempt limit) and taken by the batch right
-            // before the flush that issues the remap.
+            // The page's lock is counted (refused, with the flag put back,
+            // past the preempt limit) and taken before its first request
+            // is queued, as Linux's `xen_pin_page` does: no flush can issue
+            // the remap without it. (Speed: taken here, where the page's
+            // metadata is at hand, not gathered for the flush to take;
+            // the locked instruction overlaps the queueing around it.)
             if let Err(e) = self.b.preempt_mut().acquire() {
                 self.space.flip_flag(&meta, owner, false);
                 return Err(e.into());
             }
+            hold_pte_for_batch(&meta);
         }
         let mut failed = self.queue_remap(pfn, true, flush, split_l1, true);
         if split_l1 {
-            self.b.hold_pte(pfn);
             if self.space.sabotage().unlock_before_pin {
                 // Broken on purpose: the page is read-only and unlocked
                 // before it is pinned.
                 self.b.flush(&self.target);
-                // SAFETY: the flush above took it for this context.
+                // SAFETY: taken above, for this context.
                 unsafe { meta.lock().unlock() };
                 self.b.preempt_mut().release();
                 failed |= self.stopped_by_failure();
@@ -458,8 +461,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 self.space.flip_flag(&meta, owner, true);
                 return Err(e.into());
             }
+            hold_pte_for_batch(&meta);
             failed = self.queue_ext(pfn, Action::Unpin(Level::L1), true, true).1;
-            self.b.hold_pte(pfn);
         }
         let tag = self.j.steps.len() as Tag;
         failed |= self.queue_remap(pfn, false, flush, split_l1, !split_l1);
