@@ -366,6 +366,70 @@ impl<const N: usize> Batch<N> {
         failed
     }
 
+    /// Queue a held PTE page's two requests in one go, when both fit
+    /// without a flush (speed: one room check for the pair instead of
+    /// one per request and callback; keep it): an `update_va_mapping` of
+    /// `va` to `pte` (no flags) tagged `uvm_tag` and one `mmuext_op` `op`
+    /// tagged `ext_tag`, the `mmuext_op` first when `ext_first`, then the
+    /// callback that releases `pfn`'s lock after the flush that issues
+    /// them unless the request tagged `watch` did not take effect.
+    ///
+    /// Returns false, having queued nothing, when they do not all fit or
+    /// the `mmuext_op` would extend the previous call: the caller then
+    /// queues them one by one, as before this fast path existed, so the
+    /// batches issued are the same either way.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn queue_held_pair(
+        &mut self,
+        pfn: Pfn,
+        va: u64,
+        pte: u64,
+        uvm_tag: Tag,
+        op: MmuExtOp,
+        ext_tag: Tag,
+        ext_first: bool,
+        watch: Tag,
+    ) -> bool {
+        let fits = self.slots.len() + 2 <= self.limit
+            && self.ext.len() < self.limit
+            && self.arg_bytes + MMUEXT_OP_BYTES <= self.arg_space()
+            && self.deferred.len() < self.limit
+            && !(ext_first && matches!(self.slots.last(), Some(Queued::Ext { .. })));
+        if !fits {
+            return false;
+        }
+        let uvm = Queued::Uvm {
+            va,
+            pte,
+            flags: 0,
+            tag: uvm_tag,
+        };
+        let ext = Queued::Ext {
+            start: self.ext.len() as u16,
+            count: 1,
+        };
+        // SAFETY: checked above: two call slots, one `mmuext_op` (and its
+        // tag: the two lists grow together) and one callback below the
+        // limit, which is at most N.
+        unsafe {
+            if ext_first {
+                self.slots.push_unchecked(ext);
+                self.slots.push_unchecked(uvm);
+            } else {
+                self.slots.push_unchecked(uvm);
+                self.slots.push_unchecked(ext);
+            }
+            self.ext.push_unchecked(op);
+            self.ext_tags.push_unchecked(ext_tag);
+            self.deferred
+                .push_unchecked(Deferred::UnlockPte { pfn, watch });
+        }
+        self.mmu_calls += 1;
+        self.arg_bytes += MMUEXT_OP_BYTES;
+        true
+    }
+
     /// Register a callback to run after this batch is issued; flushes first
     /// if the callback list is full. Returns whether that flush left a
     /// failure recorded, as [`Self::update_va_mapping`] does.

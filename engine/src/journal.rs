@@ -102,6 +102,18 @@ impl Journal {
         Journal { steps, flush_base }
     }
 
+    /// Record two steps of one page at once (one room check); returns the
+    /// first one's index (the second's is one more).
+    #[inline(always)]
+    pub(crate) fn push_pair(&mut self, pfn: Pfn, first: (Action, bool), second: Action) -> u32 {
+        let tag = self.steps.len() as u32;
+        self.steps.extend_from_slice(&[
+            Step::new(pfn, first.0, true, first.1),
+            Step::new(pfn, second, true, false),
+        ]);
+        tag
+    }
+
     /// Record a step; returns its index, the batch tag of its request.
     #[inline(always)]
     pub(crate) fn push(&mut self, pfn: Pfn, action: Action, locked_page: bool, flag: bool) -> u32 {
