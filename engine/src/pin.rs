@@ -12,7 +12,7 @@ use crate::backend::{uvmf, Backend, ExtCmd, MmuExtOp};
 use crate::batch::{Batch, Failure, FlushTarget, Tag, NO_TAG};
 use crate::error::{Error, HypercallFailure, StepKind};
 use crate::frame::Pfn;
-use crate::journal::{Action, Journal, Step};
+use crate::journal::{Action, Journal, Step, SECOND};
 use crate::lock::LockPolicy;
 use crate::locking::{hold_pte_for_batch, unlock_after};
 use crate::mode::{Level, PagingMode};
@@ -285,7 +285,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     }
 
     fn failure_of(&self, f: &Failure) -> HypercallFailure {
-        let step = self.j.steps.get(f.tag as usize);
+        let step = self.j.request(f.tag);
         HypercallFailure {
             flush: f.flush.saturating_sub(self.j.flush_base),
             call: f.call,
@@ -432,15 +432,16 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
     /// them one by one. (Speed: one room check for the pair; keep it.)
     #[inline(always)]
     fn queue_held_pair<const PIN: bool>(&mut self, pfn: Pfn) -> bool {
-        let (first, second) = if PIN {
-            ((Action::RemapRo, true), Action::Pin(Level::L1))
+        let first = if PIN {
+            Action::RemapRo
         } else {
-            ((Action::Unpin(Level::L1), true), Action::RemapRw)
+            Action::Unpin(Level::L1)
         };
-        let tag = self.j.push_pair(pfn, first, second);
+        let tag = self.j.push_pair(pfn, first);
+        let second = tag | SECOND;
         // Pin: the remap, then the pin, whose failure keeps the lock.
         // Unpin: the unpin, then the remap, whose failure keeps it.
-        let (uvm_tag, ext_tag) = if PIN { (tag, tag + 1) } else { (tag + 1, tag) };
+        let (uvm_tag, ext_tag) = if PIN { (tag, second) } else { (second, tag) };
         let cmd = if PIN {
             ExtCmd::pin(Level::L1)
         } else {
@@ -454,13 +455,14 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             MmuExtOp::on(cmd, self.space.backend.pfn_to_mfn(pfn)),
             ext_tag,
             !PIN,
-            tag + 1,
+            second,
         );
         if queued {
-            self.ext_ops += 1;
+            // The step counts as one table (its remap), and its mmuext_op
+            // is not a step of its own: `ext_ops` stays as it is.
             self.l1_ops += 1;
         } else {
-            self.j.steps.truncate(tag as usize);
+            self.j.steps.pop();
         }
         queued
     }
@@ -605,7 +607,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         failed.sort_unstable();
         let mut kept = self.b.take_kept_locks();
         let _ = self.b.take_failures();
-        let applied = |i: usize| failed.binary_search(&(i as Tag)).is_err();
+        let applied = |tag: Tag| failed.binary_search(&tag).is_err();
 
         let mut held: Option<Pfn> = None;
         // A read-only remap queued since the last TLB flush: its stale
@@ -614,11 +616,11 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         // the root's remap carries the flush before the root pin on the
         // forward path.
         let mut unflushed = false;
-        // Taken out for the loop (which queues through `self`), put back
-        // before the failure report reads it.
-        let steps = core::mem::take(&mut self.j.steps);
+        // Every request as a step of its own (a pair as two), for the loop
+        // (which queues through `self`).
+        let steps = self.j.requests();
         for i in (0..steps.len()).rev() {
-            let s = steps[i];
+            let (s, tag) = steps[i];
             let Some(meta) = self.space.store.meta(s.pfn()) else {
                 continue;
             };
@@ -632,7 +634,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                     };
                 }
             };
-            if !applied(i) {
+            if !applied(tag) {
                 restore_flag(&s);
                 continue;
             }
@@ -694,8 +696,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 // Keep holding while the next-older step is another applied
                 // request on the same page (its remap/pin pair).
                 let continues = i > 0 && {
-                    let p = steps[i - 1];
-                    p.pfn() == pfn && applied(i - 1)
+                    let (p, ptag) = steps[i - 1];
+                    p.pfn() == pfn && applied(ptag)
                 };
                 if !continues {
                     self.b.defer(&target, unlock_after(pfn, NO_TAG));
@@ -703,7 +705,6 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
                 }
             }
         }
-        self.j.steps = steps;
         // Locks kept for pages where nothing took effect: release them now.
         for pfn in kept {
             if let Some(m) = self.space.store.meta(pfn) {
