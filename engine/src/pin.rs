@@ -418,7 +418,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             } else {
                 let (tag, f) = self.queue_ext(pfn, Action::Pin(Level::L1), true, false);
                 failed |= f;
-                failed |= self.b.defer(&self.target, unlock_after(pfn, tag));
+                let watch = self.watch(tag - 1, tag);
+                failed |= self.b.defer(&self.target, unlock_after(pfn, watch));
             }
         }
         Ok(Self::after_page(failed))
@@ -455,7 +456,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             MmuExtOp::on(cmd, self.space.backend.pfn_to_mfn(pfn)),
             ext_tag,
             !PIN,
-            second,
+            self.watch(tag, second),
         );
         if queued {
             // The step counts as one table (its remap), and its mmuext_op
@@ -465,6 +466,18 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             self.j.steps.pop();
         }
         queued
+    }
+
+    /// The request whose failure keeps a split PTE page's lock held after
+    /// the flush: the page's `second` (its `first` took effect, so the page
+    /// is read-only and not pinned until the rollback undoes it).
+    #[inline(always)]
+    fn watch(&self, first: Tag, second: Tag) -> Tag {
+        if self.space.sabotage().release_on_failed_second {
+            // Broken on purpose: the lock goes with the flush.
+            return first;
+        }
+        second
     }
 
     /// Whether a failure recorded so far ends the operation: the answer a
@@ -519,7 +532,8 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
         let tag = self.j.steps.len() as Tag;
         failed |= self.queue_remap(pfn, false, flush, split_l1, !split_l1);
         if split_l1 {
-            failed |= self.b.defer(&self.target, unlock_after(pfn, tag));
+            let watch = self.watch(tag.wrapping_sub(1), tag);
+            failed |= self.b.defer(&self.target, unlock_after(pfn, watch));
         }
         Ok(Self::after_page(failed))
     }

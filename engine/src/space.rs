@@ -79,6 +79,11 @@ pub struct Sabotage {
     /// checking, under its lock, that no entry above L1 was written since
     /// it read the hint (the page may have been unlinked meanwhile).
     pub pte_hint_unchecked: bool,
+    /// Release a split PTE page's lock after the flush that issues its
+    /// first request even when its second did not take effect (the page is
+    /// left read-only but unpinned, and unlocked, until the rollback takes
+    /// the lock again).
+    pub release_on_failed_second: bool,
 }
 
 impl Sabotage {
@@ -93,6 +98,7 @@ impl Sabotage {
         translate_unchecked: false,
         walk_on_after_failure: false,
         pte_hint_unchecked: false,
+        release_on_failed_second: false,
     };
 }
 

@@ -7,7 +7,7 @@
 mod model;
 
 use model::*;
-use pagepin_engine::LockPolicy;
+use pagepin_engine::{Batch, LockPolicy};
 
 /// Run `one` (an execution: it returns what it found wrong, if anything)
 /// under loom over every interleaving; `what` names the model in the
@@ -148,6 +148,90 @@ fn negative_skip_l1_pin() {
         },
         "skip L1 pin",
     );
+}
+
+/// A split PTE page's second request refused, against a writer of that
+/// page: under pin (`PIN`) the L1 pin of the first PTE page (frame 3),
+/// under unpin its writable remap. The page's lock stays held from the
+/// flush that met the failure until the rollback has restored the page,
+/// so the writer never finds it read-only but not pinned. Batch 2 queues
+/// the page's two requests in one go, batch 1 one by one.
+fn explore_failed_second<const PIN: bool, const N: usize>(sabotage: Sabotage) -> Findings {
+    let op = if PIN { "pin" } else { "unpin" };
+    let what = format!("failed {op} against a writer, batch {N}, split");
+    check_all(&what, move || {
+        let s = tiny_space::<SplitM>(2, sabotage);
+        let mut b: Batch<N> = Batch::new();
+        if !PIN {
+            if let Err(e) = s.pin(&mut b) {
+                return Err(format!("pin: {e:?}"));
+            }
+        }
+        {
+            let mut st = s.backend().state.lock().unwrap();
+            if PIN {
+                st.fail_l1_pin_of = Some(3);
+            } else {
+                st.fail_writable_remap_of = Some(3);
+            }
+        }
+        let w = {
+            let s = s.clone();
+            thread::spawn(move || write(&s, 0, 1))
+        };
+        let done = if PIN { s.pin(&mut b) } else { s.unpin(&mut b) };
+        let mut result = match done {
+            Err(pagepin_engine::Error::Hypercall(h)) if h.errno == EINVAL => Ok(()),
+            other => Err(format!("{op}: {other:?}, expected EINVAL")),
+        };
+        if !PIN {
+            // The rollback left the space pinned; unpin it for the end check.
+            s.backend().state.lock().unwrap().fail_writable_remap_of = None;
+            if let Err(e) = s.unpin(&mut b) {
+                result = result.and(Err(format!("unpin after the rollback: {e:?}")));
+            }
+        }
+        if b.preempt().held() != 0 {
+            result = result.and(Err("locks still counted".into()));
+        }
+        let last = w.join().unwrap();
+        result
+            .and(last.map(|v| vec![(0, v)]))
+            .and_then(|last| check_end(&s, &last))
+    })
+}
+
+#[test]
+fn split_failed_second() {
+    let none = Sabotage::default();
+    assert_eq!(explore_failed_second::<true, 1>(none).first(), None);
+    assert_eq!(explore_failed_second::<true, 2>(none).first(), None);
+    assert_eq!(explore_failed_second::<false, 1>(none).first(), None);
+    assert_eq!(explore_failed_second::<false, 2>(none).first(), None);
+}
+
+/// Negative control: the lock released with the flush that met the
+/// failure, whichever request failed: loom finds the writer faulting on
+/// the read-only, unpinned page before the rollback takes the lock again.
+#[test]
+fn negative_release_on_failed_second() {
+    let broken = Sabotage {
+        release_on_failed_second: true,
+        ..Default::default()
+    };
+    for found in [
+        explore_failed_second::<true, 1>(broken),
+        explore_failed_second::<true, 2>(broken),
+        explore_failed_second::<false, 1>(broken),
+        explore_failed_second::<false, 2>(broken),
+    ] {
+        assert!(found.count() > 0, "loom found no failing interleaving");
+        eprintln!(
+            "release on failed second: loom found {} failing interleavings, e.g. {}",
+            found.count(),
+            found.first().unwrap()
+        );
+    }
 }
 
 /// A pinner pinning then unpinning a space of one PTE page against a

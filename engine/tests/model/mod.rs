@@ -65,6 +65,10 @@ pub struct HvState {
     /// Entry updates the hypervisor refused (a writer's hypercall failed).
     pub refused_updates: u32,
     pub violations: Vec<String>,
+    /// Refuse `PIN_L1_TABLE` of this frame (`EINVAL`): a failed pin.
+    pub fail_l1_pin_of: Option<usize>,
+    /// Refuse the writable remap of this frame (`EINVAL`): a failed unpin.
+    pub fail_writable_remap_of: Option<usize>,
 }
 
 /// The root, L3 and L2 frames of the one space ([`tiny_space`]'s layout).
@@ -160,6 +164,10 @@ impl Backend for ModelHv {
                 Call::UpdateVaMapping { va, pte, flags } => {
                     let f = ((va - DIRECT_MAP) >> 12) as usize;
                     let ro = pte & EntryFlags::WRITABLE.bits() == 0;
+                    if !ro && st.fail_writable_remap_of == Some(f) {
+                        *res = CallResult::err(EINVAL, 0);
+                        continue;
+                    }
                     let p = &mut st.pages[f];
                     if !ro && (p.l1_refs > 0 || p.pinned) {
                         *res = CallResult::err(EBUSY, 0);
@@ -180,8 +188,9 @@ impl Backend for ModelHv {
                         let f = op.arg1 as usize;
                         let r = match op.cmd {
                             ExtCmd::PinL1Table => {
+                                let refuse = st.fail_l1_pin_of == Some(f);
                                 let p = &mut st.pages[f];
-                                if !p.read_only || p.pinned {
+                                if !p.read_only || p.pinned || refuse {
                                     Err(EINVAL)
                                 } else {
                                     p.pinned = true;
@@ -224,6 +233,14 @@ impl Backend for ModelHv {
                                 } else {
                                     Err(EINVAL)
                                 }
+                            }
+                            ExtCmd::TlbFlushLocal => {
+                                // The rollback of a failed unpin flushes
+                                // this way before it pins the root again.
+                                for p in st.pages.iter_mut() {
+                                    p.unflushed = false;
+                                }
+                                Ok(())
                             }
                             _ => Ok(()),
                         };
