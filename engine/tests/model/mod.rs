@@ -203,9 +203,10 @@ impl Backend for ModelHv {
                                     st.violations
                                         .push("root pinned with unflushed read-only remaps".into());
                                 }
-                                if !st.pages[f].read_only || st.root_pinned {
-                                    Err(EINVAL)
-                                } else if st.linked.iter().any(|&l| !st.pages[l].read_only) {
+                                if !st.pages[f].read_only
+                                    || st.root_pinned
+                                    || st.linked.iter().any(|&l| !st.pages[l].read_only)
+                                {
                                     Err(EINVAL)
                                 } else {
                                     st.root_pinned = true;
