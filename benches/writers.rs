@@ -4,7 +4,10 @@
 //! measures locking, not emulation. Split versus global.
 //!
 //! Throughput is writes per second of the writer thread; the pinner runs
-//! for the whole timed span of each sample.
+//! for the whole timed span of each sample, in a loop (`during_pin_unpin`:
+//! a faster pinner runs more rounds) or one round every 30 µs
+//! (`during_paced_pin_unpin`: the disturbance of a round, comparable
+//! across builds).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +22,9 @@ use pagepin::{
 use pagepin_benches::*;
 
 const MIB: u64 = 1024;
+/// The paced pinner's period: slower than a pin + unpin of `MIB` under
+/// either policy, so every build runs the same number of rounds.
+const PACE: Duration = Duration::from_micros(30);
 
 /// `iters` writes at pseudo-random mapped pages; returns the time taken.
 fn write_loop<P: LockPolicy>(
@@ -78,6 +84,41 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
             })
         })
     });
+    // The same, with the pinner starting one round every `PACE`: how much a
+    // pin/unpin round disturbs a writer, apart from how many rounds a
+    // pinner in a loop fits in (a faster pinner runs more of them).
+    g.bench_function(
+        BenchmarkId::from_parameter("during_paced_pin_unpin"),
+        |b| {
+            b.iter_custom(|iters| {
+                let stop = AtomicBool::new(false);
+                let started = AtomicBool::new(false);
+                std::thread::scope(|sc| {
+                    sc.spawn(|| {
+                        let mut batch: Batch = Batch::new();
+                        started.store(true, Ordering::Release);
+                        let t0 = Instant::now();
+                        let mut next = Duration::ZERO;
+                        while !stop.load(Ordering::Acquire) {
+                            if t0.elapsed() < next {
+                                std::hint::spin_loop();
+                                continue;
+                            }
+                            s.pin(&mut batch).expect("pin");
+                            s.unpin(&mut batch).expect("unpin");
+                            next += PACE;
+                        }
+                    });
+                    while !started.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    let d = write_loop(&s, iters, &mut seed);
+                    stop.store(true, Ordering::Release);
+                    d
+                })
+            })
+        },
+    );
     // Control: the same writer while the other thread runs a busy loop that
     // shares nothing with it. On a VM whose two vCPUs may land on one host
     // core, this shows how much of a slowdown is the host's, not pagepin's.
