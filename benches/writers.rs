@@ -87,38 +87,35 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
     // The same, with the pinner starting one round every `PACE`: how much a
     // pin/unpin round disturbs a writer, apart from how many rounds a
     // pinner in a loop fits in (a faster pinner runs more of them).
-    g.bench_function(
-        BenchmarkId::from_parameter("during_paced_pin_unpin"),
-        |b| {
-            b.iter_custom(|iters| {
-                let stop = AtomicBool::new(false);
-                let started = AtomicBool::new(false);
-                std::thread::scope(|sc| {
-                    sc.spawn(|| {
-                        let mut batch: Batch = Batch::new();
-                        started.store(true, Ordering::Release);
-                        let t0 = Instant::now();
-                        let mut next = Duration::ZERO;
-                        while !stop.load(Ordering::Acquire) {
-                            if t0.elapsed() < next {
-                                std::hint::spin_loop();
-                                continue;
-                            }
-                            s.pin(&mut batch).expect("pin");
-                            s.unpin(&mut batch).expect("unpin");
-                            next += PACE;
+    g.bench_function(BenchmarkId::from_parameter("during_paced_pin_unpin"), |b| {
+        b.iter_custom(|iters| {
+            let stop = AtomicBool::new(false);
+            let started = AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    let mut batch: Batch = Batch::new();
+                    started.store(true, Ordering::Release);
+                    let t0 = Instant::now();
+                    let mut next = Duration::ZERO;
+                    while !stop.load(Ordering::Acquire) {
+                        if t0.elapsed() < next {
+                            std::hint::spin_loop();
+                            continue;
                         }
-                    });
-                    while !started.load(Ordering::Acquire) {
-                        std::hint::spin_loop();
+                        s.pin(&mut batch).expect("pin");
+                        s.unpin(&mut batch).expect("unpin");
+                        next += PACE;
                     }
-                    let d = write_loop(&s, iters, &mut seed);
-                    stop.store(true, Ordering::Release);
-                    d
-                })
+                });
+                while !started.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                let d = write_loop(&s, iters, &mut seed);
+                stop.store(true, Ordering::Release);
+                d
             })
-        },
-    );
+        })
+    });
     // Control: the same writer while the other thread runs a busy loop that
     // shares nothing with it. On a VM whose two vCPUs may land on one host
     // core, this shows how much of a slowdown is the host's, not pagepin's.
