@@ -49,6 +49,47 @@ fn write_loop<P: LockPolicy>(
     t.elapsed()
 }
 
+/// `iters` writes (as [`write_loop`]) while another thread runs `other`
+/// until it is told to stop; returns the writes' time.
+fn write_while<P: LockPolicy>(
+    s: &AddressSpace<X86_64, P, NullBackend>,
+    iters: u64,
+    seed: &mut u64,
+    other: impl FnOnce(&AtomicBool) + Send,
+) -> Duration {
+    let stop = AtomicBool::new(false);
+    let started = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            started.store(true, Ordering::Release);
+            other(&stop);
+        });
+        while !started.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let d = write_loop(s, iters, seed);
+        stop.store(true, Ordering::Release);
+        d
+    })
+}
+
+/// One pin + unpin round, or (`due` given and not reached since `started`)
+/// none; returns whether it ran.
+fn pin_round<P: LockPolicy>(
+    s: &AddressSpace<X86_64, P, NullBackend>,
+    batch: &mut Batch,
+    started: Instant,
+    due: Option<Duration>,
+) -> bool {
+    if due.is_some_and(|d| started.elapsed() < d) {
+        std::hint::spin_loop();
+        return false;
+    }
+    s.pin(batch).expect("pin");
+    s.unpin(batch).expect("unpin");
+    true
+}
+
 fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
     let s: AddressSpace<X86_64, P, NullBackend> = null_space(MIB);
     let mut g = c.benchmark_group(format!("writers/{}", P::NAME));
@@ -63,24 +104,13 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
     let rounds = AtomicU64::new(0);
     g.bench_function(BenchmarkId::from_parameter("during_pin_unpin"), |b| {
         b.iter_custom(|iters| {
-            let stop = AtomicBool::new(false);
-            let started = AtomicBool::new(false);
-            std::thread::scope(|sc| {
-                sc.spawn(|| {
-                    let mut batch: Batch = Batch::new();
-                    started.store(true, Ordering::Release);
-                    while !stop.load(Ordering::Acquire) {
-                        s.pin(&mut batch).expect("pin");
-                        s.unpin(&mut batch).expect("unpin");
-                        rounds.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-                while !started.load(Ordering::Acquire) {
-                    std::hint::spin_loop();
+            write_while(&s, iters, &mut seed, |stop| {
+                let mut batch: Batch = Batch::new();
+                let started = Instant::now();
+                while !stop.load(Ordering::Acquire) {
+                    pin_round(&s, &mut batch, started, None);
+                    rounds.fetch_add(1, Ordering::Relaxed);
                 }
-                let d = write_loop(&s, iters, &mut seed);
-                stop.store(true, Ordering::Release);
-                d
             })
         })
     });
@@ -89,30 +119,15 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
     // pinner in a loop fits in (a faster pinner runs more of them).
     g.bench_function(BenchmarkId::from_parameter("during_paced_pin_unpin"), |b| {
         b.iter_custom(|iters| {
-            let stop = AtomicBool::new(false);
-            let started = AtomicBool::new(false);
-            std::thread::scope(|sc| {
-                sc.spawn(|| {
-                    let mut batch: Batch = Batch::new();
-                    started.store(true, Ordering::Release);
-                    let t0 = Instant::now();
-                    let mut next = Duration::ZERO;
-                    while !stop.load(Ordering::Acquire) {
-                        if t0.elapsed() < next {
-                            std::hint::spin_loop();
-                            continue;
-                        }
-                        s.pin(&mut batch).expect("pin");
-                        s.unpin(&mut batch).expect("unpin");
+            write_while(&s, iters, &mut seed, |stop| {
+                let mut batch: Batch = Batch::new();
+                let started = Instant::now();
+                let mut next = Duration::ZERO;
+                while !stop.load(Ordering::Acquire) {
+                    if pin_round(&s, &mut batch, started, Some(next)) {
                         next += PACE;
                     }
-                });
-                while !started.load(Ordering::Acquire) {
-                    std::hint::spin_loop();
                 }
-                let d = write_loop(&s, iters, &mut seed);
-                stop.store(true, Ordering::Release);
-                d
             })
         })
     });
@@ -123,25 +138,14 @@ fn group<P: LockPolicy<Lock = DefaultRawLock>>(c: &mut Criterion) {
         BenchmarkId::from_parameter("during_independent_spin"),
         |b| {
             b.iter_custom(|iters| {
-                let stop = AtomicBool::new(false);
-                let started = AtomicBool::new(false);
-                std::thread::scope(|sc| {
-                    sc.spawn(|| {
-                        let mut x = 1u64;
-                        started.store(true, Ordering::Release);
-                        while !stop.load(Ordering::Relaxed) {
-                            for _ in 0..1000 {
-                                x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                            }
+                write_while(&s, iters, &mut seed, |stop| {
+                    let mut x = 1u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..1000 {
+                            x = black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
                         }
-                        black_box(x);
-                    });
-                    while !started.load(Ordering::Acquire) {
-                        std::hint::spin_loop();
                     }
-                    let d = write_loop(&s, iters, &mut seed);
-                    stop.store(true, Ordering::Release);
-                    d
+                    black_box(x);
                 })
             })
         },
