@@ -227,9 +227,9 @@ pub(crate) struct PinOp<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const 
     target: crate::locking::Target<'a, P::Lock, B>,
     b: &'b mut Batch<N>,
     j: Journal,
-    /// `mmuext_op` steps queued: every other step is a remap, so
-    /// `PinStats::tables` is derived from the journal's length (speed: no
-    /// counter written per table).
+    /// `mmuext_op` steps queued: every other step is a remap (a split PTE
+    /// page's pair counts as its remap), so `PinStats::tables` is derived
+    /// from the journal's length (speed: no counter written per table).
     ext_ops: u32,
     /// Separate L1 pin / unpin steps queued (`PinStats::l1_ops`).
     l1_ops: u32,
