@@ -1,8 +1,9 @@
 //! The journal of one pin or unpin: every request the operation queues is
 //! a step, tagged with its index (a split PTE page's two requests are one
-//! step of two), so a failure can be undone exactly (docs/PROTOCOL.md §7). Its step buffer is kept by the per-CPU batch
-//! between operations; this module sits below both the batch and the pin
-//! operation, so neither names the other.
+//! step of two), so a failure can be undone exactly (docs/PROTOCOL.md §7).
+//! Its step buffer is kept by the per-CPU batch between operations; this
+//! module sits below both the batch and the pin operation, so neither
+//! names the other.
 
 use alloc::vec::Vec;
 
@@ -146,6 +147,12 @@ impl Journal {
         self.steps
             .push(Step(Step::new(pfn, first, true, true).0 | Step::PAIR));
         tag
+    }
+
+    /// Forget the pair just recorded (its requests were not queued).
+    #[inline]
+    pub(crate) fn pop_pair(&mut self) {
+        self.steps.pop();
     }
 
     /// The request tagged `tag`, as a step of its own.

@@ -463,7 +463,7 @@ impl<'a, 'b, M: PagingMode, P: LockPolicy, B: Backend, const N: usize> PinOp<'a,
             // is not a step of its own: `ext_ops` stays as it is.
             self.l1_ops += 1;
         } else {
-            self.j.steps.pop();
+            self.j.pop_pair();
         }
         queued
     }
